@@ -1,0 +1,194 @@
+"""Block weights that can really leave memory and come back bit for bit (DESIGN.md invariant 3).
+
+Each block's parameters live in one contiguous buffer, the parameters being views into it, so
+that dropping a block is a single free. On a CPU the buffer is released and, on restore, re-read
+from the model's safetensors file (converted to the serving dtype exactly as loading does). On a
+GPU it moves to pinned host memory and back, and `torch.cuda.empty_cache()` returns the freed
+pages to the device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rap.arch import ArchSpec
+
+M_MMAP_THRESHOLD = -3
+
+
+def _keep_large_buffers_in_own_mappings() -> None:
+    """glibc raises its mmap threshold after every large free (up to 32 MiB); buffers of that size
+    are then carved from the heap and freeing them no longer returns pages to the OS. A fixed
+    threshold keeps every block buffer in a mapping of its own, so a drop lowers RSS for real."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):
+            pass  # not glibc: other allocators return large frees to the OS on their own
+
+
+@dataclass
+class BlockSlot:
+    """One block's parameters and where their bytes are right now."""
+
+    kind: str
+    layer: int
+    params: list[tuple[str, nn.Parameter, torch.Size]]
+    numel: int
+    buffer: torch.Tensor | None = None
+    host: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def resident(self) -> bool:
+        return self.buffer is not None
+
+
+class SafetensorsSource:
+    """Reads named tensors from the safetensors files of a model folder."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = folder
+        self.index: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    self.index[name] = path
+                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
+
+    def covers(self, names_shapes: list[tuple[str, torch.Size]]) -> bool:
+        return all(self.shapes.get(n) == tuple(s) for n, s in names_shapes)
+
+    def read_into(self, targets: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy each named tensor into its target view (dtype conversion as `Tensor.copy_`)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+        for name, view in targets:
+            by_file.setdefault(self.index[name], []).append((name, view))
+        for path, items in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name, view in items:
+                    view.copy_(f.get_tensor(name))
+
+
+class BlockStore:
+    """Owns every block's buffer: consolidates at load, releases and reloads on demand."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, source: SafetensorsSource | None) -> None:
+        self.model = model
+        self.spec = spec
+        self.source = source
+        self.slots: dict[tuple[str, int], BlockSlot] = {}
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        for layer_idx, layer in enumerate(spec.layers(model)):
+            for kind in ("attn", "mlp"):
+                params = [
+                    (names[id(p)], p, p.shape)
+                    for part in spec.block_parts(kind)
+                    for p in getattr(layer, part).parameters()
+                ]
+                numel = sum(p.numel() for _, p, _ in params)
+                self.slots[(kind, layer_idx)] = BlockSlot(kind, layer_idx, params, numel)
+
+    def consolidate(self, device: torch.device) -> None:
+        """Move every block into one contiguous buffer on `device` (parameters become views)."""
+        if device.type == "cpu":
+            _keep_large_buffers_in_own_mappings()
+        for slot in self.slots.values():
+            dtype = slot.params[0][1].dtype
+            buf = torch.empty(slot.numel, dtype=dtype, device=device)
+            for view, (_, p, _) in zip(self._views(slot, buf), slot.params, strict=True):
+                view.copy_(p.data)
+            self._bind(slot, buf)
+        if self.source is not None and not all(
+            self.source.covers([(n, s) for n, _, s in slot.params]) for slot in self.slots.values()
+        ):
+            self.source = None  # file names differ from the model's: keep dropped CPU blocks
+
+    def release(self, kind: str, layer: int) -> int:
+        """Free a block's buffer; returns the bytes freed on the model's device."""
+        slot = self.slots[(kind, layer)]
+        if slot.buffer is None:
+            return 0
+        buf = slot.buffer
+        nbytes = buf.numel() * buf.element_size()
+        if buf.device.type != "cpu":
+            slot.host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+            slot.host.copy_(buf)
+        elif self.source is None:
+            slot.host = buf.clone()  # no file to re-read from: the bytes stay in host memory
+        for _, p, _ in slot.params:
+            p.data = torch.empty(0, dtype=buf.dtype, device=buf.device)
+        slot.buffer = None
+        del buf
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return nbytes
+
+    def reload(self, kind: str, layer: int, device: torch.device, dtype: torch.dtype) -> int:
+        """Bring a block back, bit-identical to what was loaded; returns the bytes allocated."""
+        slot = self.slots[(kind, layer)]
+        if slot.buffer is not None:
+            return 0
+        buf = torch.empty(slot.numel, dtype=dtype, device=device)
+        if slot.host is not None:
+            buf.copy_(slot.host)
+            slot.host = None
+        else:
+            assert self.source is not None
+            views = self._views(slot, buf)
+            self.source.read_into([(n, v) for (n, _, _), v in zip(slot.params, views, strict=True)])
+        self._bind(slot, buf)
+        return buf.numel() * buf.element_size()
+
+    @staticmethod
+    def _views(slot: BlockSlot, buf: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for _, _, shape in slot.params:
+            n = shape.numel()
+            views.append(buf[offset : offset + n].view(shape))
+            offset += n
+        return views
+
+    def _bind(self, slot: BlockSlot, buf: torch.Tensor) -> None:
+        for view, (_, p, _) in zip(self._views(slot, buf), slot.params, strict=True):
+            p.data = view
+        slot.buffer = buf
+
+
+def live_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters as they are now (shared storages counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.numel() == 0 or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes (for bit-identity checks)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(json.dumps([name, str(p.dtype), list(p.shape)]).encode())
+        if p.numel():
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
