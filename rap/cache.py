@@ -50,8 +50,9 @@ class MaskedCache(DynamicCache):
 
     def layers_holding(self) -> list[int]:
         """Indices of layers whose cache holds at least one tensor element."""
-        return [
-            i
-            for i, layer in enumerate(self.layers)
-            if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0
-        ]
+        held = []
+        for i, layer in enumerate(self.layers):
+            keys = getattr(layer, "keys", None)
+            if keys is not None and keys.numel() > 0:
+                held.append(i)
+        return held

@@ -64,14 +64,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     dense_bytes = model.weight_bytes()
     change = model.apply(mask)
-    prompt = args.prompt
-    if model.tokenizer is not None and model.tokenizer.chat_template and not args.raw:
-        prompt = model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
-        )
-    prompt_ids = model.tokenizer(prompt)["input_ids"]
+    prompt_ids = model.encode(args.prompt, chat=not args.raw)
     result = model.generate_ids([prompt_ids], args.max_tokens)
-    text = model.tokenizer.decode(result.token_ids[0], skip_special_tokens=True)
+    text = model.decode(result.token_ids[0])
     seq = len(prompt_ids) + len(result.token_ids[0])
     report = {
         "text": text,
@@ -92,10 +87,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kept_a, kept_m = sum(mask.attn), sum(mask.mlp)
     n = mask.num_layers
     print(f"mask        {kept_a}/{n} attention and {kept_m}/{n} MLP blocks kept")
-    print(f"weights     kept {_mib(report['weight_bytes_kept'])}, released "
-          f"{_mib(change.released_bytes)} of {_mib(dense_bytes)} ({report['dtype']})")
-    print(f"KV cache    predicted {_mib(report['kv_bytes_predicted'])}, measured "
-          f"{_mib(result.kv_bytes)} for 1 × {seq - 1} cached tokens")
+    print(
+        f"weights     kept {_mib(report['weight_bytes_kept'])}, released "
+        f"{_mib(change.released_bytes)} of {_mib(dense_bytes)} ({report['dtype']})"
+    )
+    print(
+        f"KV cache    predicted {_mib(report['kv_bytes_predicted'])}, measured "
+        f"{_mib(result.kv_bytes)} for 1 × {seq - 1} cached tokens"
+    )
     return 0
 
 

@@ -39,9 +39,13 @@ class KeepMask(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field(description="Identity of the model the mask is for (`PrunableModel.model_id`).")
+    model: str = Field(
+        description="Identity of the model the mask is for (`PrunableModel.model_id`)."
+    )
     version: MaskVersion = Field(default_factory=MaskVersion, description="(epoch, seq) ordering.")
-    source: MaskSource = Field("user", description="Who chose it: controller, local fallback, user.")
+    source: MaskSource = Field(
+        "user", description="Who chose it: controller, local fallback, user."
+    )
     attn: tuple[bool, ...] = Field(description="Per layer: is the attention block kept?")
     mlp: tuple[bool, ...] = Field(description="Per layer: is the MLP block kept?")
 

@@ -10,7 +10,8 @@ B batch size, S tokens per sequence (prompt + generated).
     tokens_l(S)         = S for full attention; min(S, W_l − 1) for a layer with sliding window
                           W_l (transformers' caches keep the last W − 1 tokens between steps)
     activations(B, S)   = b · B · S · (2H + max(attn_width, mlp_width)) + scores + logits
-    peak(mask, B, S)    = weights(mask) + kv(mask, B, S) + activations(B, S)
+    peak(mask, B, S, P) = weights(mask) + kv(mask, B, S) + max(activations(B, P), kv_growth)
+                          (P prompt tokens; kv_growth: one layer's KV, copied as it grows)
 
 The budget (DESIGN.md): `--budget-frac F` at (B, S) is F × (weights + kv) of the dense model at
 (B, S) in the serving dtype; activations are excluded from the budget's definition and counted
@@ -107,12 +108,34 @@ def activation_bytes(
     return batch * seq * per_token + scores + logits
 
 
-def peak_bytes(config: Any, mask: MaskLike, batch: int, seq: int, dtype: Any) -> int:
-    """peak(mask, B, S) = weights(mask) + kv(mask, B, S) + activations(B, S)."""
+def kv_growth_bytes(config: Any, mask: MaskLike, batch: int, seq: int, dtype: Any) -> int:
+    """The largest single layer's KV: a dynamic cache grows by concatenation, so while one layer
+    appends a token its old and new key/value tensors are both alive for a moment."""
+    d = dims_of(config)
+    per_token = 2 * d.kv_heads * d.head_dim * batch * dtype_bytes(dtype)
+    sizes = [per_token * kv_tokens(w, seq) for w, k in zip(d.windows, mask.attn, strict=True) if k]
+    return max(sizes, default=0)
+
+
+def peak_bytes(
+    config: Any,
+    mask: MaskLike,
+    batch: int,
+    seq: int,
+    dtype: Any,
+    prefill_tokens: int | None = None,
+    scores_materialized: bool = False,
+) -> int:
+    """peak = weights(mask) + kv(mask, B, S) + max(activations(B, P), kv_growth(mask, B, S)).
+
+    S is the batch's whole length (prompt + max_tokens) and P the prompt length (default S):
+    the prefill's activations and a decode step's cache growth do not coexist.
+    """
+    act = activation_bytes(config, batch, prefill_tokens or seq, dtype, scores_materialized)
     return (
         weight_bytes(config, mask, dtype)
         + kv_bytes(config, mask, batch, seq, dtype)
-        + activation_bytes(config, batch, seq, dtype)
+        + max(act, kv_growth_bytes(config, mask, batch, seq, dtype))
     )
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from rap import memory
 from rap.arch import ArchSpec, Dims, dims_of, spec_for
 from rap.cache import MaskedCache
-from rap.errors import MaskBusyError, MaskError
+from rap.errors import MaskBusyError, MaskError, RapError
 from rap.masks import KeepMask
 from rap.weights import BlockStore, SafetensorsSource, live_weight_bytes
 
@@ -82,7 +82,7 @@ class PrunableModel:
         tokenizer: Any = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.hf = hf_model.eval()
+        self.hf: Any = hf_model.eval()  # a transformers PreTrainedModel
         self.config = hf_model.config
         self.model_id = model_id
         self.tokenizer = tokenizer
@@ -144,7 +144,9 @@ class PrunableModel:
         self._aside[(kind, layer)] = [(name, getattr(module, name)) for name in parts]
         branch = parts[-1]
         for name in parts:
-            stand_in = DroppedBranch(returns_tuple=kind == "attn") if name == branch else Passthrough()
+            stand_in = (
+                DroppedBranch(returns_tuple=kind == "attn") if name == branch else Passthrough()
+            )
             setattr(module, name, stand_in)
         return self.store.release(kind, layer)
 
@@ -214,13 +216,29 @@ class PrunableModel:
             kv = cache.kv_bytes() if cache is not None else 0
             return Generation(token_ids=rows, mask=mask, kv_bytes=kv)
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32) -> Generation:
-        """Greedy generation for text prompts (the tokenizer's own special tokens included)."""
+    def encode(self, text: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt; with `chat`, in the model's chat template if it has one."""
         if self.tokenizer is None:
-            raise MaskError("this model has no tokenizer", fix="use generate_ids with token ids")
-        encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
-        result = self.generate_ids(encoded, max_new_tokens)
-        result.texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in result.token_ids]
+            raise RapError(
+                f"model {self.model_id} has no tokenizer, so it cannot take text",
+                expected="a model folder with tokenizer files",
+                fix="pass token ids (generate_ids) or use a model with a tokenizer",
+            )
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int = 32, chat: bool = True
+    ) -> Generation:
+        """Greedy generation for text prompts (chat-templated unless `chat=False`)."""
+        result = self.generate_ids([self.encode(p, chat) for p in prompts], max_new_tokens)
+        result.texts = [self.decode(r) for r in result.token_ids]
         return result
 
 

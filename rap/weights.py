@@ -9,6 +9,7 @@ pages to the device.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -30,10 +31,9 @@ def _keep_large_buffers_in_own_mappings() -> None:
     are then carved from the heap and freeing them no longer returns pages to the OS. A fixed
     threshold keeps every block buffer in a mapping of its own, so a drop lowers RSS for real."""
     if sys.platform.startswith("linux"):
-        try:
+        # Not glibc: other allocators return large frees to the OS on their own.
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
-        except (OSError, AttributeError):
-            pass  # not glibc: other allocators return large frees to the OS on their own
 
 
 @dataclass

@@ -53,8 +53,14 @@ def test_masks_change_the_output(tiny_dirs) -> None:
 def test_unsupported_architecture_is_named(tmp_path) -> None:
     import transformers as tf
 
-    config = tf.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=32, is_decoder=True)
+    config = tf.BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        is_decoder=True,
+    )
     tf.BertLMHeadModel(config).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="llama.*gpt2"):
+    with pytest.raises(UnsupportedModelError, match=r"llama.*gpt2"):
         rap.load_model(str(tmp_path), device="cpu")

@@ -52,8 +52,15 @@ def tiny_config(arch: str) -> tf.PretrainedConfig:
         return tf.Phi3Config(**_COMMON, sliding_window=WINDOW)
     if arch == "gpt2":
         return tf.GPT2Config(
-            vocab_size=96, n_embd=64, n_layer=4, n_head=4, n_positions=256,
-            initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            vocab_size=96,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=256,
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         )
     raise ValueError(arch)
 
@@ -70,8 +77,13 @@ def save_big_llama(folder: Path) -> Path:
     """Two layers whose blocks are ≥ 16 MiB in float32 (attention 16 MiB, MLP 48 MiB)."""
     torch.manual_seed(0)
     config = tf.LlamaConfig(
-        vocab_size=64, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=64,
     )
     tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
     return folder

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Lint, format check and type check: the same command locally and in CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=.venv/bin
+$bin/ruff check .
+$bin/ruff format --check .
+$bin/mypy

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from rap.errors import MaskError
+from rap.masks import KeepMask, MaskVersion, parse_layer_list
+
+
+def test_parse_layer_list() -> None:
+    assert parse_layer_list("3,5-9", 30) == {3, 5, 6, 7, 8, 9}
+    assert parse_layer_list(" ", 30) == set()
+    for bad, msg in (
+        ("30", "out of range"),
+        ("9-5", "backwards"),
+        ("a", "not a layer"),
+        ("-1", "not a layer"),
+    ):
+        with pytest.raises(MaskError, match=msg):
+            parse_layer_list(bad, 30)
+
+
+def test_from_drops_and_views() -> None:
+    m = KeepMask.from_drops("m", 4, drop_attn="0", drop_mlp="2-3")
+    assert m.attn == (False, True, True, True) and m.mlp == (True, True, False, False)
+    assert m.dropped_attn == [0] and m.dropped_mlp == [2, 3]
+    assert m.kept_fraction == pytest.approx(5 / 8)
+    assert m.fingerprint().startswith("rap-0.0-user-keep0.625")
+
+
+def test_json_round_trip_and_errors(tmp_path) -> None:
+    m = KeepMask.from_drops("m", 3, drop_attn="1")
+    assert KeepMask.from_json(m.to_json()) == m
+    for text, msg in (
+        ('{"model": "m"', "not a valid keep-mask"),
+        ('{"model": "m", "attn": [true], "mlp": [true, true]}', "must be equal"),
+        ('{"model": "m", "attn": [], "mlp": []}', "at least one layer"),
+        ('{"model": "m", "attn": ["x"], "mlp": [true]}', "attn"),
+        ('{"model": "m", "attn": [true], "mlp": [true], "extra": 1}', "extra"),
+    ):
+        with pytest.raises(MaskError, match=msg):
+            KeepMask.from_json(text)
+    with pytest.raises(MaskError, match="does not exist"):
+        KeepMask.from_file(tmp_path / "none.json")
+
+
+def test_check_for_and_versions() -> None:
+    m = KeepMask.dense("m", 3)
+    m.check_for("m", 3)
+    with pytest.raises(MaskError, match="expected a mask for 'n'"):
+        m.check_for("n", 3)
+    with pytest.raises(MaskError, match="expected 4"):
+        m.check_for("m", 4)
+    assert MaskVersion(epoch=1, seq=0) > MaskVersion(epoch=0, seq=9)
+    assert MaskVersion(epoch=2, seq=1) < MaskVersion(epoch=2, seq=3)
