@@ -29,8 +29,10 @@ def main() -> None:
         t0 = time.perf_counter()
         rap.load_model("smollm2", device="cpu")
         later.append(time.perf_counter() - t0)
-    print(f"first load {first:.2f} s ({'with conversion' if args.fresh else 'cached'}); "
-          f"later loads {', '.join(f'{t:.2f}' for t in later)} s")
+    print(
+        f"first load {first:.2f} s ({'with conversion' if args.fresh else 'cached'}); "
+        f"later loads {', '.join(f'{t:.2f}' for t in later)} s"
+    )
 
 
 if __name__ == "__main__":

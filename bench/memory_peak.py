@@ -44,8 +44,13 @@ def llama7b(device: str):  # type: ignore[no-untyped-def]
     from rap.model import PrunableModel
 
     config = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
     )
     with torch.device(device):
         hf = LlamaForCausalLM(config).to(torch.float16)
@@ -65,8 +70,13 @@ def measure(model, mask: KeepMask, batch: int, prompt: int) -> dict:  # type: ig
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
     assert out.kv_bytes == memory.kv_bytes(cfg, mask, batch, seq, dt)
-    return {"batch": batch, "prompt": prompt, "predicted": predicted, "measured": measured,
-            "error": (predicted - measured) / measured}
+    return {
+        "batch": batch,
+        "prompt": prompt,
+        "predicted": predicted,
+        "measured": measured,
+        "error": (predicted - measured) / measured,
+    }
 
 
 def main() -> int:
@@ -93,19 +103,28 @@ def main() -> int:
         for name, mask in masks_for(model.model_id, model.num_layers).items():
             for batch in GRID_BATCH:
                 for prompt in GRID_PROMPT:
-                    row = {"model": model.model_id, "mask": name, **measure(model, mask, batch, prompt)}
+                    row = {
+                        "model": model.model_id,
+                        "mask": name,
+                        **measure(model, mask, batch, prompt),
+                    }
                     rows.append(row)
-                    print(f"{row['model'][:24]:24s} {name:12s} B={batch:<3d} P={prompt:<5d} "
-                          f"predicted {row['predicted'] / 2**20:9.1f} MiB  measured "
-                          f"{row['measured'] / 2**20:9.1f} MiB  error {row['error']:+.2%}")
+                    print(
+                        f"{row['model'][:24]:24s} {name:12s} B={batch:<3d} P={prompt:<5d} "
+                        f"predicted {row['predicted'] / 2**20:9.1f} MiB  measured "
+                        f"{row['measured'] / 2**20:9.1f} MiB  error {row['error']:+.2%}"
+                    )
         model.apply(model.dense_mask())
         del model
         torch.cuda.empty_cache()
     errors = [abs(r["error"]) for r in rows]
-    print(f"mean |error| {statistics.mean(errors):.2%}, worst {max(errors):.2%} over {len(rows)} points")
+    mean, worst = statistics.mean(errors), max(errors)
+    print(f"mean |error| {mean:.2%}, worst {worst:.2%} over {len(rows)} points")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1)
+        )
     return 0
 
 
