@@ -95,6 +95,7 @@ class PrunableModel:
         self.hf.to(self.device)
         self._aside: dict[tuple[str, int], list[tuple[str, nn.Module]]] = {}
         self._lock = threading.Lock()
+        self.active_cache: MaskedCache | None = None
         self.mask = KeepMask.dense(model_id, self.dims.num_layers)
 
     # -- masks ----------------------------------------------------------------------------
@@ -158,6 +159,11 @@ class PrunableModel:
         return nbytes
 
     # -- memory ---------------------------------------------------------------------------
+    def kv_bytes_in_use(self) -> int:
+        """Bytes the running generation's KV cache holds now (0 when idle)."""
+        cache = self.active_cache
+        return cache.kv_bytes() if cache is not None else 0
+
     def weight_bytes(self) -> int:
         """Bytes of parameters resident now (measured from the tensors)."""
         return live_weight_bytes(self.hf)
@@ -187,48 +193,91 @@ class PrunableModel:
         max_new_tokens: int,
         streamer: Any = None,
         stop_at_eos: bool = True,
+        stopping_criteria: Sequence[Any] = (),
+        sampling: dict[str, Any] | None = None,
     ) -> Generation:
-        """Greedy generation for a batch of token-id prompts, left-padded, under one mask."""
+        """Generation for a batch of token-id prompts, left-padded, under one mask: greedy, or
+        sampled with `sampling` (do_sample, temperature, top_p)."""
         with self._lock:
             mask = self.mask
-            width = max(len(p) for p in prompts)
-            pad = self.pad_id()
-            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
             cache = self.new_cache(mask)
-            eos = getattr(self.config, "eos_token_id", None) if stop_at_eos else None
-            with torch.inference_mode():
-                out = self.hf.generate(
-                    input_ids=ids.to(self.device),
-                    attention_mask=attn.to(self.device),
-                    past_key_values=cache,
-                    use_cache=cache is not None,
-                    do_sample=False,
-                    max_new_tokens=max_new_tokens,
-                    min_new_tokens=0 if stop_at_eos else max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    streamer=streamer,
+            self.active_cache = cache  # read by telemetry while the batch runs
+            try:
+                out, width = self._run_generate(
+                    prompts,
+                    max_new_tokens,
+                    cache,
+                    stop_at_eos,
+                    streamer,
+                    stopping_criteria,
+                    sampling,
                 )
-            new = out[:, width:].tolist()
-            eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-            rows = [_trim(row, eos_ids) for row in new]
+            finally:
+                self.active_cache = None
+            eos_ids = self._eos_ids() if stop_at_eos else set()
+            rows = [_trim(row, eos_ids) for row in out[:, width:].tolist()]
             kv = cache.kv_bytes() if cache is not None else 0
             return Generation(token_ids=rows, mask=mask, kv_bytes=kv)
 
-    def encode(self, text: str, chat: bool = True) -> list[int]:
-        """Token ids of a prompt; with `chat`, in the model's chat template if it has one."""
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.config, "eos_token_id", None)
+        return {eos} if isinstance(eos, int) else set(eos or [])
+
+    def _run_generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        cache: MaskedCache | None,
+        stop_at_eos: bool,
+        streamer: Any,
+        stopping_criteria: Sequence[Any],
+        sampling: dict[str, Any] | None,
+    ) -> tuple[torch.Tensor, int]:
+        from transformers import StoppingCriteriaList
+
+        width = max(len(p) for p in prompts)
+        pad = self.pad_id()
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = self.hf.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                past_key_values=cache,
+                use_cache=cache is not None,
+                **(sampling or {"do_sample": False}),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=0 if stop_at_eos else max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=sorted(self._eos_ids()) if stop_at_eos else None,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList(stopping_criteria),
+            )
+        return out, width
+
+    def encode(self, text: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """Token ids of a prompt, or of chat messages rendered by the model's chat template;
+        a plain string with `chat` is sent as one user message if the model has a template."""
         if self.tokenizer is None:
             raise RapError(
                 f"model {self.model_id} has no tokenizer, so it cannot take text",
                 expected="a model folder with tokenizer files",
                 fix="pass token ids (generate_ids) or use a model with a tokenizer",
             )
-        if chat and getattr(self.tokenizer, "chat_template", None):
+        if isinstance(text, str) and chat and getattr(self.tokenizer, "chat_template", None):
+            text = [{"role": "user", "content": text}]
+        templated = isinstance(text, list)
+        if templated:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RapError(
+                    f"model {self.model_id} has no chat template",
+                    fix="use /v1/completions with a plain prompt",
+                )
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                text, tokenize=False, add_generation_prompt=True
             )
-        return list(self.tokenizer(text)["input_ids"])
+        # A rendered chat template already holds its special tokens.
+        return list(self.tokenizer(text, add_special_tokens=not templated)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -1,0 +1,31 @@
+"""The RAP Serve application: controller, replicas and router, bound together.
+
+`serve run deployments/serve_config.yaml` (or `serve deploy`) calls `build_app` with the YAML's
+`args`; `rap serve` calls it with the flags' config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.controller import RapController
+from deployments.replica import LLMReplica
+from deployments.router import Router
+from rap.config import ServeAppConfig
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Validate the config (resolving device and dtype once) and bind the deployments."""
+    cfg = ServeAppConfig.model_validate(args).resolved()
+    raw = cfg.model_dump(mode="json")
+    controller = RapController.bind(raw)  # type: ignore[attr-defined]
+    replicas = {
+        r.name: LLMReplica.options(  # type: ignore[attr-defined]
+            name=r.name,
+            ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        ).bind(raw, r.name, controller)
+        for r in cfg.replicas
+    }
+    return Router.bind(raw, controller, replicas)  # type: ignore[attr-defined]

@@ -1,0 +1,72 @@
+"""Metrics through `ray.serve.metrics` (Prometheus names get Ray's `ray_` prefix).
+
+Recorded inside Serve replicas, so Serve adds `deployment`, `replica` and `application` tags.
+The controller's own metrics also carry `target` (the replica a decision was for), since the
+replica tag there names the controller. Glossary: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+class ReplicaMetrics:
+    """A replica's gauges, counters and latency histograms."""
+
+    def __init__(self) -> None:
+        g = metrics.Gauge
+        self.budget = g("rap_budget_bytes", description="Bytes the model may hold now.")
+        self.weights = g("rap_weight_bytes", description="Weight bytes resident (measured).")
+        self.kv_reserved = g("rap_kv_reserved_bytes", description="KV bytes reserved at admission.")
+        self.attn_kept = g("rap_attn_blocks_kept", description="Attention blocks kept.")
+        self.mlp_kept = g("rap_mlp_blocks_kept", description="MLP blocks kept.")
+        self.mask_seq = g("rap_mask_version_seq", description="Sequence part of the mask version.")
+        self.mask_epoch = g("rap_mask_version_epoch", description="Epoch part of the mask version.")
+        self.waiting = g("rap_queue_waiting", description="Requests waiting for a batch.")
+        self.tokens_per_s = g("rap_tokens_per_second", description="Generated tokens per second.")
+        self.over_budget = g(
+            "rap_over_budget_bytes", description="High-water mark of own bytes above the budget."
+        )
+        self.batches = metrics.Counter(
+            "rap_batches_total", description="Batches run, by mask source.", tag_keys=("source",)
+        )
+        self.refused = metrics.Counter(
+            "rap_admissions_refused_total",
+            description="Requests refused, by reason.",
+            tag_keys=("reason",),
+        )
+        self.tokens = metrics.Counter("rap_generated_tokens_total", description="Tokens generated.")
+        h = metrics.Histogram
+        self.ttft = h(
+            "rap_time_to_first_token_seconds",
+            description="Time to first token.",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
+        self.tpot = h(
+            "rap_time_per_output_token_seconds",
+            description="Time per output token.",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
+        self.e2e = h(
+            "rap_request_latency_seconds",
+            description="End-to-end request latency.",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
+
+
+class ControllerMetrics:
+    """The controller's decisions, labelled with the replica each was for."""
+
+    def __init__(self) -> None:
+        self.decisions = metrics.Counter(
+            "rap_controller_decisions_total",
+            description="Plans decided, by target replica.",
+            tag_keys=("target",),
+        )
+        self.reports = metrics.Counter(
+            "rap_controller_reports_total",
+            description="Telemetry reports received.",
+            tag_keys=("target", "fresh"),  # type: ignore[arg-type]
+        )

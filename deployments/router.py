@@ -1,0 +1,213 @@
+"""Router: the HTTP ingress. OpenAI-compatible endpoints, admin endpoints, replica choice.
+
+It validates requests (400 with OpenAI's error body, never FastAPI's 422), checks the API key
+and the admin token, sends each request to the least-loaded replica and retries a memory 503
+once on another replica. Replicas are separate deployments (replica-0, replica-1, ...), so the
+router and operators can address each by a stable name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from ray import serve
+
+from rap.config import ServeAppConfig
+from rap.openai_api import ChatRequest, CompletionRequest, Relay, error_body
+
+app = FastAPI(title="RAP Serve")
+
+
+class BudgetChange(BaseModel):
+    replica: str
+    gib: float = Field(gt=0, description="New budget in GiB.")
+
+
+class MaskPush(BaseModel):
+    replica: str
+    mask: dict[str, Any]
+
+
+class HTTPError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.headers = status, message, type_, headers
+
+
+@app.exception_handler(HTTPError)
+async def _http_error(_: Request, exc: HTTPError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type), exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return JSONResponse(
+        error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param), 400
+    )
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    return auth[7:] if auth.lower().startswith("bearer ") else None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(app)
+class Router:
+    def __init__(self, app_config: dict[str, Any], controller: Any, replicas: dict[str, Any]):
+        from rap.loading import load_config
+
+        cfg = ServeAppConfig.model_validate(app_config)
+        self.served_name = cfg.served_name or load_config(cfg.model)[1]
+        self.controller, self.replicas = controller, replicas
+        self.inflight = dict.fromkeys(replicas, 0)
+        self.api_key = os.environ.get(cfg.api_key_env) or None
+        self.admin_token = os.environ.get(cfg.admin_token_env) or None
+
+    # -- OpenAI endpoints -----------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._check_key(request)
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.served_name, "object": "model", "created": 0, "owned_by": "rap-serve"}
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._check_key(request)
+        try:
+            prompt = body.prompt_text()
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+        return await self._serve(body, {"prompt": prompt}, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, request: Request) -> Any:
+        self._check_key(request)
+        messages = [m.model_dump() for m in body.messages]
+        return await self._serve(body, {"messages": messages}, chat=True)
+
+    async def _serve(self, body: Any, prompt: dict[str, Any], chat: bool) -> Any:
+        if body.model != self.served_name:
+            raise HTTPError(
+                404,
+                f"The model `{body.model}` does not exist; this server serves `{self.served_name}`",
+                "model_not_found",
+            )
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or 16
+        stop = getattr(body, "stop", None)
+        call = {
+            "model": body.model,
+            **prompt,
+            "max_tokens": max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        }
+        name, events, first = await self._start(call)
+        if first["type"] == "error":
+            self.inflight[name] -= 1
+            retry = first.get("retry_after")
+            raise HTTPError(
+                first["status"],
+                first["message"],
+                "server_error" if first["status"] >= 500 else "invalid_request_error",
+                {"Retry-After": str(retry)} if retry else None,
+            )
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        relay = Relay(self.served_name, chat, include_usage)
+        relay.started(first)
+        tracked = self._tracked(name, events)
+        if body.stream:
+            return StreamingResponse(relay.stream(tracked), media_type="text/event-stream")
+        status, out = await relay.whole(tracked)
+        return JSONResponse(out, status)
+
+    async def _start(self, call: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+        """Least-loaded replica first; a memory 503 is retried once on another replica."""
+        order = sorted(self.replicas, key=lambda n: self.inflight[n])
+        for attempt, name in enumerate(order[:2]):
+            self.inflight[name] += 1
+            events = self.replicas[name].options(stream=True).generate.remote(call)
+            first = await events.__anext__()
+            memory_503 = first["type"] == "error" and first["status"] == 503
+            if memory_503 and attempt == 0 and len(order) > 1:
+                self.inflight[name] -= 1
+                events.cancel()
+                continue
+            return name, events, first
+        raise AssertionError("unreachable: the loop returns on its last attempt")
+
+    async def _tracked(self, name: str, events: Any) -> Any:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.inflight[name] -= 1
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is not None and _bearer(request) != self.api_key:
+            raise HTTPError(
+                401, "Incorrect or missing API key (Authorization: Bearer <key>)", "invalid_api_key"
+            )
+
+    # -- admin endpoints ------------------------------------------------------------------
+    def _check_admin(self, request: Request) -> None:
+        if self.admin_token is None:
+            raise HTTPError(
+                403,
+                "admin endpoints are off: set the admin token's environment "
+                "variable (RAP_ADMIN_TOKEN by default) to enable them",
+            )
+        if _bearer(request) != self.admin_token:
+            raise HTTPError(401, "incorrect or missing admin token", "invalid_admin_token")
+
+    def _replica(self, name: str) -> Any:
+        if name not in self.replicas:
+            raise HTTPError(404, f"no replica {name!r}; replicas: {sorted(self.replicas)}")
+        return self.replicas[name]
+
+    @app.post("/admin/budget")
+    async def set_budget(self, body: BudgetChange, request: Request) -> dict[str, Any]:
+        self._check_admin(request)
+        return await self._replica(body.replica).set_budget.remote(int(body.gib * 2**30))
+
+    @app.post("/admin/mask")
+    async def push_mask(self, body: MaskPush, request: Request) -> dict[str, Any]:
+        self._check_admin(request)
+        out = await self._replica(body.replica).push_mask.remote(body.mask)
+        if "error" in out:
+            raise HTTPError(400, out["error"])
+        return out
+
+    @app.get("/admin/state")
+    async def state(self, request: Request) -> dict[str, Any]:
+        self._check_admin(request)
+        names = sorted(self.replicas)
+        tels = await asyncio.gather(*(self.replicas[n].telemetry.remote() for n in names))
+        try:
+            controller = await asyncio.wait_for(self.controller.state.remote(), timeout=2.0)
+        except Exception as exc:  # the controller may be down: replicas still answer
+            controller = {"error": f"controller unreachable: {type(exc).__name__}"}
+        return {"replicas": dict(zip(names, tels, strict=True)), "controller": controller}
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}

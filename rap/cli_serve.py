@@ -1,0 +1,169 @@
+"""`rap serve` (local Ray + the Serve app, one command) and `rap budget set` (an operator's act).
+
+Ray and Serve are imported inside the commands: the library never imports Ray Serve, and the
+command line reaches the deployments lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rap.errors import RapError
+from rap.loading import DEFAULT_MODEL
+
+
+def add_commands(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="start Ray and the RAP Serve app; keep serving")
+    serve.add_argument("--model", default=DEFAULT_MODEL)
+    serve.add_argument("--replicas", type=int, default=2, help="number of model replicas")
+    serve.add_argument(
+        "--budget-gib",
+        default="",
+        help="comma-separated budgets per replica (default: from the device)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this key on /v1 (as vLLM does)")
+    serve.add_argument("--admin-token", default=None, help="default: a random token, printed")
+    serve.add_argument(
+        "--exit-after-first",
+        action="store_true",
+        help="stop after the first request (for smoke tests)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    budget = sub.add_parser("budget", help="operator actions on budgets")
+    bsub = budget.add_subparsers(dest="action", required=True)
+    bset = bsub.add_parser("set", help="change a replica's budget at run time")
+    bset.add_argument("--replica", required=True)
+    bset.add_argument("--gib", type=float, required=True)
+    bset.add_argument("--token", default=os.environ.get("RAP_ADMIN_TOKEN"))
+    bset.add_argument("--url", default="http://127.0.0.1:8000")
+    bset.set_defaults(func=cmd_budget_set)
+
+
+def http_json(
+    url: str, body: dict[str, Any] | None = None, token: str | None = None, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """POST (or GET without a body) JSON; a RapError with the server's message on failure."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
+        raise RapError(f"{url} answered {exc.code}: {detail}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise RapError(
+            f"no RAP Serve answered at {url} ({exc})", fix="start it with `rap serve` or pass --url"
+        ) from None
+
+
+def cmd_budget_set(args: argparse.Namespace) -> int:
+    if not args.token:
+        raise RapError("no admin token", fix="pass --token or set RAP_ADMIN_TOKEN")
+    out = http_json(
+        f"{args.url}/admin/budget", {"replica": args.replica, "gib": args.gib}, args.token
+    )
+    print(f"{out['replica']}: budget {out['budget_bytes'] / 2**30:.3f} GiB")
+    return 0
+
+
+def _app_config(args: argparse.Namespace) -> dict[str, Any]:
+    budgets = [float(b) for b in args.budget_gib.split(",") if b.strip()]
+    if budgets and len(budgets) != args.replicas:
+        raise RapError(
+            f"--budget-gib has {len(budgets)} values", expected=f"one per replica ({args.replicas})"
+        )
+    return {
+        "model": args.model,
+        "replicas": [
+            {
+                "name": f"replica-{i}",
+                "budget_gib": budgets[i] if budgets else None,
+                "num_cpus": round(1.0 / args.replicas, 3),
+            }
+            for i in range(args.replicas)
+        ],
+    }
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rap.config import ServeAppConfig
+    from rap.loading import resolve
+
+    config = ServeAppConfig.model_validate(_app_config(args))
+    resolve(args.model)  # convert the default model once, before replicas race to do it
+    token = args.admin_token or secrets.token_urlsafe(16)
+    os.environ[config.admin_token_env] = token  # inherited by Ray's workers
+    if args.api_key:
+        os.environ[config.api_key_env] = args.api_key
+    url = f"http://{args.host}:{args.port}"
+    _start(config, args)
+    first = _first_request(url, args.api_key)
+    print(f"RAP Serve is up at {url}  (OpenAI-compatible: {url}/v1)")
+    print(f"admin token: {token}")
+    print(
+        "first request: POST /v1/chat/completions "
+        '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+    )
+    print(
+        f"  → {first['choices'][0]['message']['content']!r} "
+        f"[{first['system_fingerprint']}, {first['usage']['total_tokens']} tokens]"
+    )
+    print(
+        f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{first["model"]}", "prompt": "Once upon a time"}}\''
+    )
+    print(f"operator: rap budget set --replica replica-0 --gib 0.4 --token {token}")
+    if args.exit_after_first:
+        _stop()
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _stop()
+    return 0
+
+
+def _start(config: Any, args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(config.model_dump(mode="json")), name="rap", route_prefix="/")
+
+
+def _first_request(url: str, api_key: str | None) -> dict[str, Any]:
+    models = http_json(f"{url}/v1/models", token=api_key)
+    body = {
+        "model": models["data"][0]["id"],
+        "max_tokens": 24,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
+    return http_json(f"{url}/v1/chat/completions", body, api_key)
+
+
+def _stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

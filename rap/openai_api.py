@@ -1,0 +1,209 @@
+"""OpenAI-compatible request and response shapes (the subset RAP Serve implements).
+
+Requests are validated here; anything unsupported is refused with a 400 that names the field,
+never ignored silently. Responses follow OpenAI's `text_completion` and `chat.completion`
+objects, their streamed chunks, and the error body `{"error": {message, type, param, code}}`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOKENS_LIMIT = 4096
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] = Field(description="One prompt (a list holding one string is fine).")
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ValueError("prompt: exactly one prompt per request is supported")
+        return self.prompt[0]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    rid: str, model: str, text: str, finish: str, fingerprint: str, use: dict, chat: bool
+) -> dict:
+    """A whole (non-streamed) completion or chat completion."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [choice],
+        "usage": use,
+    }
+
+
+def chunk_body(
+    rid: str,
+    model: str,
+    text: str | None,
+    finish: str | None,
+    fingerprint: str,
+    chat: bool,
+    first: bool = False,
+    use: dict | None = None,
+) -> dict:
+    """One streamed chunk; with `use` and no text, the final usage-only chunk."""
+    choices: list[dict[str, Any]] = []
+    if use is None or text is not None:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["delta"] = (
+                {"role": "assistant", "content": text or ""} if first else {"content": text or ""}
+            )
+        else:
+            choice["text"] = text or ""
+        choices.append(choice)
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+    }
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event line pair."""
+    import json
+
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class Relay:
+    """Turns a replica's events (start, token..., done | error) into OpenAI bodies."""
+
+    def __init__(self, model: str, chat: bool, include_usage: bool = False) -> None:
+        self.model = model
+        self.chat = chat
+        self.include_usage = include_usage
+        self.rid = new_id("chatcmpl" if chat else "cmpl")
+        self.fingerprint = ""
+        self.prompt_tokens = 0
+
+    def started(self, event: dict[str, Any]) -> None:
+        self.fingerprint = event["fingerprint"]
+        self.prompt_tokens = event["prompt_tokens"]
+
+    async def whole(self, events: Any) -> tuple[int, dict[str, Any]]:
+        """Collect every event into one response: (status, body)."""
+        parts: list[str] = []
+        async for event in events:
+            if event["type"] == "token":
+                parts.append(event["text"])
+            elif event["type"] == "error":
+                return event["status"], error_body(event["message"], "server_error")
+            elif event["type"] == "done":
+                use = usage(self.prompt_tokens, event["completion_tokens"])
+                return 200, completion_body(
+                    self.rid,
+                    self.model,
+                    "".join(parts),
+                    event["finish_reason"],
+                    self.fingerprint,
+                    use,
+                    self.chat,
+                )
+        return 500, error_body("the replica ended the stream without finishing", "server_error")
+
+    async def stream(self, events: Any) -> Any:
+        """Server-sent events: a chunk per token, the finish, usage if asked, then [DONE]."""
+        first = True
+        async for event in events:
+            if event["type"] == "token":
+                yield sse(
+                    chunk_body(
+                        self.rid,
+                        self.model,
+                        event["text"],
+                        None,
+                        self.fingerprint,
+                        self.chat,
+                        first=first,
+                    )
+                )
+                first = False
+            elif event["type"] == "error":
+                yield sse(error_body(event["message"], "server_error"))
+                break
+            elif event["type"] == "done":
+                yield sse(
+                    chunk_body(
+                        self.rid,
+                        self.model,
+                        "",
+                        event["finish_reason"],
+                        self.fingerprint,
+                        self.chat,
+                        first=first,
+                    )
+                )
+                if self.include_usage:
+                    use = usage(self.prompt_tokens, event["completion_tokens"])
+                    yield sse(
+                        chunk_body(
+                            self.rid, self.model, None, None, self.fingerprint, self.chat, use=use
+                        )
+                    )
+                break
+        yield sse("[DONE]")
