@@ -6,8 +6,6 @@ once on another replica. Replicas are separate deployments (replica-0, replica-1
 router and operators can address each by a stable name.
 """
 
-from __future__ import annotations
-
 import asyncio
 import os
 from typing import Any

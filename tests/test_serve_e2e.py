@@ -1,0 +1,275 @@
+"""End to end on a real local Ray cluster: the default model behind Serve, the official `openai`
+client, two replicas with different budgets, operator budget changes, faults. Slow tier."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ADMIN, KEY = "test-admin-token", "test-api-key"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from rap.loading import resolve
+
+    resolve("smollm2")
+    os.environ["RAP_ADMIN_TOKEN"], os.environ["RAP_API_KEY"] = ADMIN, KEY
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {
+        "model": "smollm2",
+        "replicas": [
+            {"name": "replica-0", "budget_gib": 0.6, "num_cpus": 0.5},
+            {"name": "replica-1", "budget_gib": 0.45, "num_cpus": 0.5},
+        ],
+        "engine": {"max_batch_size": 8, "batch_wait_s": 0.1},
+        "telemetry_period_s": 0.3,
+    }
+    serve.run(build_app(config), name="rap", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+    for var in ("RAP_ADMIN_TOKEN", "RAP_API_KEY"):
+        os.environ.pop(var, None)
+
+
+def call(
+    url: str,
+    path: str,
+    body: dict | None = None,
+    token: str | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, dict, dict]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def state(url: str) -> dict:
+    status, body, _ = call(url, "/admin/state", token=ADMIN)
+    assert status == 200
+    return body
+
+
+def wait_for(predicate, timeout_s: float = 30.0):
+    end = time.time() + timeout_s
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError("condition not met in time")
+
+
+def client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_client_completions_chat_and_stream(server) -> None:
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    out = c.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert out.choices[0].text and out.usage.completion_tokens > 0
+    assert out.system_fingerprint.startswith("rap-")
+    chat = c.chat.completions.create(
+        model=MODEL,
+        temperature=0,
+        max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.prompt_tokens > 5
+    arrivals, parts = [], []
+    stream = c.chat.completions.create(
+        model=MODEL,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Tell me about the sea."}],
+    )
+    for chunk in stream:
+        arrivals.append(time.monotonic())
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    assert len(parts) > 3 and arrivals[-1] - arrivals[0] > 0  # tokens came one by one
+    assert chunk.usage is not None and chunk.usage.completion_tokens >= len(parts)
+
+
+def test_replicas_with_different_budgets_run_different_masks(server) -> None:
+    def masks():
+        reps = state(server)["replicas"]
+        kept = {n: t["attn_kept"] + t["mlp_kept"] for n, t in reps.items()}
+        return kept if kept["replica-1"] < kept["replica-0"] else None
+
+    c = client(server)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # traffic reaches both replicas
+        list(
+            pool.map(
+                lambda i: c.completions.create(
+                    model=MODEL, prompt=f"Count {i}", max_tokens=4, temperature=0
+                ),
+                range(8),
+            )
+        )
+    kept = wait_for(masks)
+    reps = state(server)["replicas"]
+    assert reps["replica-1"]["weight_bytes"] <= reps["replica-1"]["budget_bytes"]
+    assert kept["replica-0"] == 60
+
+
+def test_budget_drop_gives_a_smaller_mask_and_requests_keep_working(server) -> None:
+    from rap.cli import main
+
+    before = state(server)["replicas"]["replica-0"]
+    assert (
+        main(
+            [
+                "budget",
+                "set",
+                "--replica",
+                "replica-0",
+                "--gib",
+                "0.35",
+                "--token",
+                ADMIN,
+                "--url",
+                server,
+            ]
+        )
+        == 0
+    )
+    c = client(server)
+    for i in range(4):
+        c.completions.create(model=MODEL, prompt=f"Hello {i}", max_tokens=4, temperature=0)
+    after = wait_for(
+        lambda: (
+            (t := state(server)["replicas"]["replica-0"])["weight_bytes"] < before["weight_bytes"]
+            and t
+        )
+    )
+    assert after["budget_bytes"] == int(0.35 * 2**30)
+    assert after["weight_bytes"] <= after["budget_bytes"]
+    assert after["over_budget_bytes"] == 0
+
+
+def test_oversized_batch_splits_falls_back_or_503_and_never_exceeds_budget(server) -> None:
+    status, _, _ = call(server, "/admin/budget", {"replica": "replica-1", "gib": 0.3}, ADMIN)
+    assert status == 200
+    prompt = "Write a long story about a lighthouse keeper. " * 40
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 64, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: call(server, "/v1/completions", body, KEY), range(8)))
+    for status, out, headers in results:
+        assert status in (200, 503), out
+        if status == 503:
+            assert "memory" in out["error"]["message"] and headers.get("retry-after")
+    for tel in state(server)["replicas"].values():
+        assert tel["over_budget_bytes"] == 0
+        assert tel["weight_bytes"] <= tel["budget_bytes"]
+
+
+def test_bad_input_gets_openai_style_4xx(server) -> None:
+    cases = [
+        (call(server, "/v1/completions", raw=b"{not json", token=KEY), 400),
+        (call(server, "/v1/completions", {"model": "gpt-9", "prompt": "x"}, KEY), 404),
+        (
+            call(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, KEY),
+            400,
+        ),
+        (
+            call(
+                server,
+                "/v1/completions",
+                {"model": MODEL, "prompt": "hello " * 9000, "max_tokens": 8},
+                KEY,
+            ),
+            400,
+        ),
+        (call(server, "/v1/chat/completions", {"model": MODEL, "messages": []}, KEY), 400),
+        (
+            call(
+                server,
+                "/admin/mask",
+                {
+                    "replica": "replica-0",
+                    "mask": {"model": MODEL, "attn": [True] * 3, "mlp": [True] * 3},
+                },
+                ADMIN,
+            ),
+            400,
+        ),
+    ]
+    for (status, body, _), expected in cases:
+        assert status == expected, body
+        assert set(body["error"]) >= {"message", "type"}
+
+
+def test_tokens_are_checked_and_refusals_change_nothing(server) -> None:
+    assert call(server, "/v1/models")[0] == 401
+    assert call(server, "/v1/models", token="wrong")[0] == 401
+    before = state(server)["replicas"]["replica-0"]["budget_bytes"]
+    for token in (None, "wrong"):
+        status, body, _ = call(server, "/admin/budget", {"replica": "replica-0", "gib": 0.2}, token)
+        assert status == 401 and "admin token" in body["error"]["message"]
+    assert state(server)["replicas"]["replica-0"]["budget_bytes"] == before
+
+
+def test_killing_the_controller_does_not_stop_serving(server) -> None:
+    import ray
+
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "RapController" in a["name"]
+    ]
+    assert names
+    epoch_before = state(server)["controller"]["epoch"]
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    c = client(server)
+    for i in range(3):
+        out = c.completions.create(
+            model=MODEL, prompt=f"Still there {i}?", max_tokens=4, temperature=0
+        )
+        assert out.choices[0].text is not None
+    for tel in state(server)["replicas"].values():
+        assert tel["weight_bytes"] <= tel["budget_bytes"]
+    # Serve restarts the controller; it resumes with an epoch above what replicas hold.
+    restarted = wait_for(
+        lambda: (s := state(server)["controller"]).get("epoch") and s["epoch"] > epoch_before and s,
+        timeout_s=90,
+    )
+    assert restarted["epoch"] > epoch_before
