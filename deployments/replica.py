@@ -53,6 +53,7 @@ class LLMReplica:
         )
         budget = initial_budget_bytes(self.model, spec.budget_gib, cfg)
         self.engine = Engine(self.model, cfg.engine, budget, policy.for_admission)
+        self.engine.budget_from_device = spec.budget_gib is None and cfg.device == "cuda"
         self.metrics = ReplicaMetrics()
         self._last_tokens, self._last_t = 0, time.monotonic()
         self._counted: dict[str, int] = {}

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rap.budget import GpuShares, ShareConfig
 from rap.errors import BudgetError
 from rap.masks import KeepMask, MaskVersion
 from rap.messages import MaskPlan, PlanEntry, Telemetry
@@ -38,6 +39,7 @@ class ControllerConfig(BaseModel):
     )
     batch_buckets: tuple[int, ...] = Field((1, 4, 8), description="Batch-size bucket edges.")
     history: int = Field(200, ge=1, description="Decisions kept for the admin state view.")
+    shares: ShareConfig = Field(default_factory=ShareConfig)
 
 
 @dataclass
@@ -70,6 +72,10 @@ class Controller:
     seq: int = 0
     replicas: dict[str, ReplicaView] = field(default_factory=dict)
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=200))
+    shares: GpuShares = field(default_factory=GpuShares)
+
+    def __post_init__(self) -> None:
+        self.shares = GpuShares(self.config.shares)
 
     def report(self, telemetry: Telemetry, now_s: float | None = None) -> MaskPlan | None:
         """Take a replica's telemetry; answer its plan when it is new or changed, else None."""
@@ -89,6 +95,10 @@ class Controller:
                 now_s - telemetry.timestamp_s,
             )
             return None
+        assigned = self._device_budget(telemetry, now_s)
+        if assigned is not None and assigned != telemetry.budget_bytes:
+            telemetry = telemetry.model_copy(update={"budget_bytes": assigned})
+            view.telemetry = telemetry
         buckets = self.buckets(telemetry)
         entries = self._entries(telemetry.budget_bytes, buckets)
         reason = self._reason(prev, telemetry, buckets)
@@ -99,6 +109,7 @@ class Controller:
         plan = MaskPlan(
             replica=telemetry.replica,
             version=version,
+            budget_bytes=assigned,
             entries=[
                 PlanEntry(
                     max_batch=b,
@@ -121,6 +132,17 @@ class Controller:
             len(plan.entries),
         )
         return plan
+
+    def _device_budget(self, telemetry: Telemetry, now_s: float) -> int | None:
+        """The replica's share of its GPU (fresh telemetry of its device-mates), or None."""
+        if not (telemetry.budget_from_device and telemetry.device.kind == "cuda"):
+            return None
+        fresh = [
+            v.telemetry
+            for v in self.replicas.values()
+            if now_s - v.telemetry.timestamp_s <= self.config.stale_after_s
+        ]
+        return self.shares.assign(fresh, now_s).get(telemetry.replica)
 
     def buckets(self, telemetry: Telemetry) -> list[tuple[int, int]]:
         """(batch, seq) buckets to plan for: a small default plus what the queue has shown."""

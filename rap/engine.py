@@ -87,6 +87,7 @@ class Engine:
         self.model = model
         self.config = config
         self.budget_bytes = budget_bytes
+        self.budget_from_device = False  # set by the replica when NVML shares decide it
         self.plan: MaskPlan | None = None
         self.stats = EngineStats()
         self.admitter = Admitter(
@@ -137,7 +138,9 @@ class Engine:
         return True
 
     def set_budget(self, budget_bytes: int) -> None:
+        """An operator's budget: it overrides the device-derived one from now on."""
         self.budget_bytes = budget_bytes
+        self.budget_from_device = False
         self._wake.set()
 
     def version(self) -> MaskVersion:

@@ -24,6 +24,7 @@ class DeviceMemory(_Message):
     """
 
     kind: Literal["cuda", "cpu"]
+    device_id: str = Field("", description="NVML UUID of the GPU (replicas sharing it agree).")
     total_bytes: int = Field(ge=0, description="NVML total, or the configured cap on a CPU.")
     used_bytes: int = Field(ge=0, description="NVML used (all processes), or the model's bytes.")
     free_bytes: int = Field(ge=0, description="NVML free (device-wide), or cap minus model bytes.")
@@ -47,6 +48,9 @@ class Telemetry(_Message):
     timestamp_s: float = Field(description="Wall-clock time of the snapshot (time.time()).")
     device: DeviceMemory
     budget_bytes: int = Field(ge=0, description="Bytes the model may hold now.")
+    budget_from_device: bool = Field(
+        False, description="True when the controller derives the budget from NVML (shared GPU)."
+    )
     weight_bytes: int = Field(ge=0, description="Weight bytes resident (measured).")
     kv_bytes_in_use: int = Field(0, ge=0, description="KV bytes the running batch holds now.")
     kv_bytes_reserved: int = Field(0, ge=0, description="KV bytes reserved at admission.")

@@ -40,8 +40,10 @@ def nvml_memory(device_index: int = 0) -> DeviceMemory:
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
     info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    uuid = pynvml.nvmlDeviceGetUUID(handle)
     return DeviceMemory(
         kind="cuda",
+        device_id=uuid if isinstance(uuid, str) else uuid.decode(),
         total_bytes=int(info.total),
         used_bytes=int(info.used),
         free_bytes=int(info.free),
@@ -79,6 +81,7 @@ def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) 
         timestamp_s=time.time(),
         device=device,
         budget_bytes=engine.budget_bytes,
+        budget_from_device=engine.budget_from_device,
         weight_bytes=engine.model.weight_bytes(),
         kv_bytes_reserved=stats.kv_reserved_bytes,
         kv_bytes_in_use=engine.model.kv_bytes_in_use(),

@@ -1,0 +1,134 @@
+"""The controller's decisions and GPU budget shares, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from rap.budget import GpuShares, ShareConfig
+from rap.controller import Controller, ControllerConfig
+from rap.errors import BudgetError
+from rap.masks import KeepMask, MaskVersion
+from rap.messages import DeviceMemory, QueueState, Telemetry
+
+MIB = 2**20
+
+
+def planner(budget: int, batch: int, seq: int) -> KeepMask:
+    """Keeps one MLP block per 10 MiB of budget beyond 40 MiB, per (batch·seq) unit."""
+    if budget < 40 * MIB:
+        raise BudgetError("too small")
+    kept = min(4, (budget - 40 * MIB) // (10 * MIB * max(1, batch * seq // 1024)))
+    return KeepMask(model="m", attn=(True,) * 4, mlp=tuple(i < kept for i in range(4)))
+
+
+def tel(name: str = "r0", budget: int = 100 * MIB, t: float = 1000.0, **kw) -> Telemetry:
+    fields = {
+        "replica": name,
+        "timestamp_s": t,
+        "budget_bytes": budget,
+        "weight_bytes": 60 * MIB,
+        "device": DeviceMemory(kind="cpu", total_bytes=budget, used_bytes=0, free_bytes=budget),
+    }
+    return Telemetry(**{**fields, **kw})
+
+
+def test_first_report_plans_with_an_epoch_above_what_the_replica_holds() -> None:
+    c = Controller(planner)
+    plan = c.report(tel(mask_version=MaskVersion(epoch=4, seq=7)), now_s=1000.0)
+    assert plan is not None and plan.version.epoch == 5 and plan.version.seq == 1
+    assert all(
+        e.mask.source == "controller" and e.mask.version == plan.version for e in plan.entries
+    )
+    assert "first plan" in plan.reason
+    assert c.report(tel(mask_version=plan.version), now_s=1000.5) is None  # nothing changed
+
+
+def test_budget_change_and_new_buckets_give_new_plans_with_reasons() -> None:
+    c = Controller(planner)
+    first = c.report(tel(), now_s=1000.0)
+    assert first is not None
+    smaller = c.report(tel(budget=60 * MIB, mask_version=first.version), now_s=1000.1)
+    assert smaller is not None and "budget changed 100.0 → 60.0 MiB" in smaller.reason
+    assert smaller.version.seq == first.version.seq + 1
+    kept_before = sum(first.entries[0].mask.mlp)
+    assert sum(smaller.entries[0].mask.mlp) < kept_before
+    busy = tel(
+        budget=60 * MIB,
+        mask_version=smaller.version,
+        queue=QueueState(recent_batch_sizes=[6], recent_longest_seqs=[900]),
+    )
+    bigger = c.report(busy, now_s=1000.2)
+    assert bigger is not None and "new workload buckets [(8, 1024)]" in bigger.reason
+    assert {(e.max_batch, e.max_seq) for e in bigger.entries} == {(1, 256), (8, 1024)}
+    assert [d.reason for d in c.decisions][-1] == bigger.reason
+
+
+def test_unplannable_buckets_are_left_out() -> None:
+    c = Controller(planner)
+    plan = c.report(tel(budget=10 * MIB), now_s=1000.0)
+    assert plan is not None and plan.entries == []
+
+
+def test_stale_telemetry_is_not_planned_on() -> None:
+    c = Controller(planner, ControllerConfig(stale_after_s=2.0))
+    assert c.report(tel(t=1000.0), now_s=1010.0) is None
+    assert c.state(now_s=1010.0)["replicas"]["r0"]["stale"] is True
+
+
+def test_a_replica_holding_a_newer_epoch_restarts_the_count_above_it() -> None:
+    c = Controller(planner)
+    first = c.report(tel("r0"), now_s=1000.0)
+    assert first is not None and first.version.epoch == 1
+    other = c.report(tel("r1", mask_version=MaskVersion(epoch=3, seq=2)), now_s=1000.1)
+    assert other is not None and other.version.epoch == 4
+    again = c.report(tel("r0", mask_version=first.version), now_s=1000.2)
+    assert again is not None and again.version.epoch == 4  # r0 moves to the new epoch too
+
+
+def gpu_tel(name: str, free: int, own: int, t: float = 1000.0) -> Telemetry:
+    return tel(
+        name,
+        t=t,
+        weight_bytes=own,
+        budget_from_device=True,
+        device=DeviceMemory(
+            kind="cuda",
+            device_id="GPU-1",
+            total_bytes=80 << 30,
+            used_bytes=(80 << 30) - free,
+            free_bytes=free,
+        ),
+    )
+
+
+def test_gpu_shares_split_free_memory_with_hysteresis_and_dwell() -> None:
+    shares = GpuShares(ShareConfig(margin_bytes=1 << 30, hysteresis_bytes=64 * MIB, dwell_s=10))
+    a = shares.assign([gpu_tel("a", 9 << 30, 2 << 30), gpu_tel("b", 9 << 30, 4 << 30)], 0.0)
+    assert a == {"a": (2 << 30) + (4 << 30), "b": (4 << 30) + (4 << 30)}
+    small = shares.assign(
+        [gpu_tel("a", (9 << 30) + 10 * MIB, 2 << 30), gpu_tel("b", (9 << 30) + 10 * MIB, 4 << 30)],
+        1.0,
+    )
+    assert small == a  # below the hysteresis: unchanged
+    down = shares.assign([gpu_tel("a", 3 << 30, 2 << 30), gpu_tel("b", 3 << 30, 4 << 30)], 2.0)
+    assert down["a"] == (2 << 30) + (1 << 30)  # decreases apply at once
+    up = shares.assign([gpu_tel("a", 9 << 30, 2 << 30), gpu_tel("b", 9 << 30, 4 << 30)], 5.0)
+    assert up == down  # a rise within the dwell time waits
+    later = shares.assign([gpu_tel("a", 9 << 30, 2 << 30), gpu_tel("b", 9 << 30, 4 << 30)], 13.0)
+    assert later == a
+
+
+def test_controller_assigns_device_budgets_in_plans() -> None:
+    c = Controller(planner, ControllerConfig(shares=ShareConfig(margin_bytes=0)))
+    c.report(gpu_tel("a", 200 * MIB, 60 * MIB), now_s=1000.0)
+    plan = c.report(gpu_tel("b", 200 * MIB, 60 * MIB), now_s=1000.0)
+    assert plan is not None and plan.budget_bytes == 60 * MIB + 100 * MIB
+
+
+@pytest.mark.parametrize("bad", [{"budget_bytes": -1}, {"replica": 3}, {"extra": 1}])
+def test_malformed_telemetry_is_rejected(bad) -> None:
+    from pydantic import ValidationError
+
+    data = tel().model_dump(mode="json") | bad
+    with pytest.raises(ValidationError):
+        Telemetry.model_validate(data)
