@@ -59,7 +59,8 @@ class Decision:
 
 
 def _round_up(value: int, edges: tuple[int, ...]) -> int:
-    return next((e for e in edges if e >= value), max(value, edges[-1]))
+    """The first edge at or above `value`; beyond the last edge, the next power of two."""
+    return next((e for e in edges if e >= value), 1 << (value - 1).bit_length())
 
 
 @dataclass
@@ -145,9 +146,10 @@ class Controller:
         return self.shares.assign(fresh, now_s).get(telemetry.replica)
 
     def buckets(self, telemetry: Telemetry) -> list[tuple[int, int]]:
-        """(batch, seq) buckets to plan for: a small default plus what the queue has shown."""
+        """(batch, seq) buckets to plan for: the configured grid plus what the queue has shown
+        beyond it, so that most batches find a controller mask from the start."""
         cfg = self.config
-        seen = {(1, cfg.seq_buckets[0])}
+        seen = {(b, s) for b in cfg.batch_buckets for s in cfg.seq_buckets}
         q = telemetry.queue
         for b, s in zip(q.recent_batch_sizes, q.recent_longest_seqs, strict=False):
             seen.add((_round_up(b, cfg.batch_buckets), _round_up(s, cfg.seq_buckets)))

@@ -134,6 +134,7 @@ class Engine:
         self.plan = plan
         if plan.budget_bytes is not None:
             self.budget_bytes = plan.budget_bytes
+        self._ensure_loop()
         self._wake.set()
         return True
 
@@ -141,6 +142,7 @@ class Engine:
         """An operator's budget: it overrides the device-derived one from now on."""
         self.budget_bytes = budget_bytes
         self.budget_from_device = False
+        self._ensure_loop()  # an idle replica shrinks at once, before any request comes
         self._wake.set()
 
     def version(self) -> MaskVersion:
@@ -149,8 +151,12 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # called outside an event loop (tests): the first submit starts it
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = loop.create_task(self._loop())
 
     async def _loop(self) -> None:
         # Invariant: one batch at a time, each under the mask admission chose for it; the model's
