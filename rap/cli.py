@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rap.cli_ops import add_commands as add_ops_commands
 from rap.cli_serve import add_commands as add_serve_commands
 from rap.errors import RapError
 from rap.loading import DEFAULT_MODEL
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
     add_serve_commands(sub)
+    add_ops_commands(sub)
     return parser
 
 

@@ -1,0 +1,225 @@
+"""A real Prometheus (Debian's package) scrapes Ray's metrics while RAP Serve answers a bounded
+burst with a budget drop and an oversized prompt; then every query of the Grafana dashboard,
+exactly as the dashboard holds it, must return data from Prometheus' HTTP API. Slow tier."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ADMIN = "prometheus-test-admin"
+MODEL = "SmolLM2-135M-Instruct"
+BUDGETS_GIB = {"replica-0": 0.6, "replica-1": 0.45}
+DROPPED_GIB = 0.3  # replica-0's budget after the operator's drop
+WINDOW = "5m"  # stands for Grafana's $__rate_interval: covers the whole burst
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _prometheus_binary() -> str:
+    """Debian's prometheus, installed with apt-get when missing."""
+    found = shutil.which("prometheus")
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if apt is None:
+        pytest.skip("prometheus is not installed and apt-get is unavailable to install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([apt, "update", "-qq"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [apt, "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    found = shutil.which("prometheus")
+    assert found, "apt-get installed prometheus but it is not on PATH"
+    return found
+
+
+def _get_json(url: str, timeout_s: float = 10.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def _start_prometheus(binary: str, target_port: int, workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{target_port}']\n"
+    )
+    log = (workdir / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=2).read()
+            return proc, url
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, (workdir / "prometheus.log").read_text()[-2000:]
+            time.sleep(0.2)
+    proc.terminate()
+    raise AssertionError("prometheus did not become ready")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    """Ray with a known metrics port, Prometheus scraping it, and the RAP Serve app."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from rap.loading import resolve
+
+    binary = _prometheus_binary()
+    resolve("smollm2")
+    os.environ["RAP_ADMIN_TOKEN"] = ADMIN  # before ray.init: workers inherit it
+    metrics_port, http_port = _free_port(), _free_port()
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+    )
+    prom, prom_url = _start_prometheus(binary, metrics_port, tmp_path_factory.mktemp("prom"))
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    config = {
+        "model": "smollm2",
+        "replicas": [
+            {"name": name, "budget_gib": gib, "num_cpus": 0.5} for name, gib in BUDGETS_GIB.items()
+        ],
+        "engine": {"max_batch_size": 8, "batch_wait_s": 0.1},
+        "telemetry_period_s": 0.3,
+    }
+    try:
+        serve.run(build_app(config), name="rap", route_prefix="/")
+        yield SimpleNamespace(url=f"http://127.0.0.1:{http_port}", prometheus=prom_url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        prom.terminate()
+        prom.wait(timeout=30)
+        os.environ.pop("RAP_ADMIN_TOKEN", None)
+
+
+def call(url: str, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def complete(url: str, prompt: str, max_tokens: int = 6) -> tuple[int, dict]:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return call(url, "/v1/completions", body)
+
+
+def refused_prompt_tokens(budget_gib: float, max_tokens: int) -> int:
+    """Fewest prompt tokens (a multiple of 256) that no mask at the quality floor (half of the
+    60 blocks) fits in `budget_gib`, in float32 as served on a CPU: a certain memory 503."""
+    from rap import memory
+    from rap.loading import load_config
+
+    config, _ = load_config("smollm2")
+    n = config.num_hidden_layers
+
+    def least_peak(prompt: int) -> int:
+        masks = [
+            SimpleNamespace(
+                attn=tuple(i < k for i in range(n)), mlp=tuple(i < n - k for i in range(n))
+            )
+            for k in range(n + 1)
+        ]
+        seq = prompt + max_tokens
+        return min(
+            memory.peak_bytes(config, m, 1, seq, "float32", prefill_tokens=prompt) for m in masks
+        )
+
+    for prompt in range(256, config.max_position_embeddings - max_tokens, 256):
+        if least_peak(prompt) > budget_gib * 2**30:
+            return prompt
+    raise AssertionError(f"every prompt within the context fits {budget_gib} GiB")
+
+
+def burst(url: str) -> None:
+    """Short requests on both replicas, a budget drop, requests under the new plan, a prompt
+    too big for any budget (memory 503) and one longer than the context (400)."""
+    with ThreadPoolExecutor(4) as pool:
+        first = list(pool.map(lambda i: complete(url, f"Count to {i}:"), range(8)))
+    assert [s for s, _ in first] == [200] * 8, first
+    status, out = call(url, "/admin/budget", {"replica": "replica-0", "gib": DROPPED_GIB}, ADMIN)
+    assert status == 200, out
+    for i in range(4):
+        assert complete(url, f"After the drop {i}:")[0] == 200
+    tokens = refused_prompt_tokens(max(DROPPED_GIB, *BUDGETS_GIB.values()), max_tokens=8)
+    status, out = complete(url, "hello " * tokens, max_tokens=8)
+    assert status == 503 and "memory" in out["error"]["message"], (status, out)
+    status, out = complete(url, "hello " * 9000, max_tokens=8)
+    assert status == 400, (status, out)
+
+
+def returns_data(prometheus: str, expr: str) -> bool:
+    query = urllib.parse.urlencode({"query": expr})
+    out = _get_json(f"{prometheus}/api/v1/query?{query}")
+    assert out["status"] == "success", out
+    values = [float(r["value"][1]) for r in out["data"]["result"]]
+    return any(not math.isnan(v) for v in values)
+
+
+def label_has_values(prometheus: str, definition: str) -> bool:
+    """A `label_values(metric, label)` variable: the label's values on that metric."""
+    metric, label = (s.strip() for s in definition.removeprefix("label_values(")[:-1].split(","))
+    query = urllib.parse.urlencode({"match[]": metric})
+    return bool(_get_json(f"{prometheus}/api/v1/label/{label}/values?{query}")["data"])
+
+
+def test_every_dashboard_query_returns_data(stack) -> None:
+    from rap.grafana import dashboard, queries, render
+
+    burst(stack.url)
+    dash = dashboard()
+    exprs = queries(dash)
+    variables = [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    assert exprs and variables
+    missing: list[str] = exprs
+    deadline = time.monotonic() + 90  # Ray exports every few seconds; Prometheus scrapes 1/s
+    while missing and time.monotonic() < deadline:
+        complete(stack.url, "Keep the rates alive:")  # new samples in every window
+        missing = [e for e in exprs if not returns_data(stack.prometheus, render(e, WINDOW))]
+        if missing:
+            time.sleep(3)
+    assert not missing, "queries without data:\n" + "\n".join(render(e, WINDOW) for e in missing)
+    empty = [v for v in variables if not label_has_values(stack.prometheus, v)]
+    assert not empty, f"variables without values: {empty}"
