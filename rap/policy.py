@@ -25,16 +25,26 @@ class HeuristicPolicy:
     method: str = "mem-greedy"
     min_kept_fraction: float = 0.0
     scores: Any = None
-    scores_method: str = "oneshot"
-    """Which stored importance scores the planner ranks blocks by."""
 
     def __post_init__(self) -> None:
-        from rap.loading import DEFAULT_MODEL_ID
+        """Load the stored scores once (the planner would otherwise look them up per call):
+        the planner's own kind first, then any other kind stored for the model. A model with
+        none fails here, at start-up, with the command that makes them."""
+        from rap.errors import RapError
+        from rap.importance import find_scores
+        from rap.planners import SCORES_FOR
 
-        if self.scores is None and self.model_id == DEFAULT_MODEL_ID:
-            from rap.planners import load_default_scores
-
-            self.scores = load_default_scores(self.scores_method)
+        if self.scores is not None or self.method not in SCORES_FOR:
+            return
+        preferred = SCORES_FOR[self.method]
+        kinds = [preferred] + [k for k in ("gsi", "oneshot", "bi", "magnitude") if k != preferred]
+        for kind in kinds:
+            try:
+                self.scores = find_scores(self.model_id, kind)
+                return
+            except RapError:
+                continue
+        self.scores = find_scores(self.model_id, preferred)  # raises, naming the fix
 
     def plan(
         self, budget_bytes: int, batch: int, seq: int, prefill_tokens: int | None = None

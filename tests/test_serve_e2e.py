@@ -273,3 +273,30 @@ def test_killing_the_controller_does_not_stop_serving(server) -> None:
         timeout_s=90,
     )
     assert restarted["epoch"] > epoch_before
+
+
+def test_admin_endpoints_are_off_without_a_token(server, tmp_path_factory) -> None:
+    """A second app on a tiny model whose admin token variable is unset: admin answers 403."""
+    from ray import serve
+
+    from deployments.app import build_app
+    from tests.tiny import save_tiny, save_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-served")
+    save_tiny("llama", folder)
+    save_tokenizer(folder)
+    config = {
+        "model": str(folder),
+        "replicas": [{"name": "tiny-0", "num_cpus": 0.1}],
+        "planner": "random",  # a tiny random model has no stored block scores
+        "admin_token_env": "RAP_TEST_UNSET_TOKEN",
+        "api_key_env": "RAP_TEST_UNSET_KEY",
+    }
+    serve.run(build_app(config), name="off", route_prefix="/off")
+    try:
+        status, body, _ = call(server, "/off/admin/budget", {"replica": "tiny-0", "gib": 1}, ADMIN)
+        assert status == 403 and "admin endpoints are off" in body["error"]["message"]
+        status, body, _ = call(server, "/off/v1/models")  # no key configured: open
+        assert status == 200 and body["data"][0]["id"] == folder.name
+    finally:
+        serve.delete("off")
