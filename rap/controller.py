@@ -47,6 +47,8 @@ class ReplicaView:
     telemetry: Telemetry
     received_s: float
     plan: MaskPlan | None = None
+    buckets: frozenset[tuple[int, int]] = frozenset()
+    """Buckets the plan was made for, those that nothing fits included (not re-planned)."""
 
 
 @dataclass
@@ -87,7 +89,9 @@ class Controller:
             # earlier incarnation's): start an epoch above it so the replica accepts new plans.
             self.epoch, self.seq = held.epoch + 1, 0
         prev = self.replicas.get(telemetry.replica)
-        view = ReplicaView(telemetry, now_s, prev.plan if prev else None)
+        view = ReplicaView(
+            telemetry, now_s, prev.plan if prev else None, prev.buckets if prev else frozenset()
+        )
         self.replicas[telemetry.replica] = view
         if now_s - telemetry.timestamp_s > self.config.stale_after_s:
             log.warning(
@@ -121,7 +125,7 @@ class Controller:
             ],
             reason=reason or "controller epoch started",
         )
-        view.plan = plan
+        view.plan, view.buckets = plan, frozenset(buckets)
         self.decisions.append(
             Decision(telemetry.replica, now_s, str(version), plan.reason, len(plan.entries))
         )
@@ -177,8 +181,7 @@ class Controller:
                 f"budget changed {old.budget_bytes / 2**20:.1f} → "
                 f"{tel.budget_bytes / 2**20:.1f} MiB"
             )
-        planned = {(e.max_batch, e.max_seq) for e in prev.plan.entries}
-        new = [bk for bk in buckets if bk not in planned]
+        new = [bk for bk in buckets if bk not in prev.buckets]
         if new:
             return f"new workload buckets {new}"
         return None

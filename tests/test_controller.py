@@ -133,3 +133,12 @@ def test_malformed_telemetry_is_rejected(bad) -> None:
     data = tel().model_dump(mode="json") | bad
     with pytest.raises(ValidationError):
         Telemetry.model_validate(data)
+
+
+def test_buckets_nothing_fits_are_not_replanned_every_report() -> None:
+    c = Controller(planner)
+    big = QueueState(recent_batch_sizes=[8], recent_longest_seqs=[4000])
+    first = c.report(tel(budget=50 * MIB, queue=big), now_s=1000.0)
+    assert first is not None
+    assert (8, 4096) not in {(e.max_batch, e.max_seq) for e in first.entries}
+    assert c.report(tel(budget=50 * MIB, queue=big, mask_version=first.version), 1000.3) is None
