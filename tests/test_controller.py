@@ -136,7 +136,12 @@ def test_malformed_telemetry_is_rejected(bad) -> None:
 
 
 def test_buckets_nothing_fits_are_not_replanned_every_report() -> None:
-    c = Controller(planner)
+    def small_only(budget: int, batch: int, seq: int) -> KeepMask:
+        if batch * seq > 8 * 2048:
+            raise BudgetError("too big")
+        return planner(budget, batch, seq)
+
+    c = Controller(small_only)
     big = QueueState(recent_batch_sizes=[8], recent_longest_seqs=[4000])
     first = c.report(tel(budget=50 * MIB, queue=big), now_s=1000.0)
     assert first is not None
