@@ -13,23 +13,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
 from ray import serve
 
 from rap.config import ServeAppConfig
+from rap.messages import BudgetChange, MaskPush
 from rap.openai_api import ChatRequest, CompletionRequest, Relay, error_body
 
 app = FastAPI(title="RAP Serve")
-
-
-class BudgetChange(BaseModel):
-    replica: str
-    gib: float = Field(gt=0, description="New budget in GiB.")
-
-
-class MaskPush(BaseModel):
-    replica: str
-    mask: dict[str, Any]
 
 
 class HTTPError(Exception):

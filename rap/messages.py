@@ -7,7 +7,7 @@ receiver with `model_validate`, so a malformed message fails loudly at the bound
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -91,3 +91,17 @@ class MaskPlan(_Message):
         """The smallest bucket that covers (batch, seq), or None."""
         fitting = [e for e in self.entries if e.max_batch >= batch and e.max_seq >= seq]
         return min(fitting, key=lambda e: (e.max_batch * e.max_seq, e.max_batch), default=None)
+
+
+class BudgetChange(_Message):
+    """Operator → router: a replica's new budget (POST /admin/budget)."""
+
+    replica: str
+    gib: float = Field(gt=0, description="New budget in GiB.")
+
+
+class MaskPush(_Message):
+    """Operator → router: a mask for one replica (POST /admin/mask), validated by the replica."""
+
+    replica: str
+    mask: dict[str, Any]
