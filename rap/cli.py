@@ -14,6 +14,7 @@ from typing import Any
 
 from rap.cli_ops import add_commands as add_ops_commands
 from rap.cli_serve import add_commands as add_serve_commands
+from rap.cli_train import add_commands as add_train_commands
 from rap.errors import RapError
 from rap.loading import DEFAULT_MODEL
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_serve_commands(sub)
     add_ops_commands(sub)
+    add_train_commands(sub)
     return parser
 
 

@@ -5,14 +5,33 @@ package (no forward pass, well under a millisecond). It is what the controller u
 RAP policy checkpoint is configured, and what replicas use for their local fallback. Every mask
 it returns fits: peak (weights + KV for the whole length + activations) ≤ budget, or it raises
 `BudgetError`.
+
+`RapPolicy` is the trained RAP agent at serving time: the exported network of `rap train`
+(`rap.policy_net`, numpy, no RLlib, no env runners) run greedily through the env's own
+observation and action-mask loop (`rap.env.Observer`), from the dense mask, one removal at a
+time, until the mask fits:
+
+    m_0 = dense;  a_t = argmax_{a : mask_t(a) = 1} net(obs(m_t))_a;  m_{t+1} = m_t − block(a_t)
+
+It never returns a mask over budget: if the agent stops (or reaches the quality floor) while
+over budget, the decision falls back to mem-greedy (`HeuristicPolicy`), logs why, and counts it
+(`fallbacks`, `last_fallback`). A budget that no allowed mask meets raises `BudgetError` from
+the fallback planner and is not counted as the agent's failure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rap.masks import KeepMask
+
+log = logging.getLogger("rap.policy")
+DEFAULT_POLICY_DIR = Path(__file__).parent / "data" / "policy"
 
 
 @dataclass
@@ -71,3 +90,128 @@ class HeuristicPolicy:
 
     def for_bucket(self, budget: int, batch: int, seq: int) -> KeepMask:
         return self.plan(budget, batch, seq)
+
+
+def _policy_folder(path: str | Path | None) -> Path:
+    """The exported policy folder: `path` itself, its `policy/` (a `rap train --out` folder),
+    the parent of an RLModule `module/` folder, or the packaged default for None/"default"."""
+    from rap.errors import RapError
+    from rap.policy_net import META_FILE
+
+    if path is None or str(path) == "default":
+        return DEFAULT_POLICY_DIR
+    p = Path(path)
+    for candidate in (p, p / "policy", p.parent):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    raise RapError(
+        f"{p} holds no exported RAP policy",
+        expected=f"a folder with {META_FILE} (the `policy/` folder that `rap train` writes)",
+    )
+
+
+@dataclass
+class RapPolicy:
+    """The trained agent, inference only, with a counted mem-greedy fallback (module doc)."""
+
+    net: Any
+    config: Any
+    model_id: str
+    dtype: Any
+    min_kept_fraction: float = 0.0
+    decisions: int = 0
+    fallbacks: int = 0
+    last_fallback: str = ""
+    observer: Any = field(init=False)
+    fallback: HeuristicPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        from rap.env import Observer, stored_importance
+        from rap.errors import RapError
+
+        trained_for = self.net.meta.get("model")
+        if trained_for != self.model_id:
+            raise RapError(
+                f"the policy was trained for {trained_for!r}",
+                expected=f"a policy for {self.model_id!r}",
+                fix="train one with `rap train` or use --method mem-greedy",
+            )
+        importance = stored_importance(self.model_id, self.net.meta.get("scores", "bi"))
+        self.observer = Observer(self.config, self.dtype, importance, self.min_kept_fraction)
+        if (self.net.obs_dim, self.net.num_actions) != (self.observer.dim, self.observer.n + 1):
+            raise RapError(
+                f"the policy network takes {self.net.obs_dim} features and {self.net.num_actions}"
+                " actions",
+                expected=f"{self.observer.dim} and {self.observer.n + 1} for this model",
+            )
+        self.fallback = HeuristicPolicy(
+            self.config, self.model_id, self.dtype, "mem-greedy", self.min_kept_fraction
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None,
+        config: Any,
+        model_id: str,
+        dtype: Any,
+        min_kept_fraction: float = 0.0,
+    ) -> RapPolicy:
+        """Load an exported policy folder (`rap train`'s `out/policy/`; None: the default)."""
+        from rap.policy_net import PolicyNet
+
+        net = PolicyNet.load(_policy_folder(path))
+        return cls(net, config, model_id, dtype, min_kept_fraction)
+
+    def choose(
+        self, budget_bytes: int, batch: int, seq: int, prefill_tokens: int | None = None
+    ) -> tuple[np.ndarray, bool]:
+        """The agent's own rollout: (kept vector over the 2L blocks, whether it fits)."""
+        base, sizes = self.observer.table(batch, seq, prefill_tokens)
+        kept = np.ones(self.observer.n, dtype=np.float32)
+        peak = base + float(sizes.sum())
+        while peak > budget_bytes:
+            obs = self.observer.observe(batch, seq, budget_bytes, base, sizes, kept)
+            a = self.net.act(obs["observations"], obs["action_mask"])
+            if a == 0:
+                break
+            kept[a - 1] = 0.0
+            peak -= float(sizes[a - 1])
+        return kept, peak <= budget_bytes
+
+    def plan(
+        self, budget_bytes: int, batch: int, seq: int, prefill_tokens: int | None = None
+    ) -> KeepMask:
+        """A mask whose predicted peak at (batch, seq) fits `budget_bytes` (module doc)."""
+        base, sizes = self.observer.table(batch, seq, prefill_tokens)
+        n = self.observer.n
+        if base + float(sizes.sum()) <= budget_bytes:  # nothing to decide
+            return KeepMask.dense(self.model_id, n // 2, source="local")
+        smallest = base + float(np.sort(sizes)[: n - self.observer.max_drops].sum())
+        if smallest > budget_bytes:  # no allowed mask fits: the planner says so, uncounted
+            return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens)
+        self.decisions += 1
+        kept, fits = self.choose(budget_bytes, batch, seq, prefill_tokens)
+        if not fits:
+            self.fallbacks += 1
+            self.last_fallback = (
+                f"agent stopped over budget at batch {batch} × {seq} tokens, budget "
+                f"{budget_bytes:,} B: mem-greedy planned instead"
+            )
+            log.warning("%s (%d of %d decisions)", self.last_fallback, self.fallbacks,
+                        self.decisions)  # fmt: skip
+            return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens)
+        half = n // 2
+        return KeepMask(model=self.model_id, source="local",
+                        attn=tuple(bool(k) for k in kept[:half]),
+                        mlp=tuple(bool(k) for k in kept[half:]))  # fmt: skip
+
+    def for_admission(self, budget: int, batch: int, seq: int, prefill: int) -> KeepMask:
+        return self.plan(budget, batch, seq, prefill)
+
+    def for_bucket(self, budget: int, batch: int, seq: int) -> KeepMask:
+        return self.plan(budget, batch, seq)
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallbacks / self.decisions if self.decisions else 0.0

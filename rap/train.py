@@ -1,0 +1,146 @@
+"""Training the RAP agent with RLlib: load a config file, run it, keep the policy.
+
+A config file (`rllib_configs/*.py`) defines `make(smoke: bool, env_runners: int | None) ->
+TrainSpec`: the RLlib AlgorithmConfig and how long to train. `run(path, out, smoke)`:
+
+1. connects to Ray: an existing cluster when RAY_ADDRESS is set (a KubeRay RayJob's
+   entrypoint is this same command), else a local Ray on this machine;
+2. trains for `iterations`, appending each iteration's metrics to `out/train_log.jsonl` and
+   writing an Algorithm checkpoint to `out/checkpoints/` every `checkpoint_every` iterations
+   (for resuming; these hold optimizer state and, for DQN, the replay buffer: never commit them);
+3. exports the policy to `out/policy/`: `module/` (the RLModule's own checkpoint folder, loadable
+   with `RLModule.from_checkpoint`, no Algorithm or env runners) and the plain network
+   (`rap.policy_net`: `rap-policy.json` + `policy.safetensors`, checked against the module's own
+   forward pass on observations from the env), and `out/summary.json` (wall time, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rap.errors import RapError
+
+
+@dataclass
+class TrainSpec:
+    """What a config file returns: an RLlib AlgorithmConfig and the length of the run."""
+
+    algo: str
+    config: Any
+    iterations: int
+    checkpoint_every: int = 10
+    env_config: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+
+def load_spec(path: str | Path, smoke: bool, env_runners: int | None = None) -> TrainSpec:
+    """Run a config file and call its `make(smoke, env_runners)`."""
+    p = Path(path)
+    if not p.is_file():
+        raise RapError(f"config file {p} does not exist", expected="a file in rllib_configs/")
+    try:
+        make = runpy.run_path(str(p))["make"]
+    except KeyError:
+        raise RapError(f"{p} defines no make(smoke, env_runners)", expected="a training config"
+                       ) from None  # fmt: skip
+    spec = make(smoke=smoke, env_runners=env_runners)
+    if not isinstance(spec, TrainSpec):
+        raise RapError(f"{p}: make() returned {type(spec).__name__}", expected="a TrainSpec")
+    return spec
+
+
+def connect() -> str:
+    """ray.init(): joins RAY_ADDRESS when set (on a cluster), else starts a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return "already initialized"
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, log_to_driver=False, include_dashboard=False)
+    return address or "local"
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, float | None]:
+    """The few numbers worth logging from an RLlib result dict (new API stack keys), as plain
+    floats (RLlib reports numpy scalars, which JSON refuses)."""
+    runners = result.get("env_runners", {})
+    raw = {
+        "return_mean": runners.get("episode_return_mean"),
+        "len_mean": runners.get("episode_len_mean"),
+        "episodes": runners.get("num_episodes"),
+        "env_steps": result.get("num_env_steps_sampled_lifetime")
+        or runners.get("num_env_steps_sampled_lifetime"),
+    }
+    return {k: None if v is None else float(v) for k, v in raw.items()}
+
+
+def run(config_path: str | Path, out: str | Path, smoke: bool = False,
+        env_runners: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train as the config says and export the policy (module doc); returns the summary."""
+    spec = load_spec(config_path, smoke, env_runners)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    where = connect()
+    start = time.time()
+    algo = spec.config.build_algo()
+    log = (out / "train_log.jsonl").open("w")
+    last: dict[str, Any] = {}
+    try:
+        for it in range(1, spec.iterations + 1):
+            last = {"iteration": it, "elapsed_s": round(time.time() - start, 1),
+                    **_metrics(algo.train())}  # fmt: skip
+            log.write(json.dumps(last, default=float) + "\n")
+            log.flush()
+            if it % spec.checkpoint_every == 0 or it == spec.iterations:
+                ckpt = algo.save_to_path(str((out / "checkpoints" / f"iter_{it:04d}").resolve()))
+        wall = time.time() - start
+        policy = export(algo, ckpt, out / "policy", spec, wall)
+    finally:
+        log.close()
+        algo.stop()
+    summary = {"config": str(config_path), "algo": spec.algo, "smoke": smoke, "ray": where,
+               "iterations": spec.iterations, "wall_s": round(wall, 1), "last": last,
+               "policy": str(policy)}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def module_folder(algo_checkpoint: str | Path) -> Path:
+    """The RLModule's folder inside an Algorithm checkpoint (the only part to commit)."""
+    p = Path(algo_checkpoint) / "learner_group" / "learner" / "rl_module" / "default_policy"
+    if not p.is_dir():
+        raise RapError(f"{algo_checkpoint} holds no RLModule at {p}")
+    return p
+
+
+def export(algo: Any, ckpt: str | Path, dest: Path, spec: TrainSpec, wall_s: float) -> Path:
+    """Copy the RLModule folder and write the checked plain network into `dest`."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from rap.env import ServingSimEnv
+    from rap.policy_net import export_module
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(module_folder(ckpt), dest / "module")
+    module = RLModule.from_checkpoint(str(dest / "module"))
+    env = ServingSimEnv(spec.env_config)
+    meta = {
+        "algo": spec.algo,
+        "model": env.model_id,
+        "dtype": env.dtype,
+        "scores": spec.env_config.get("scores", "bi"),
+        "min_kept_fraction": spec.env_config.get("min_kept_fraction", 0.0),
+        "train_wall_s": round(wall_s, 1),
+        "iterations": spec.iterations,
+        "notes": spec.notes,
+    }
+    export_module(module, spec.algo, env, meta, dest)
+    return dest

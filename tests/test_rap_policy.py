@@ -1,0 +1,106 @@
+"""RapPolicy on tiny exported networks: its own masks fit, STOP over budget falls back (counted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rap.importance
+from rap import planners
+from rap.env import Observer
+from rap.errors import BudgetError, RapError
+from rap.importance import BlockScores
+from rap.policy import RapPolicy
+from rap.policy_net import PolicyNet
+from tests.tiny import tiny_config
+
+L = 4
+N = 2 * L
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(autouse=True)
+def tiny_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    scores = BlockScores(model=MODEL, model_digest="0" * 64, method="bi", num_layers=L,
+                         dtype="float32", calibration=None, attn=(0.1, 0.2, 0.3, 0.4),
+                         mlp=(0.5, 0.6, 0.7, 0.8), unit="test")  # fmt: skip
+    monkeypatch.setattr(rap.importance, "find_scores", lambda model_id, kind: scores)
+
+
+def net_preferring(order: list[int], obs_dim: int, model: str = MODEL) -> PolicyNet:
+    """A one-layer net whose outputs ignore x: action a scores order.index(a) (higher wins)."""
+    bias = np.zeros(1 + N, dtype=np.float32)
+    for rank, a in enumerate(order):
+        bias[a] = rank + 1.0
+    w = np.zeros((1 + N, obs_dim), dtype=np.float32)
+    return PolicyNet([w], [bias], ["linear"], {"model": model, "scores": "bi", "algo": "test"})
+
+
+@pytest.fixture
+def cfg():
+    return tiny_config("llama")
+
+
+def tight(cfg, blocks: int) -> tuple[int, int, int, int]:
+    obs = Observer(cfg, "float16", np.arange(N), 0.0)
+    base, sizes = obs.table(4, 512, 256)
+    return int(base + sizes.sum() - np.sort(sizes)[::-1][:blocks].sum()), 4, 512, 256
+
+
+def test_own_masks_fit_and_follow_the_network(cfg) -> None:
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    policy = RapPolicy(net_preferring([0, 1, 2, 3, 4, 5, 6, 7, 8], dim), cfg, MODEL, "float16")
+    budget, b, s, p = tight(cfg, 2)
+    mask = policy.plan(budget, b, s, p)
+    assert planners.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
+                         prefill_tokens=p)  # fmt: skip
+    assert not mask.mlp[3]  # action 8 = block 7 = MLP of layer 3, the net's favourite
+    assert policy.decisions == 1 and policy.fallbacks == 0
+
+
+def test_stop_over_budget_falls_back_to_mem_greedy_and_is_counted(cfg) -> None:
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    policy = RapPolicy(net_preferring([8, 7, 0], dim), cfg, MODEL, "float16")  # STOP first
+    budget, b, s, p = tight(cfg, 2)
+    mask = policy.plan(budget, b, s, p)
+    assert planners.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
+                         prefill_tokens=p)  # fmt: skip
+    assert policy.fallbacks == 1 and policy.fallback_rate == 1.0
+    assert "mem-greedy" in policy.last_fallback
+
+
+def test_dense_fit_and_impossible_budgets_are_not_the_agents_decisions(cfg) -> None:
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    policy = RapPolicy(net_preferring([0], dim), cfg, MODEL, "float16", min_kept_fraction=0.9)
+    assert policy.plan(10**12, 1, 8).kept_fraction == 1.0
+    with pytest.raises(BudgetError):
+        policy.plan(1, 4, 512, 256)
+    assert policy.decisions == 0 and policy.fallbacks == 0
+
+
+def test_wrong_model_or_shape_is_refused(cfg) -> None:
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    with pytest.raises(RapError, match="trained for"):
+        RapPolicy(net_preferring([0], dim, model="other"), cfg, MODEL, "float16")
+    with pytest.raises(RapError, match="features"):
+        RapPolicy(net_preferring([0], dim + 1), cfg, MODEL, "float16")
+
+
+def test_export_round_trip_and_load(cfg, tmp_path: Path) -> None:
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    rng = np.random.default_rng(0)
+    net = PolicyNet([rng.normal(size=(16, dim)).astype(np.float32),
+                     rng.normal(size=(1 + N, 16)).astype(np.float32)],
+                    [np.zeros(16, np.float32), np.zeros(1 + N, np.float32)],
+                    ["relu", "linear"], {"model": MODEL, "scores": "bi"})  # fmt: skip
+    net.save(tmp_path / "policy")
+    again = PolicyNet.load(tmp_path / "policy")
+    x = rng.normal(size=(5, dim)).astype(np.float32)
+    assert np.allclose(net.forward(x), again.forward(x))
+    assert again.num_params == 16 * dim + 16 + (1 + N) * 16 + 1 + N
+    loaded = RapPolicy.load(tmp_path, cfg, MODEL, "float16")  # a `rap train --out` folder
+    assert loaded.net.meta["model"] == MODEL
+    with pytest.raises(RapError, match="no exported RAP policy"):
+        RapPolicy.load(tmp_path / "nothing", cfg, MODEL, "float16")
