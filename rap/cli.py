@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rap.cli_ops import add_commands as add_ops_commands
+from rap.cli_quality import add_commands as add_quality_commands
 from rap.cli_serve import add_commands as add_serve_commands
 from rap.cli_train import add_commands as add_train_commands
 from rap.errors import RapError
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_serve_commands(sub)
     add_ops_commands(sub)
+    add_quality_commands(sub)
     add_train_commands(sub)
     return parser
 

@@ -1,0 +1,203 @@
+"""`rap importance`, `rap plan` and `rap eval`: block scores, budget planners, quality at budgets.
+
+Registered into the main parser by `rap.cli.build_parser` through `add_commands`. Every command
+takes an `argparse.Namespace` and returns an exit code; bad input raises a `RapError` (one line,
+exit 2). Heavy imports stay inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rap.errors import RapError
+from rap.loading import DEFAULT_MODEL
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _tqdm_progress(desc: str) -> Callable[[int, int, str], None]:
+    """A progress callback that drives one tqdm bar (created on the first call)."""
+    from tqdm import tqdm
+
+    bar: list[Any] = []
+
+    def update(done: int, total: int, note: str) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc=desc, unit="step"))
+        bar[0].set_postfix_str(note)
+        bar[0].update(done - bar[0].n)
+        if done >= total:
+            bar[0].close()
+
+    return update
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_importance(args: argparse.Namespace) -> int:
+    from rap.loading import load_model
+    from rap.scorers import ScoreSettings, get_scores
+
+    if args.tokens < args.seq_len:
+        raise RapError(f"--tokens {args.tokens} is below --seq-len {args.seq_len}")
+    _threads(args.threads)
+    settings = ScoreSettings(
+        method=args.method,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        half=args.half,
+        screen_batches=0 if args.exact else args.screen_batches,
+        finalists=args.finalists,
+    )
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    progress = _tqdm_progress(f"{args.method} {model.model_id}")
+    scores, cached = get_scores(model, settings, progress, refresh=args.refresh)
+    if args.out:
+        Path(args.out).write_text(scores.to_json())
+    if args.json:
+        print(scores.to_json())
+        return 0
+    where = "cache" if cached else f"computed in {scores.details.get('seconds', 0)} s"
+    print(f"{scores.method} scores of {scores.model} ({where}), higher = more important")
+    if scores.calibration:
+        c = scores.calibration
+        print(f"calibration  {c.source}{'/' + c.half if c.half else ''}: {c.tokens:,} tokens")
+    if scores.dense_ppl:
+        print(f"dense ppl    {scores.dense_ppl:.3f}")
+    order = scores.removal_order()
+    print("drop first   " + ", ".join(f"{k}{i}" for k, i in order[:10]))
+    print("keep last    " + ", ".join(f"{k}{i}" for k, i in order[-10:]))
+    return 0
+
+
+def _budget(args: argparse.Namespace, config: Any) -> int:
+    from rap import memory
+
+    if args.batch < 1 or args.seq < 1:
+        raise RapError(f"batch {args.batch} × seq {args.seq} is empty", expected="both ≥ 1")
+    if args.budget_gib is not None:
+        if args.budget_gib <= 0:
+            raise RapError(f"--budget-gib {args.budget_gib} is not positive")
+        return int(args.budget_gib * GIB)
+    if not 0.0 < args.budget_frac <= 1.0:
+        raise RapError(f"--budget-frac {args.budget_frac} is outside (0, 1]", expected="0 < F ≤ 1")
+    return memory.budget_bytes(config, args.budget_frac, args.batch, args.seq, args.dtype)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rap import memory, planners
+    from rap.importance import BlockScores
+    from rap.loading import load_config
+
+    config, model_id = load_config(args.model)
+    budget = _budget(args, config)
+    scores = BlockScores.from_file(args.scores) if args.scores else None
+    kw = {"include_activations": args.include_activations, "prefill_tokens": args.prefill_tokens}
+    report: dict[str, Any] = {"method": args.method}
+    if args.method == "oracle":
+        mask, extra = _oracle(args, budget, **kw)
+        report.update(extra)
+    else:
+        mask = planners.plan_mask(
+            args.method, config, model_id, budget, args.batch, args.seq, args.dtype, scores,
+            min_kept_fraction=args.min_kept_fraction, seed=args.seed, **kw,
+        )  # fmt: skip
+    dense = memory.dense_mask(config)
+    used = planners.predicted_bytes(config, mask, args.batch, args.seq, args.dtype, **kw)
+    report.update(
+        model=model_id, attn=list(mask.attn), mlp=list(mask.mlp), mask=mask.model_dump(mode="json"),
+        budget_bytes=budget, batch=args.batch, seq=args.seq, dtype=args.dtype,
+        weight_bytes=memory.weight_bytes(config, mask, args.dtype),
+        kv_bytes=memory.kv_bytes(config, mask, args.batch, args.seq, args.dtype),
+        predicted_bytes=used,
+        dense_bytes=planners.predicted_bytes(config, dense, args.batch, args.seq, args.dtype, **kw),
+        activations_counted=args.include_activations,
+    )  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(mask.to_json())
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    n = mask.num_layers
+    print(f"{args.method} plan for {model_id} at batch {args.batch} × {args.seq} ({args.dtype})")
+    print(f"drop attn   {','.join(map(str, mask.dropped_attn)) or '-'}")
+    print(f"drop mlp    {','.join(map(str, mask.dropped_mlp)) or '-'}")
+    print(f"kept        {sum(mask.attn)}/{n} attention, {sum(mask.mlp)}/{n} MLP blocks")
+    print(f"memory      {used / MIB:,.2f} MiB predicted of a {budget / MIB:,.2f} MiB budget "
+          f"(weights {report['weight_bytes'] / MIB:,.2f}, KV {report['kv_bytes'] / MIB:,.2f}; "
+          f"dense {report['dense_bytes'] / MIB:,.2f})")  # fmt: skip
+    if "evaluations" in report:
+        print(f"oracle      ppl {report['ppl']:.3f} after {report['evaluations']} evaluations")
+    return 0
+
+
+def _oracle(args: argparse.Namespace, budget: int, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    from rap.calibration import calibration_chunks
+    from rap.loading import load_model
+    from rap.oracle import oracle_mask
+
+    _threads(args.threads)
+    model = load_model(args.model)
+    ids, text = calibration_chunks(model.tokenizer, args.seq_len, args.tokens, model.dims.vocab)
+    plan = oracle_mask(
+        model, ids, budget, args.batch, args.seq, args.dtype, beam=args.beam,
+        min_kept_fraction=args.min_kept_fraction, **kw,
+    )  # fmt: skip
+    return plan.mask, {"ppl": plan.ppl, "evaluations": plan.evaluations, "calibration": text.key}
+
+
+def add_commands(sub: Any) -> None:
+    """Register `importance`, `plan` and `eval` on the main parser's subparsers."""
+    imp = sub.add_parser("importance", help="block importance scores (gsi, oneshot, bi, ...)")
+    imp.add_argument("--model", default=DEFAULT_MODEL, help="name, folder or hub id")
+    imp.add_argument("--method", required=True, choices=("gsi", "oneshot", "bi", "magnitude"))
+    imp.add_argument("--tokens", type=int, default=8192, help="calibration tokens (C4)")
+    imp.add_argument("--seq-len", type=int, default=512, help="tokens per calibration chunk")
+    imp.add_argument("--batch-size", type=int, default=4, help="chunks per forward pass")
+    imp.add_argument("--half", choices=("a", "b"), help="first or second half of the documents")
+    imp.add_argument("--screen-batches", type=int, default=1, help="gsi: batches that screen")
+    imp.add_argument("--finalists", type=int, default=4, help="gsi: candidates run in full")
+    imp.add_argument("--exact", action="store_true", help="gsi: every candidate on every token")
+    imp.add_argument("--refresh", action="store_true", help="recompute even when cached")
+    imp.add_argument("--out", help="also write the JSON here")
+    imp.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, float16 on GPU")
+    imp.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present")
+    imp.add_argument("--threads", type=int, help="torch CPU threads")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=cmd_importance)
+
+    from rap.planners import PLANNERS  # light: no torch
+
+    plan = sub.add_parser("plan", help="a keep-mask that fits a memory budget")
+    plan.add_argument("--model", default=DEFAULT_MODEL, help="name, folder or hub id")
+    size = plan.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget-frac", type=float, help="fraction of dense weights + KV at B, S")
+    size.add_argument("--budget-gib", type=float, help="absolute budget in GiB")
+    plan.add_argument("--batch", type=int, required=True)
+    plan.add_argument("--seq", type=int, required=True, help="tokens per sequence (all of it)")
+    plan.add_argument("--method", required=True, choices=PLANNERS)
+    plan.add_argument("--dtype", default="float16", choices=DTYPES, help="serving dtype")
+    plan.add_argument("--scores", help="a BlockScores JSON (default: shipped or cached scores)")
+    plan.add_argument("--min-kept-fraction", type=float, default=0.0, help="quality floor")
+    plan.add_argument("--include-activations", action="store_true", help="count activations")
+    plan.add_argument("--prefill-tokens", type=int, help="prompt tokens for activations")
+    plan.add_argument("--seed", type=int, default=0, help="random planner's seed")
+    plan.add_argument("--tokens", type=int, default=1024, help="oracle: calibration tokens")
+    plan.add_argument("--seq-len", type=int, default=256, help="oracle: tokens per chunk")
+    plan.add_argument("--beam", type=int, default=4, help="oracle: beam width")
+    plan.add_argument("--threads", type=int, help="oracle: torch CPU threads")
+    plan.add_argument("--out", help="write the KeepMask JSON here (for rap generate --mask)")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
