@@ -163,6 +163,7 @@ def test_versions_match_the_ray_pin(docs) -> None:
     assert f'"ray[serve,rllib]=={pin}"' in (ROOT / "pyproject.toml").read_text()
     for cluster in clusters(docs):
         assert cluster["rayVersion"] == pin
+        assert cluster["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1 holds the token
     for container in containers(docs):
         assert container["image"].endswith(f"-ray{pin}-py311-gpu"), container["image"]
     dockerfile = (ROOT / "k8s" / "Dockerfile").read_text()
