@@ -20,6 +20,11 @@ class ReplicaMetrics:
         self.budget = g("rap_budget_bytes", description="Bytes the model may hold now.")
         self.weights = g("rap_weight_bytes", description="Weight bytes resident (measured).")
         self.kv_reserved = g("rap_kv_reserved_bytes", description="KV bytes reserved at admission.")
+        self.kv_in_use = g("rap_kv_in_use_bytes", description="KV bytes the running batch holds.")
+        self.device_used = g(
+            "rap_device_used_bytes", description="Device memory used (NVML, all processes)."
+        )
+        self.device_free = g("rap_device_free_bytes", description="Device memory free (NVML).")
         self.attn_kept = g("rap_attn_blocks_kept", description="Attention blocks kept.")
         self.mlp_kept = g("rap_mlp_blocks_kept", description="MLP blocks kept.")
         self.mask_seq = g("rap_mask_version_seq", description="Sequence part of the mask version.")
@@ -38,6 +43,11 @@ class ReplicaMetrics:
             tag_keys=("reason",),
         )
         self.tokens = metrics.Counter("rap_generated_tokens_total", description="Tokens generated.")
+        # A gauge, not a counter: a counter never incremented exports no series at all.
+        self.fallbacks = g(
+            "rap_local_fallback_batches",
+            description="Batches run on a pruned local fallback mask since the replica started.",
+        )
         h = metrics.Histogram
         self.ttft = h(
             "rap_time_to_first_token_seconds",

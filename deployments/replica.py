@@ -69,11 +69,13 @@ class LLMReplica:
                 raise EngineError(
                     404,
                     f"model {req.model!r} does not exist; this server serves {self.served_name!r}",
+                    reason="unknown_model",
                 )
             ids = self.model.encode(req.messages or req.prompt, chat=False)
             request = GenRequest(ids, req.max_tokens, req.temperature, req.top_p, req.stop)
             self.engine.check(request)
         except EngineError as exc:
+            self.metrics.refused.inc(tags={"reason": exc.reason})
             yield {
                 "type": "error",
                 "status": exc.status,
@@ -82,6 +84,7 @@ class LLMReplica:
             }
             return
         except (RapError, ValidationError) as exc:
+            self.metrics.refused.inc(tags={"reason": "invalid"})
             yield {"type": "error", "status": 400, "message": str(exc)}
             return
         first: float | None = None
@@ -142,6 +145,10 @@ class LLMReplica:
         m.budget.set(tel.budget_bytes)
         m.weights.set(tel.weight_bytes)
         m.kv_reserved.set(tel.kv_bytes_reserved)
+        m.kv_in_use.set(tel.kv_bytes_in_use)
+        m.device_used.set(tel.device.used_bytes)
+        m.device_free.set(tel.device.free_bytes)
+        m.fallbacks.set(tel.local_fallbacks)
         m.attn_kept.set(tel.attn_kept)
         m.mlp_kept.set(tel.mlp_kept)
         m.mask_seq.set(tel.mask_version.seq)

@@ -38,11 +38,15 @@ class EngineConfig(BaseModel):
 class EngineError(Exception):
     """A request the engine refuses, with the HTTP status and reason to answer."""
 
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, retry_after_s: int | None = None, reason: str = "invalid"
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry_after_s = retry_after_s
+        self.reason = reason
+        """A short label for metrics: invalid, context_length, queue_full, unknown_model."""
 
 
 @dataclass
@@ -109,9 +113,10 @@ class Engine:
                 400,
                 f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = "
                 f"{total} exceeds the model's context of {self.context_len} tokens",
+                reason="context_length",
             )
         if len(self._waiting) >= self.config.max_waiting:
-            raise EngineError(503, "the queue is full", self.config.retry_after_s)
+            raise EngineError(503, "the queue is full", self.config.retry_after_s, "queue_full")
 
     async def submit(self, request: GenRequest) -> AsyncIterator[dict[str, Any]]:
         """Queue a request; yield its events: start, token..., then done or error."""

@@ -85,6 +85,17 @@ def _memory_row() -> Row:
                     _gauge("ray_rap_budget_bytes", "budget"),
                     _gauge("ray_rap_weight_bytes", "weights"),
                     _gauge("ray_rap_kv_reserved_bytes", "KV reserved"),
+                    _gauge("ray_rap_kv_in_use_bytes", "KV in use"),
+                ],
+            ),
+            Panel(
+                "Device memory",
+                "GPU: NVML's used and free bytes, device-wide (replicas on one GPU share the free "
+                "part). CPU: the model's own bytes and the budget left.",
+                "bytes",
+                [
+                    _gauge("ray_rap_device_used_bytes", "used"),
+                    _gauge("ray_rap_device_free_bytes", "free"),
                 ],
             ),
             Panel(
@@ -178,6 +189,12 @@ def _admission_row() -> Row:
                 "ops",
                 [Target(_rate("ray_rap_batches_total", "source"), "{{source}}")],
                 stack=True,
+            ),
+            Panel(
+                "Local fallback batches",
+                "Batches run on a pruned mask the replica planned itself, since it started.",
+                "short",
+                [_gauge("ray_rap_local_fallback_batches", "fallbacks")],
             ),
             Panel(
                 "Share of batches on controller masks",

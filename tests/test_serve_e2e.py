@@ -36,7 +36,7 @@ def server():
     resolve("smollm2")
     os.environ["RAP_ADMIN_TOKEN"], os.environ["RAP_API_KEY"] = ADMIN, KEY
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {
         "model": "smollm2",
