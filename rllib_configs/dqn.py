@@ -43,7 +43,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
     config = (
         DQNConfig()
         .environment(ServingSimEnv, env_config=env_config)
-        .env_runners(num_env_runners=runners, num_envs_per_env_runner=1)
+        .env_runners(num_env_runners=runners, num_envs_per_env_runner=1 if smoke else 8)
         .learners(num_learners=0)
         .reporting(min_sample_timesteps_per_iteration=100 if smoke else 1000)
         .training(

@@ -41,7 +41,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
     config = (
         PPOConfig()
         .environment(ServingSimEnv, env_config=env_config)
-        .env_runners(num_env_runners=runners, num_envs_per_env_runner=1)
+        .env_runners(num_env_runners=runners, num_envs_per_env_runner=1 if smoke else 8)
         .learners(num_learners=0)
         .training(
             train_batch_size_per_learner=256 if smoke else 2000,
@@ -69,7 +69,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
     return TrainSpec(
         "ppo",
         config,
-        iterations=2 if smoke else 150,
+        iterations=int(os.environ.get("RAP_TRAIN_ITERATIONS", 0)) or (2 if smoke else 150),
         checkpoint_every=1 if smoke else 25,
         env_config=env_config,
         notes="PPO, masked logits, 64-64 relu",

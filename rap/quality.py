@@ -1,0 +1,241 @@
+"""Measured perplexity of the real model under keep-masks: the ground truth of the agent's reward.
+
+A mask is written as its dropped blocks, `"a3,a25,m10"` (attention of layer 3 and 25, MLP of
+layer 10; `""` is the dense model). Its quality is the mean negative log-likelihood per
+predicted token of the perplexity text (`rap.calibration`, Wikipedia), in nats:
+
+    lnppl(mask) = NLL(mask) / (chunks · (T − 1)),    perplexity = exp(lnppl)
+
+measured with `rap.nll.NllEvaluator` on two disjoint slices of that text, so the masks a policy
+is judged on are scored on tokens its training signal never saw:
+
+    fit   tokens [0, 512)      as 2 chunks of 256: what the surrogate (`rap.surrogate`) is fitted to
+    eval  tokens [512, 1536)   as 4 chunks of 256: what `bench/compare_policies.py` reports
+
+Every measurement is appended to a JSON-lines cache (`cache_dir()/quality/<model>.<part>.jsonl`),
+so runs resume and masks are never measured twice; `export` writes the compact table that ships
+in `rap/data/<model>.lnppl-<part>.json` (a few hundred masks, tens of KB).
+
+Run: `nice -n 10 python -m rap.quality measure --part fit --count 400` (~2 s a mask on one CPU
+thread), then `python -m rap.quality export --part fit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rap.errors import RapError
+from rap.loading import DEFAULT_MODEL_ID, cache_dir
+
+DATA_DIR = Path(__file__).parent / "data"
+SEQ_LEN = 256
+PARTS = {"fit": (0, 2), "eval": (2, 6)}
+"""part → [first, last) chunk of SEQ_LEN tokens of the perplexity text."""
+Block = tuple[str, int]
+
+
+# -- mask keys --------------------------------------------------------------------------------
+def key_of(attn: Sequence[bool], mlp: Sequence[bool]) -> str:
+    """Dropped blocks as a sorted key: attention first, layers ascending (`"a3,m10"`)."""
+    parts = [f"a{i}" for i, k in enumerate(attn) if not k]
+    parts += [f"m{i}" for i, k in enumerate(mlp) if not k]
+    return ",".join(parts)
+
+
+def blocks_of(key: str) -> list[Block]:
+    """`"a3,m10"` → [("attn", 3), ("mlp", 10)]."""
+    return [("attn" if p[0] == "a" else "mlp", int(p[1:])) for p in key.split(",") if p]
+
+
+def keep_of(key: str, num_layers: int) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+    """The (attn, mlp) keep vectors of a key."""
+    attn, mlp = [True] * num_layers, [True] * num_layers
+    for kind, layer in blocks_of(key):
+        (attn if kind == "attn" else mlp)[layer] = False
+    return tuple(attn), tuple(mlp)
+
+
+# -- tables -----------------------------------------------------------------------------------
+def table_path(model_id: str, part: str) -> Path:
+    return DATA_DIR / f"{model_id}.lnppl-{part}.json"
+
+
+def cache_path(model_id: str, part: str) -> Path:
+    return cache_dir() / "quality" / f"{model_id}.{part}.jsonl"
+
+
+def read_cache(model_id: str, part: str) -> dict[str, float]:
+    """Every measurement so far: key → ln perplexity (later lines win)."""
+    path = cache_path(model_id, part)
+    out: dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                out[row["key"]] = float(row["lnppl"])
+    return out
+
+
+def load_table(model_id: str = DEFAULT_MODEL_ID, part: str = "fit") -> dict[str, float]:
+    """The shipped table of ln perplexities (key → lnppl), merged with the local cache."""
+    path = table_path(model_id, part)
+    table: dict[str, float] = {}
+    if path.is_file():
+        table.update(json.loads(path.read_text())["lnppl"])
+    table.update(read_cache(model_id, part))
+    if not table:
+        raise RapError(
+            f"no measured perplexities for {model_id} ({part})",
+            fix=f"run `python -m rap.quality measure --part {part}`",
+        )
+    return table
+
+
+def export(model_id: str, part: str) -> Path:
+    """Write the shipped table from the cache (keys sorted, 4 decimals: ~20 bytes a mask)."""
+    rows = read_cache(model_id, part)
+    lo, hi = PARTS[part]
+    doc = {
+        "format": "rap-lnppl/1",
+        "model": model_id,
+        "text": {"source": "wiki", "seq_len": SEQ_LEN, "chunks": [lo, hi]},
+        "unit": "mean NLL per predicted token, nats (ln perplexity), float32 on CPU",
+        "lnppl": {k: round(v, 4) for k, v in sorted(rows.items(), key=lambda kv: len(kv[0]))},
+    }
+    path = table_path(model_id, part)
+    path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    return path
+
+
+# -- measuring --------------------------------------------------------------------------------
+class Meter:
+    """Measures ln perplexity of masks on one part of the perplexity text, with the cache."""
+
+    def __init__(self, model: Any, part: str = "fit") -> None:
+        from rap.calibration import perplexity_chunks
+        from rap.nll import NllEvaluator
+
+        if part not in PARTS:
+            raise RapError(f"unknown text part {part!r}", expected=f"one of {sorted(PARTS)}")
+        lo, hi = PARTS[part]
+        ids, _ = perplexity_chunks(model.tokenizer, SEQ_LEN, hi * SEQ_LEN, model.dims.vocab)
+        self.model, self.part = model, part
+        self.ev = NllEvaluator(model, ids[lo:hi], batch_size=hi - lo)
+        self.known = read_cache(model.model_id, part)
+        self.path = cache_path(model.model_id, part)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def lnppl(self, key: str) -> float:
+        """ln perplexity of the mask `key` (cached, else one forward pass over the part)."""
+        if key not in self.known:
+            from rap.masks import KeepMask
+
+            attn, mlp = keep_of(key, self.model.num_layers)
+            mask = KeepMask(model=self.model.model_id, attn=attn, mlp=mlp)
+            value = self.ev.run(mask).total / self.ev.predicted
+            self.known[key] = value
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "lnppl": value}) + "\n")
+        return self.known[key]
+
+
+def sample_keys(scores: dict[Block, float], count: int, seed: int, max_drops: int) -> list[str]:
+    """Masks to fit a surrogate on: every single drop, then `count` drop sets of 2..max_drops
+    blocks, 80 % drawn Gumbel-top-k on −rank/τ of the stored scores with τ ~ U(2, 30) (where
+    planners and policies go: mostly unimportant blocks) and 20 % uniformly (the rest)."""
+    rng = random.Random(seed)
+    blocks = sorted(scores)
+    rank = {b: r for r, b in enumerate(sorted(blocks, key=lambda b: scores[b]))}
+    keys = [key_for([b]) for b in blocks]
+    while len(keys) < count + len(blocks):
+        k = rng.randint(2, max_drops)
+        if rng.random() < 0.8:
+            tau = rng.uniform(2.0, 30.0)
+            noisy = {b: -rank[b] / tau - math.log(-math.log(rng.random())) for b in blocks}
+            chosen = sorted(blocks, key=lambda b: -noisy[b])[:k]
+        else:
+            chosen = rng.sample(blocks, k)
+        keys.append(key_for(chosen))
+    return list(dict.fromkeys(keys))
+
+
+def key_for(blocks: Iterable[Block]) -> str:
+    """The key of a drop set given as blocks."""
+    drop = set(blocks)
+    n = 1 + max((i for _, i in drop), default=0)
+    return key_of(
+        [("attn", i) not in drop for i in range(n)], [("mlp", i) not in drop for i in range(n)]
+    )
+
+
+def _stored_scores(model_id: str) -> dict[Block, float]:
+    """The best stored scores for sampling: gsi, else oneshot, else bi."""
+    from rap.importance import find_scores
+
+    for kind in ("gsi", "oneshot", "bi"):
+        try:
+            s = find_scores(model_id, kind)
+        except RapError:
+            continue
+        return {(k, i): s.score(k, i) for i in range(s.num_layers) for k in ("attn", "mlp")}
+    raise RapError(f"no stored scores for {model_id}", fix="run `rap importance` first")
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import torch
+
+    from rap.loading import load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype="float32", device="cpu")
+    meter = Meter(model, args.part)
+    if args.keys:
+        keys = [k.strip() for k in Path(args.keys).read_text().splitlines() if k.strip()]
+    else:
+        keys = sample_keys(_stored_scores(model.model_id), args.count, args.seed, args.max_drops)
+    keys = ["", *keys]
+    todo = [k for k in keys if k not in meter.known]
+    start = time.time()
+    for done, key in enumerate(todo, 1):
+        value = meter.lnppl(key)
+        if done % 10 == 0 or done == len(todo):
+            rate = (time.time() - start) / done
+            print(
+                f"{done}/{len(todo)} {rate:.2f} s/mask  {key or 'dense'}: {value:.3f}", flush=True
+            )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rap.quality", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="measure sampled masks (or --keys FILE) into the cache")
+    m.add_argument("--model", default="smollm2")
+    m.add_argument("--part", default="fit", choices=sorted(PARTS))
+    m.add_argument("--count", type=int, default=400, help="sampled drop sets beyond single drops")
+    m.add_argument("--max-drops", type=int, default=14)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--keys", help="a file of mask keys to measure instead, one a line")
+    m.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("export", help="write the shipped table from the cache")
+    e.add_argument("--part", default="fit", choices=sorted(PARTS))
+    e.add_argument("--model-id", default=DEFAULT_MODEL_ID)
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        print(export(args.model_id, args.part))
+        return 0
+    return _measure(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Measured perplexity under masks (cached) and the surrogate fitted to it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rap import quality, surrogate
+from rap.loading import load_model
+
+
+def test_mask_keys_round_trip() -> None:
+    attn, mlp = (True, False, True), (False, True, True)
+    key = quality.key_of(attn, mlp)
+    assert key == "a1,m0"
+    assert quality.keep_of(key, 3) == (attn, mlp)
+    assert quality.blocks_of(key) == [("attn", 1), ("mlp", 0)]
+    assert quality.key_for([("mlp", 0), ("attn", 1)]) == key
+    assert quality.key_of((True,) * 3, (True,) * 3) == ""
+
+
+def test_sampled_masks_are_seeded_and_include_every_single_drop() -> None:
+    scores = {(k, i): float(i) for i in range(5) for k in ("attn", "mlp")}
+    a = quality.sample_keys(scores, 30, seed=1, max_drops=4)
+    assert a == quality.sample_keys(scores, 30, seed=1, max_drops=4)
+    assert a != quality.sample_keys(scores, 30, seed=2, max_drops=4)
+    singles = {k for k in a if "," not in k}
+    assert len(singles) == 10
+    assert all(len(k.split(",")) <= 4 for k in a)
+
+
+def test_meter_measures_once_and_caches(tiny_dirs, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path))
+    model = load_model(str(tiny_dirs["llama"]))
+    meter = quality.Meter(model, "fit")
+    dense, dropped = meter.lnppl(""), meter.lnppl("a1,m2")
+    assert math.isfinite(dense) and dropped != dense
+    runs = meter.ev.runs
+    assert meter.lnppl("a1,m2") == dropped and meter.ev.runs == runs  # cached in memory
+    again = quality.Meter(model, "fit")  # and on disk
+    assert again.known == {"": dense, "a1,m2": dropped}
+    assert quality.read_cache(model.model_id, "fit")["a1,m2"] == dropped
+
+
+def test_surrogate_recovers_a_compounding_truth_on_held_out_masks() -> None:
+    rng = np.random.default_rng(0)
+    n_layers = 6
+    cost = rng.uniform(0.0, 0.5, 2 * n_layers)
+    blocks = quality_blocks(n_layers)
+    keys = [quality.key_for([b]) for b in blocks]
+    while len(keys) < 200:
+        pick = rng.permutation(len(blocks))[: int(rng.integers(2, 7))]
+        keys.append(quality.key_for(blocks[i] for i in pick))
+    keys = list(dict.fromkeys(keys))
+
+    def truth(key: str) -> float:
+        d = surrogate.drop_vector(key, n_layers)
+        return 3.0 + float(np.expm1(d @ cost * (1 + 0.05 * d.sum())))
+
+    train, test = surrogate.split(keys, 0.3, seed=0)
+    model = surrogate.fit(train, [truth(k) for k in train], 3.0, n_layers, lam=0.01)
+    report = surrogate.evaluate(model, test, [truth(k) for k in test])
+    assert report["spearman"] > 0.95
+    assert report["mae_lnppl"] < 0.1
+    assert model.lnppl(np.zeros(2 * n_layers)) == pytest.approx(3.0, abs=0.05)
+
+
+def quality_blocks(n_layers: int) -> list[tuple[str, int]]:
+    return [(k, i) for i in range(n_layers) for k in ("attn", "mlp")]
+
+
+def test_shipped_surrogate_loads_for_the_default_model() -> None:
+    s = surrogate.load_surrogate()
+    assert s.num_layers == 30 and len(s.coef) == 60 + len(surrogate.EXTRA)
+    dense = s.lnppl(np.zeros(60))
+    one = np.zeros(60)
+    one[30] = 1.0  # the MLP of layer 0, by far the most important block measured
+    assert s.lnppl(one) > dense + 1.0
+    report = s.meta["report"]
+    assert isinstance(report, dict) and report["held_out"]["all"]["spearman"] > 0.8
