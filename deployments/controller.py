@@ -34,7 +34,7 @@ class RapController:
         )
         self.core = Controller(planner=self.policy.for_bucket, config=cfg.controller)
         self.metrics = ControllerMetrics()
-        log.info("RAP controller up: planner %s over %s", cfg.planner, model_id)
+        log.info("RAP controller up: %s over %s", type(self.policy).__name__, model_id)
 
     async def report(self, telemetry: dict[str, Any]) -> dict[str, Any] | None:
         """A replica's telemetry in; its new plan out (None when nothing changed)."""
@@ -48,4 +48,23 @@ class RapController:
         return plan.model_dump(mode="json")
 
     async def state(self) -> dict[str, Any]:
-        return self.core.state()
+        out = self.core.state()
+        out["policy"] = {
+            "kind": type(self.policy).__name__,
+            "decisions": getattr(self.policy, "decisions", None),
+            "fallbacks": getattr(self.policy, "fallbacks", None),
+            "last_fallback": getattr(self.policy, "last_fallback", None),
+        }
+        return out
+
+
+def _wants_rap_policy(policy: str | None, model_id: str) -> bool:
+    """A configured path always; 'default' only where a policy ships for this model."""
+    from rap.loading import DEFAULT_MODEL_ID
+    from rap.policy import DEFAULT_POLICY_DIR
+
+    if policy is None:
+        return False
+    if policy != "default":
+        return True
+    return model_id == DEFAULT_MODEL_ID and DEFAULT_POLICY_DIR.is_dir()

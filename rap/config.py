@@ -51,7 +51,12 @@ class ServeAppConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     planner: str = Field("mem-greedy", description="Heuristic planner used until a policy exists.")
-    policy: str | None = Field(None, description="Path of a trained RAP policy checkpoint.")
+    policy: str | None = Field(
+        "default",
+        description="The controller's policy: 'default' (the RAP policy shipped for the default "
+        "model; the heuristic planner for other models), a path to an exported policy from "
+        "`rap train`, or None for the heuristic planner.",
+    )
     telemetry_period_s: float = Field(0.5, gt=0, description="Replica → controller period.")
     gpu_margin_gib: float = Field(1.0, ge=0, description="NVML free memory kept in reserve.")
     num_threads: int = Field(1, ge=1, description="torch threads per replica.")
