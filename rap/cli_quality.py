@@ -109,6 +109,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.method == "oracle":
         mask, extra = _oracle(args, budget, **kw)
         report.update(extra)
+    elif args.method == "rap":  # the trained agent (rap.policy.RapPolicy); activations counted
+        from rap.policy import RapPolicy
+
+        agent = RapPolicy.load(args.policy, config, model_id, args.dtype, args.min_kept_fraction)
+        mask = agent.plan(budget, args.batch, args.seq, args.prefill_tokens)
+        args.include_activations = kw["include_activations"] = True  # what the agent plans for
+        report.update(policy=args.policy or "default", fallback=agent.last_fallback or None)
     else:
         mask = planners.plan_mask(
             args.method, config, model_id, budget, args.batch, args.seq, args.dtype, scores,
@@ -187,7 +194,8 @@ def add_commands(sub: Any) -> None:
     size.add_argument("--budget-gib", type=float, help="absolute budget in GiB")
     plan.add_argument("--batch", type=int, required=True)
     plan.add_argument("--seq", type=int, required=True, help="tokens per sequence (all of it)")
-    plan.add_argument("--method", required=True, choices=PLANNERS)
+    plan.add_argument("--method", required=True, choices=(*PLANNERS, "rap"))
+    plan.add_argument("--policy", help="rap: an exported policy folder (default: the shipped one)")
     plan.add_argument("--dtype", default="float16", choices=DTYPES, help="serving dtype")
     plan.add_argument("--scores", help="a BlockScores JSON (default: shipped or cached scores)")
     plan.add_argument("--min-kept-fraction", type=float, default=0.0, help="quality floor")

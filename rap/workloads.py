@@ -118,6 +118,9 @@ class Scenario:
     burst_s: float = 0.0
     service_s: tuple[float, float, float] = (0.05, 2e-5, 0.01)
     """(t_0, c_p per prompt token per request, c_d per decode step) of a batch's duration."""
+    grid: tuple[tuple[int, ...], tuple[int, ...], float, float] | None = None
+    """Instead of traffic: (batches, sequence lengths, lo, hi): the controller's bucket grid,
+    each bucket (B, S, P = S) under a budget of U(lo, hi) × its dense peak."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ def situations(
     A batch whose dense peak exceeds `max_over` × the budget at its start is split (admission,
     DESIGN.md invariant 2): the longest FCFS prefix within it is taken, at least one request."""
     sc = get(name)
+    if sc.grid is not None:
+        return _grid_situations(sc, config, dtype, seed, count)
     ref = reference_bytes(sc, config, dtype)
     rng = np.random.default_rng(seed + 7_919)
     horizon = 4.0 * count / sc.rate_rps + 600.0
@@ -228,6 +233,23 @@ def situations(
         out.append(Situation(t, len(reqs), s, p, budget_at(t), sc.name))
         if len(out) >= count:
             return out
+    return out
+
+
+def _grid_situations(
+    sc: Scenario, config: Any, dtype: Any, seed: int, count: int
+) -> list[Situation]:
+    """Buckets of the controller's grid (a plan covers every bucket at the replica's budget, so
+    the policy meets far bigger deficits there than in traffic) under random budgets."""
+    assert sc.grid is not None
+    batches_, seqs, lo, hi = sc.grid
+    rng = np.random.default_rng(seed)
+    dense = memory.dense_mask(config)
+    out = []
+    for i in range(count):
+        b, s = int(rng.choice(batches_)), int(rng.choice(seqs))
+        peak = memory.peak_bytes(config, dense, b, s, dtype)
+        out.append(Situation(float(i), b, s, s, int(rng.uniform(lo, hi) * peak), sc.name))
     return out
 
 
@@ -274,6 +296,9 @@ for _sc in (
     Scenario("mixed-burst", "train", "bursty mixed traffic, noisy steady memory", 1.5,
              CHAT_PROMPT, CHAT_OUTPUT, 12, MemoryTrace("steady", 0.9, noise=0.04), 8, 1536,
              burst=8.0, burst_s=10.0),
+    Scenario("bucket-grid", "train", "the controller's bucket grid under random budgets", 1.0,
+             CHAT_PROMPT, CHAT_OUTPUT, 8, MemoryTrace("steady"), 8, 1024,
+             grid=((1, 2, 4, 8, 16), (128, 256, 512, 1024, 2048), 0.45, 0.98)),
     # held out: other traces, other parameters, other seeds
     Scenario("eval-chat-spikes", "eval", "chat traffic, other tenants' spikes", 3.0,
              CHAT_PROMPT, CHAT_OUTPUT, 8, MemoryTrace("spikes", 0.95, 0.8, 10.0), 8, 1024),
@@ -285,5 +310,8 @@ for _sc in (
     Scenario("eval-burst-steps", "eval", "bursty mixed traffic, memory steps", 2.0,
              CHAT_PROMPT, CHAT_OUTPUT, 12, MemoryTrace("steps", levels=(0.92, 0.82, 0.87),
              period_s=25.0), 8, 1536, burst=6.0, burst_s=8.0),
+    Scenario("eval-controller-grid", "eval", "the controller's default buckets, budgets "
+             "75-97 % of their dense peak", 1.0, CHAT_PROMPT, CHAT_OUTPUT, 8,
+             MemoryTrace("steady"), 8, 1024, grid=((1, 4, 8), (256, 1024, 2048), 0.75, 0.97)),
 ):  # fmt: skip
     register(_sc)

@@ -69,7 +69,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
     return TrainSpec(
         "ppo",
         config,
-        iterations=int(os.environ.get("RAP_TRAIN_ITERATIONS", 0)) or (2 if smoke else 150),
+        iterations=int(os.environ.get("RAP_TRAIN_ITERATIONS", 0)) or (2 if smoke else 120),
         checkpoint_every=1 if smoke else 25,
         env_config=env_config,
         notes="PPO, masked logits, 64-64 relu",

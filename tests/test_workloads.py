@@ -86,3 +86,14 @@ def test_steps_cycle_through_levels() -> None:
     trace = workloads.MemoryTrace("steps", levels=(0.9, 0.8, 0.7), period_s=10.0)
     m = trace.fractions(np.array([0.0, 10.0, 20.0, 30.0]), np.random.default_rng(0))
     assert list(m) == pytest.approx([0.9, 0.8, 0.7, 0.9])
+
+
+def test_grid_scenarios_cover_the_controller_buckets(cfg) -> None:
+    sits = workloads.situations("eval-controller-grid", cfg, "float16", 10_000, 200)
+    assert {(s.batch, s.seq) for s in sits} == {
+        (b, q) for b in (1, 4, 8) for q in (256, 1024, 2048)
+    }
+    dense = memory.dense_mask(cfg)
+    for s in sits:
+        peak = memory.peak_bytes(cfg, dense, s.batch, s.seq, "float16")
+        assert 0.75 * peak - 1 <= s.budget_bytes <= 0.97 * peak

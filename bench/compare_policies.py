@@ -1,0 +1,224 @@
+"""The honest comparison: the RAP policy against the planners, on held-out scenarios and seeds.
+
+Usage:
+    .venv/bin/python bench/compare_policies.py [--policy DIR] [--per-scenario 12] [--seeds 2]
+        [--measure] [--oracle 0] [--out bench/results/compare.json]
+
+Situations: every held-out (`eval`) scenario of `rap.workloads` with seeds EVAL_SEED_BASE + i,
+taking `per-scenario` batch starts (evenly spaced) that need pruning and that some mask fits,
+for the default model with float16 budgets (predicted peak, activations included). Every method
+plans every situation at the same budget: `rap` (the policy; only masks it chose itself count as
+its own: fallbacks are counted separately), `gsi`, `mem-greedy`, `shortgpt` and, with
+`--oracle K`, the oracle (beam 1, 256 calibration tokens) on K of them (it measures hundreds of
+masks per decision). Reported per method: quality as exp(mean ln perplexity) and the mean rise
+in ln perplexity over the dense model, budget violations (a returned mask over budget), decision
+time p50/p99 and the fallback rate. Quality is the surrogate's (`rap.surrogate`) unless
+`--measure`: then every distinct mask is measured on the `eval` part of the perplexity text
+(`rap.quality`, wiki tokens 512-1536, never used to fit the surrogate), cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rap import planners, workloads
+from rap.env import Observer
+from rap.errors import RapError
+from rap.loading import load_config
+from rap.policy import HeuristicPolicy, RapPolicy
+from rap.quality import key_of
+from rap.surrogate import load_surrogate
+
+DTYPE = "float16"
+PLANNERS = ("gsi", "mem-greedy", "shortgpt")
+
+
+def pick_situations(config: Any, obs: Observer, per: int, seeds: int) -> list[workloads.Situation]:
+    """Held-out situations that need pruning and that some allowed mask fits, evenly spaced."""
+    out = []
+    for name in workloads.names("eval"):
+        for i in range(seeds):
+            sits = workloads.situations(name, config, DTYPE, workloads.EVAL_SEED_BASE + i, 400)
+            ok = []
+            for s in sits:
+                base, sizes = obs.table(s.batch, s.seq, s.prefill)
+                smallest = base + np.sort(sizes)[: obs.n - obs.max_drops].sum()
+                if base + sizes.sum() > s.budget_bytes >= smallest:
+                    ok.append(s)
+            step = max(1, len(ok) // per)
+            out += ok[::step][:per]
+    return out
+
+
+def plan_all(methods: dict[str, Any], config: Any, sits: list[workloads.Situation]) -> dict:
+    """rows[method] = list of {key, ms, fits, error} per situation."""
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for s in sits:
+        for name, planner in methods.items():
+            t0 = time.perf_counter()
+            try:
+                mask = planner(s)
+                ms = 1e3 * (time.perf_counter() - t0)
+                fits = planners.fits(
+                    config, mask, s.budget_bytes, s.batch, s.seq, DTYPE,
+                    include_activations=True, prefill_tokens=s.prefill,
+                )  # fmt: skip
+                rows[name].append({"key": key_of(mask.attn, mask.mlp), "ms": ms, "fits": fits})
+            except RapError as exc:
+                rows[name].append({"key": None, "error": str(exc).split(";")[0]})
+    return rows
+
+
+def oracle_rows(sits: list[workloads.Situation], k: int) -> tuple[list[int], list[dict]]:
+    """The oracle on k situations, half weights-dominated (batch 1) and half the largest KV."""
+    import torch
+
+    from rap.calibration import calibration_chunks
+    from rap.loading import load_model
+    from rap.oracle import oracle_mask
+
+    torch.set_num_threads(1)
+    b1 = [i for i, s in enumerate(sits) if s.batch == 1][: k // 2]
+    kv = sorted(range(len(sits)), key=lambda i: -sits[i].batch * sits[i].seq)[: k - len(b1)]
+    model = load_model("smollm2", dtype="float32", device="cpu")
+    ids, _ = calibration_chunks(model.tokenizer, 256, 256, model.dims.vocab)
+    rows = []
+    for i in b1 + kv:
+        s = sits[i]
+        t0 = time.perf_counter()
+        plan = oracle_mask(model, ids, s.budget_bytes, s.batch, s.seq, DTYPE, beam=1,
+                           include_activations=True, prefill_tokens=s.prefill)  # fmt: skip
+        rows.append({"key": key_of(plan.mask.attn, plan.mask.mlp),
+                     "ms": 1e3 * (time.perf_counter() - t0), "fits": True})  # fmt: skip
+    return b1 + kv, rows
+
+
+def quality(keys: set[str], measure: bool) -> dict[str, float]:
+    """ln perplexity per mask key: measured on the eval text, or the surrogate's."""
+    if not measure:
+        sur = load_surrogate()
+        ks = sorted(keys)
+        return dict(zip(ks, sur.predict(ks).tolist(), strict=True))
+    import torch
+
+    from rap.loading import load_model
+    from rap.quality import Meter
+
+    torch.set_num_threads(1)
+    meter = Meter(load_model("smollm2", dtype="float32", device="cpu"), "eval")
+    return {k: meter.lnppl(k) for k in sorted(keys, key=len)}
+
+
+def summarize(rows: list[dict], q: dict[str, float], dense: float, idx: list[int]) -> dict:
+    """One table row over the situations `idx`."""
+    sel = [rows[i] for i in idx]
+    ok = [r for r in sel if r.get("key") is not None]
+    ln = np.array([q[r["key"]] for r in ok]) if ok else np.array([np.nan])
+    ms = [r["ms"] for r in ok] or [np.nan]
+    return {"situations": len(sel), "planned": len(ok), "ppl": float(np.exp(ln.mean())),
+            "dlnppl": float(ln.mean() - dense), "violations": sum(not r["fits"] for r in ok),
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "errors": sorted({r["error"] for r in sel if "error" in r})[:2]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", help="exported policy folder (default: the packaged one)")
+    parser.add_argument("--per-scenario", type=int, default=12)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--measure", action="store_true", help="measured ppl (else surrogate)")
+    parser.add_argument("--oracle", type=int, default=0, help="situations for the oracle")
+    parser.add_argument("--out", default="bench/results/compare.json")
+    args = parser.parse_args()
+    config, model_id = load_config("smollm2")
+    policy = RapPolicy.load(args.policy, config, model_id, DTYPE)
+    sits = pick_situations(config, policy.observer, args.per_scenario, args.seeds)
+    methods: dict[str, Any] = {"rap": lambda s: policy.plan(s.budget_bytes, s.batch, s.seq,
+                                                            s.prefill)}  # fmt: skip
+    for m in PLANNERS:
+        with contextlib.suppress(RapError):
+            h = HeuristicPolicy(config, model_id, DTYPE, method=m)
+            methods[m] = lambda s, h=h: h.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
+    rows = plan_all(methods, config, sits)
+    oracle_idx: list[int] = []
+    if args.oracle:
+        oracle_idx, orows = oracle_rows(sits, args.oracle)
+        rows["oracle"] = [{"key": None, "error": "not run"}] * len(sits)
+        for i, r in zip(oracle_idx, orows, strict=True):
+            rows["oracle"][i] = r
+    keys = {r["key"] for rs in rows.values() for r in rs if r.get("key") is not None} | {""}
+    q = quality(keys, args.measure)
+    report = tables(rows, q, sits, oracle_idx, policy, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=float))
+    print(markdown(report))
+
+
+def tables(rows: dict, q: dict, sits: list, oracle_idx: list[int], policy: RapPolicy,
+           args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    dense = q[""]
+    groups = {"all": list(range(len(sits))),
+              "weights-dominated (batch 1)": [i for i, s in enumerate(sits) if s.batch == 1],
+              "KV-dominated (batch ≥ 8, ≥ 1,536 tokens)":
+                  [i for i, s in enumerate(sits) if s.batch >= 8 and s.seq >= 1536]}  # fmt: skip
+    if oracle_idx:
+        groups["oracle subset"] = oracle_idx
+    return {
+        "quality": "measured (eval text)" if args.measure else "surrogate",
+        "dense_ppl": float(np.exp(dense)),
+        "situations": len(sits),
+        "scenarios": workloads.names("eval"),
+        "policy": {**policy.net.meta, "decisions": policy.decisions, "fallbacks": policy.fallbacks},
+        "groups": {
+            g: {
+                m: summarize(rs, q, dense, idx)
+                for m, rs in rows.items()
+                if g == "oracle subset" or m != "oracle"
+            }
+            for g, idx in groups.items()
+            if idx
+        },
+        "per_situation": [
+            {
+                "scenario": s.scenario,
+                "batch": s.batch,
+                "seq": s.seq,
+                "budget": s.budget_bytes,
+                **{m: rs[i].get("key") for m, rs in rows.items()},
+            }
+            for i, s in enumerate(sits)
+        ],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    p = report["policy"]
+    rate = p["fallbacks"] / p["decisions"] if p["decisions"] else 0.0
+    lines = [f"Quality: {report['quality']}; dense ppl {report['dense_ppl']:.2f}; "
+             f"{report['situations']} situations; policy fallbacks {p['fallbacks']}/"
+             f"{p['decisions']} ({rate:.1%})", ""]  # fmt: skip
+    for group, by in report["groups"].items():
+        lines += [f"**{group}**", "",
+                  "| method | planned | ppl | Δ ln ppl | violations | p50 ms | p99 ms |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m, r in by.items():
+            if not r["planned"]:
+                why = "; ".join(r["errors"]) or "not run"
+                lines.append(f"| {m} | 0/{r['situations']} | – | – | – | – | – ({why}) |")
+                continue
+            lines.append(f"| {m} | {r['planned']}/{r['situations']} | {r['ppl']:.2f} | "
+                         f"{r['dlnppl']:.3f} | {r['violations']} | {r['p50_ms']:.3f} | "
+                         f"{r['p99_ms']:.3f} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
