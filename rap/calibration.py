@@ -7,8 +7,10 @@ its data folder `conversion/standard_cal_data/` is read). They never overlap:
     perplexity   = wiki.utf8   (Wikipedia, `<doc ...>...</doc>` blocks: 2,349 docs, ~456K tokens)
     tiny.utf8    = TinyStories (`<|endoftext|>`-separated), for quick checks only
 
-Documents are joined with a blank line, tokenized once, and cut into non-overlapping chunks of
-`seq_len` tokens (the tail that does not fill a chunk is dropped). `half="a"` / `"b"` takes the
+Documents are joined with a blank line and tokenized once; n = tokens // seq_len chunks of
+`seq_len` tokens are taken evenly spaced over the whole token stream (chunk i starts at
+i · stride, stride = ⌊len(stream) / n⌋ ≥ seq_len), so that a few thousand tokens still come from
+many documents instead of the first one or two. `half="a"` / `"b"` takes the
 first / second half of the distinct documents, so two halves never share a document (used to
 measure how stable an importance order is). The zero-shot task sets are never used here.
 """
@@ -22,7 +24,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from rap.errors import RapError
 
@@ -47,11 +49,12 @@ class TextInfo(BaseModel):
     seq_len: int
     chunks: int
     tokens: int
+    stride: int = Field(description="Tokens between chunk starts (evenly spaced sampling).")
 
     @property
     def key(self) -> str:
         half = f"-{self.half}" if self.half else ""
-        return f"{self.source}{half}-{self.text_sha256[:12]}-{self.tokens}x{self.seq_len}"
+        return f"{self.source}{half}-{self.text_sha256[:12]}-{self.tokens}x{self.seq_len}-spread"
 
 
 def data_dir() -> Path:
@@ -129,7 +132,7 @@ def chunks(
     vocab_size: int,
     half: Half = None,
 ) -> tuple[torch.Tensor, TextInfo]:
-    """`tokens // seq_len` chunks of `seq_len` token ids from the start of `source`, [n, seq_len].
+    """`tokens // seq_len` chunks of `seq_len` token ids, evenly spaced over `source`: [n, seq_len].
 
     Raises `RapError` when the text holds fewer tokens than asked, naming how many it has.
     """
@@ -149,11 +152,14 @@ def chunks(
             expected=f"at most {len(stream) // seq_len * seq_len:,} tokens",
             fix="ask for fewer tokens or use another source",
         )
-    ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    stride = len(stream) // n
+    starts = [i * stride for i in range(n)]
+    ids = torch.tensor([stream[s : s + seq_len] for s in starts], dtype=torch.long)
     digest = hashlib.sha256(text_of(source, half).encode("utf-8")).hexdigest()
     info = TextInfo(
-        source=source, half=half, text_sha256=digest, seq_len=seq_len, chunks=n, tokens=n * seq_len
-    )
+        source=source, half=half, text_sha256=digest, seq_len=seq_len, chunks=n,
+        tokens=n * seq_len, stride=stride,
+    )  # fmt: skip
     return ids, info
 
 

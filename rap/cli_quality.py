@@ -136,9 +136,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         Path(args.out).write_text(mask.to_json())
     if args.json:
         print(json.dumps(report, indent=1))
-        return 0
-    n = mask.num_layers
-    print(f"{args.method} plan for {model_id} at batch {args.batch} × {args.seq} ({args.dtype})")
+    else:
+        _print_plan(args, mask, report)
+    return 0
+
+
+def _print_plan(args: argparse.Namespace, mask: Any, report: dict[str, Any]) -> None:
+    n, used, budget = mask.num_layers, report["predicted_bytes"], report["budget_bytes"]
+    print(f"{args.method} plan for {report['model']} at batch {args.batch} × {args.seq} "
+          f"({args.dtype})")  # fmt: skip
     print(f"drop attn   {','.join(map(str, mask.dropped_attn)) or '-'}")
     print(f"drop mlp    {','.join(map(str, mask.dropped_mlp)) or '-'}")
     print(f"kept        {sum(mask.attn)}/{n} attention, {sum(mask.mlp)}/{n} MLP blocks")
@@ -147,7 +153,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"dense {report['dense_bytes'] / MIB:,.2f})")  # fmt: skip
     if "evaluations" in report:
         print(f"oracle      ppl {report['ppl']:.3f} after {report['evaluations']} evaluations")
-    return 0
 
 
 def _oracle(args: argparse.Namespace, budget: int, **kw: Any) -> tuple[Any, dict[str, Any]]:
@@ -165,8 +170,154 @@ def _oracle(args: argparse.Namespace, budget: int, **kw: Any) -> tuple[Any, dict
     return plan.mask, {"ppl": plan.ppl, "evaluations": plan.evaluations, "calibration": text.key}
 
 
+def _parse_list(text: str, flag: str, cast: Callable[[str], Any]) -> list[Any]:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RapError(f"{flag} {text!r} is not a comma-separated list") from None
+
+
+def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Rows (budget, method) with their masks; a budget a method cannot meet becomes a row
+    with its error, not a failure."""
+    from rap import memory, planners
+    from rap.errors import BudgetError
+
+    rows: list[dict[str, Any]] = []
+    masks = []
+    for frac in args.budget_list:
+        budget = memory.budget_bytes(model.config, frac, args.batch, args.seq, args.dtype)
+        for method in args.method_list:
+            row: dict[str, Any] = {"budget": frac, "method": method, "budget_bytes": budget}
+            try:
+                mask = planners.plan_mask(
+                    method, model.config, model.model_id, budget, args.batch, args.seq,
+                    args.dtype, seed=args.seed,
+                )  # fmt: skip
+            except BudgetError:
+                floor = planners.minimum_bytes(
+                    method, model.config, model.model_id, args.batch, args.seq, args.dtype
+                )
+                row["error"] = f"needs ≥ {floor / MIB:,.1f} MiB"
+                rows.append(row)
+                continue
+            row.update(
+                attn=list(mask.attn), mlp=list(mask.mlp), blocks=2 * mask.num_layers,
+                blocks_kept=sum(mask.attn) + sum(mask.mlp),
+                predicted_bytes=planners.predicted_bytes(
+                    model.config, mask, args.batch, args.seq, args.dtype),
+            )  # fmt: skip
+            rows.append(row)
+            masks.append(mask)
+    return rows, masks
+
+
+def _eval_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces a result (every option that changes it)."""
+    parts = [
+        f"rap eval --model {args.model} --budgets {args.budgets} --methods {args.methods}",
+        f"--batch {args.batch} --seq {args.seq} --dtype {args.dtype}",
+        f"--ppl-tokens {args.ppl_tokens} --ppl-seq-len {args.ppl_seq_len} --seed {args.seed}",
+    ]
+    if args.limit is not None:
+        parts.append(f"--limit {args.limit}")
+    if args.tasks:
+        parts.append(f"--tasks {args.tasks}")
+    return " ".join(parts) + f" --out {args.out}"
+
+
+def _check_eval_args(args: argparse.Namespace) -> list[str]:
+    """Parse and check the lists before any model loads; returns the tasks."""
+    from rap.planners import PLANNERS
+    from rap.zeroshot import TASKS
+
+    args.budget_list = _parse_list(args.budgets, "--budgets", float)
+    args.method_list = _parse_list(args.methods, "--methods", str)
+    tasks = _parse_list(args.tasks, "--tasks", str) if args.tasks else list(TASKS)
+    for frac in args.budget_list:
+        if not 0.0 < frac <= 1.0:
+            raise RapError(f"budget {frac} is outside (0, 1]", expected="fractions like 0.8")
+    for method in args.method_list:
+        if method not in PLANNERS or method == "oracle":
+            raise RapError(f"unknown method {method!r}", expected=f"some of {PLANNERS[:-1]}")
+    for task in tasks:
+        if task not in TASKS:
+            raise RapError(f"unknown task {task!r}", expected=f"some of {', '.join(TASKS)}")
+    if args.limit is not None and args.limit < 1:
+        raise RapError(f"--limit {args.limit} is too small", expected="at least 1")
+    return tasks
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rap import report
+    from rap.calibration import perplexity_chunks
+    from rap.evaluate import evaluate_masks
+    from rap.loading import load_model
+
+    tasks = _check_eval_args(args)
+    _threads(args.threads)
+    model = load_model(args.model)
+    vocab = model.dims.vocab
+    _, text = perplexity_chunks(model.tokenizer, args.ppl_seq_len, args.ppl_tokens, vocab)
+    rows, masks = _eval_plan(args, model)
+    cache = None
+    if not args.no_cache:
+        from rap.loading import cache_dir
+        from rap.scorers import model_digest
+
+        cache = cache_dir() / "eval" / f"{model_digest(model)[:16]}.json"
+    quality = evaluate_masks(
+        model, masks, tasks, args.limit, args.ppl_tokens, args.ppl_seq_len,
+        _tqdm_progress(f"eval {model.model_id}"), cache,
+    )  # fmt: skip
+    for row, q in zip([r for r in rows if "error" not in r], quality, strict=True):
+        row.update(ppl=q.ppl, tasks=q.tasks, seconds=round(q.seconds, 1))
+    result = _eval_result(args, model, tasks, text, rows)
+    paths = report.write(result, Path(args.out))
+    print(report.markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _eval_result(
+    args: argparse.Namespace, model: Any, tasks: list[str], text: Any, rows: list[Any]
+) -> dict[str, Any]:
+    from rap import memory
+    from rap.calibration import PERPLEXITY_SOURCE, SOURCES
+    from rap.planners import SCORES_FOR
+    from rap.zeroshot import task_size
+
+    counts = {t: min(args.limit or task_size(t), task_size(t)) for t in tasks}
+    dense = memory.dense_mask(model.config)
+    return {
+        "model": model.model_id,
+        "command": _eval_command(args),
+        "workload": {
+            "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+            "dense_bytes": memory.weight_bytes(model.config, dense, args.dtype)
+            + memory.kv_bytes(model.config, dense, args.batch, args.seq, args.dtype),
+        },
+        "perplexity_text": {**text.model_dump(), "file": SOURCES[PERPLEXITY_SOURCE]},
+        "limit": args.limit,
+        "tasks": counts,
+        "ci95_max": max((1.96 * (0.25 / n) ** 0.5 for n in counts.values()), default=0.0),
+        "methods": args.method_list,
+        "budgets": args.budget_list,
+        "score_sources": {m: SCORES_FOR.get(m, "seed") for m in args.method_list},
+        "compute_dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "rows": rows,
+    }  # fmt: skip
+
+
 def add_commands(sub: Any) -> None:
     """Register `importance`, `plan` and `eval` on the main parser's subparsers."""
+    _add_importance(sub)
+    _add_plan(sub)
+    _add_eval(sub)
+
+
+def _add_importance(sub: Any) -> None:
     imp = sub.add_parser("importance", help="block importance scores (gsi, oneshot, bi, ...)")
     imp.add_argument("--model", default=DEFAULT_MODEL, help="name, folder or hub id")
     imp.add_argument("--method", required=True, choices=("gsi", "oneshot", "bi", "magnitude"))
@@ -185,6 +336,8 @@ def add_commands(sub: Any) -> None:
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(func=cmd_importance)
 
+
+def _add_plan(sub: Any) -> None:
     from rap.planners import PLANNERS  # light: no torch
 
     plan = sub.add_parser("plan", help="a keep-mask that fits a memory budget")
@@ -209,3 +362,26 @@ def add_commands(sub: Any) -> None:
     plan.add_argument("--out", help="write the KeepMask JSON here (for rap generate --mask)")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
+
+
+def _add_eval(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy at memory budgets")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="name, folder or hub id")
+    ev.add_argument("--budgets", default="1.0,0.8,0.6", help="fractions of dense weights + KV")
+    ev.add_argument(
+        "--methods",
+        default="gsi,oneshot,mem-greedy,shortgpt,attn-drop,mlp-drop,random",
+        help="planners (rap plan's methods but oracle)",
+    )
+    ev.add_argument("--batch", type=int, default=8, help="batch of the budget's workload")
+    ev.add_argument("--seq", type=int, default=2048, help="tokens of the budget's workload")
+    ev.add_argument("--dtype", default="float16", choices=DTYPES, help="the budget's dtype")
+    ev.add_argument("--tasks", help="comma-separated subset of the zero-shot tasks")
+    ev.add_argument("--limit", type=int, help="first N items per task (quick runs)")
+    ev.add_argument("--ppl-tokens", type=int, default=8192, help="perplexity-text tokens")
+    ev.add_argument("--ppl-seq-len", type=int, default=1024, help="tokens per perplexity chunk")
+    ev.add_argument("--seed", type=int, default=0, help="random planner's seed")
+    ev.add_argument("--threads", type=int, help="torch CPU threads")
+    ev.add_argument("--no-cache", action="store_true", help="re-evaluate masks seen before")
+    ev.add_argument("--out", required=True, help="folder for results.md/.json and quality.png")
+    ev.set_defaults(func=cmd_eval)

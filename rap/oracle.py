@@ -24,8 +24,41 @@ from rap.errors import BudgetError
 from rap.masks import KeepMask
 from rap.model import PrunableModel
 from rap.nll import NllEvaluator
-from rap.planners import MIB, byte_table
+from rap.planners import MIB, ByteTable, byte_table
 from rap.search import Block, without
+
+
+def _beam_search(
+    ev: NllEvaluator,
+    dense: KeepMask,
+    table: ByteTable,
+    budget: int,
+    blocks: list[Block],
+    beam: int,
+    max_drops: int,
+) -> tuple[float, frozenset[Block]] | None:
+    """The fitting drop set of lowest NLL that the beam reaches (None: none fits)."""
+    frontier: list[frozenset[Block]] = [frozenset()]
+    seen: set[frozenset[Block]] = set()
+    best: tuple[float, frozenset[Block]] | None = None
+    while frontier:
+        children: list[tuple[float, frozenset[Block]]] = []
+        for dropped in frontier:
+            if len(dropped) >= max_drops:
+                continue
+            for b in blocks:
+                child = dropped | {b}
+                if b in dropped or child in seen:
+                    continue
+                seen.add(child)
+                nll = ev.run(without(dense, *child)).total
+                if table.dense() - sum(table.of(x) for x in child) <= budget:
+                    if best is None or nll < best[0]:
+                        best = (nll, child)
+                elif best is None or nll < best[0]:  # worse than a finished plan: pruned
+                    children.append((nll, child))
+        frontier = [c for _, c in sorted(children, key=lambda t: t[0])[:beam]]
+    return best
 
 
 @dataclass
@@ -61,26 +94,7 @@ def oracle_mask(
     if table.dense() <= budget_bytes:
         return OraclePlan(dense, ev.perplexity(ev.run(dense).total), ev.runs, table.dense())
     blocks = [(k, i) for i in range(n) for k in ("attn", "mlp")]
-    frontier: list[frozenset[Block]] = [frozenset()]
-    seen: set[frozenset[Block]] = set()
-    best: tuple[float, frozenset[Block]] | None = None
-    while frontier:
-        children: list[tuple[float, frozenset[Block]]] = []
-        for dropped in frontier:
-            if len(dropped) >= max_drops:
-                continue
-            for b in blocks:
-                child = dropped | {b}
-                if b in dropped or child in seen:
-                    continue
-                seen.add(child)
-                nll = ev.run(without(dense, *child)).total
-                used = table.dense() - sum(table.of(x) for x in child)
-                if used <= budget_bytes:
-                    best = min(best or (nll, child), (nll, child), key=lambda t: t[0])
-                elif best is None or nll < best[0]:
-                    children.append((nll, child))
-        frontier = [c for _, c in sorted(children, key=lambda t: t[0])[:beam]]
+    best = _beam_search(ev, dense, table, budget_bytes, blocks, beam, max_drops)
     model.apply(dense)
     if best is None:
         floor = table.base + sum(sorted(table.of(b) for b in blocks)[: 2 * n - max_drops])

@@ -10,6 +10,7 @@ blocks until the mask fits, each in its own order, from stored block scores (`ra
 no forward pass, well under a millisecond (`bench/planner_speed.py`).
 
     gsi         the stored GSI removal order (the paper's baseline order)
+    oneshot     ascending one-shot Δ perplexity (each block scored alone): GSI without re-scoring
     mem-greedy  repeatedly the block with the least cost per useful byte freed,
                 cost_b / min(bytes_b, deficit), cost_b = max(score_b, 0) (GSI's marginal cost):
                 once the deficit is smaller than a block, bytes beyond it are worth nothing, so
@@ -39,9 +40,10 @@ from rap.importance import BlockScores, find_scores, load_default_scores
 from rap.masks import KeepMask
 
 Block = tuple[str, int]
-PLANNERS = ("gsi", "mem-greedy", "shortgpt", "attn-drop", "mlp-drop", "random", "oracle")
-SCORES_FOR = {"gsi": "gsi", "mem-greedy": "gsi", "shortgpt": "bi", "attn-drop": "bi",
-              "mlp-drop": "bi"}  # fmt: skip
+PLANNERS = ("gsi", "oneshot", "mem-greedy", "shortgpt", "attn-drop", "mlp-drop", "random",
+            "oracle")  # fmt: skip
+SCORES_FOR = {"gsi": "gsi", "oneshot": "oneshot", "mem-greedy": "gsi", "shortgpt": "bi",
+              "attn-drop": "bi", "mlp-drop": "bi"}  # fmt: skip
 """The stored scores each planner reads when none are passed."""
 MIB = 1024 * 1024
 __all__ = [
@@ -165,6 +167,8 @@ def _order(method: str, scores: BlockScores | None, n: int, seed: int) -> list[l
     if method == "gsi":
         if scores.order is None:
             raise RapError(f"planner gsi needs GSI scores, got {scores.method} scores")
+        return [[b] for b in scores.removal_order()]
+    if method == "oneshot":
         return [[b] for b in scores.removal_order()]
     if method == "shortgpt":
         layer = scores.layers or tuple(a + m for a, m in zip(scores.attn, scores.mlp, strict=True))

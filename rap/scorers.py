@@ -191,22 +191,8 @@ def _measured(
         details["chunk_nll"] = {f"{k}{i}": v for (k, i), v in shot.chunk_nll.items()}
         details["dense_chunk_nll"] = shot.dense_chunk_nll
     else:
-        first = _cached_one_shot(base["model_digest"], text, ev.predicted)
-        details["first_step_from_oneshot"] = first is not None
-        partial = cache_path(base["model_digest"], "gsi", settings.key(text) + ".partial")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        res = gsi(ev, settings.screen_batches, settings.finalists, first, progress, partial)
-        prev = res.dense_nll
-        for step in res.steps:
-            scores[step.kind][step.layer] = (step.nll - prev) * per_token
-            prev = step.nll
-        dense_nll = res.dense_nll
-        order = [Removal(kind=s.kind, layer=s.layer, ppl=ev.perplexity(s.nll)) for s in res.steps]  # type: ignore[arg-type]
-        details["screen_tokens"] = settings.screen_batches * settings.batch_size * settings.seq_len
-        details["finalists"] = settings.finalists
-        details["exact"] = settings.screen_batches == 0
-        details["gsi_seconds_all_sessions"] = round(res.seconds, 1)
-        partial.unlink(missing_ok=True)
+        order = _run_gsi(settings, ev, text, base["model_digest"], details, progress, scores)
+        dense_nll = details.pop("dense_nll")
     details["runs"] = ev.runs
     details["full_evaluation_equivalents"] = round(ev.full_equivalents(), 2)
     details["seconds"] = round(time.perf_counter() - t0, 1)
@@ -220,6 +206,37 @@ def _measured(
         order=order,
         details=details,
     )
+
+
+def _run_gsi(
+    settings: ScoreSettings,
+    ev: NllEvaluator,
+    text: TextInfo,
+    digest: str,
+    details: dict[str, Any],
+    progress: Progress | None,
+    scores: dict[str, list[float]],
+) -> list[Removal]:
+    """GSI with checkpoints; fills `scores` with marginal costs and `details` with settings."""
+    first = _cached_one_shot(digest, text, ev.predicted)
+    details["first_step_from_oneshot"] = first is not None
+    partial = cache_path(digest, "gsi", settings.key(text) + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    res = gsi(ev, settings.screen_batches, settings.finalists, first, progress, partial)
+    prev = res.dense_nll
+    for step in res.steps:
+        scores[step.kind][step.layer] = (step.nll - prev) / ev.predicted
+        prev = step.nll
+    details["dense_nll"] = res.dense_nll
+    details["screen_tokens"] = settings.screen_batches * settings.batch_size * settings.seq_len
+    details["finalists"] = settings.finalists
+    details["exact"] = settings.screen_batches == 0
+    details["gsi_seconds_all_sessions"] = round(res.seconds, 1)
+    partial.unlink(missing_ok=True)
+    return [
+        Removal(kind=s.kind, layer=s.layer, ppl=ev.perplexity(s.nll))  # type: ignore[arg-type]
+        for s in res.steps
+    ]
 
 
 def _cached_one_shot(digest: str, text: TextInfo, predicted: int) -> OneShot | None:

@@ -108,6 +108,7 @@ def gsi(
     progress: Progress | None = None,
     checkpoint: Path | None = None,
     lazy: bool = False,
+    slack: float = 0.25,
 ) -> GsiResult:
     """The whole GSI removal order (every block), with the NLL after each step.
 
@@ -134,7 +135,7 @@ def gsi(
             step = Step(block[0], block[1], win.total, len(cands), 0)
         elif lazy:
             base_nll = result.steps[-1].nll if result.steps else result.dense_nll
-            step, win = _lazy_step(ev, mask, states, cands, base_nll, bounds)
+            step, win = _lazy_step(ev, mask, states, cands, base_nll, bounds, slack)
         else:
             step, win = _step(ev, mask, states, cands, screen_batches, finalists)
         for layer, per_batch in win.captured.items():
@@ -205,17 +206,24 @@ def _lazy_step(
     cands: list[Block],
     base_nll: float,
     bounds: dict[Block, float],
+    slack: float,
 ) -> tuple[Step, RunResult]:
     """Lazy greedy: candidates in order of their last measured marginal cost Δ; stop once the
-    best fresh Δ is at most the next candidate's old Δ.
+    best fresh Δ is at most the next candidate's old Δ lowered by `slack`·|Δ|.
 
-    Exact when marginal costs never fall as blocks go (an old Δ is then a lower bound on the
-    new one); a block that became cheaper than its old Δ can be missed. Unknown Δ: −inf.
+    Exact when no marginal cost falls by more than that fraction as blocks go (the lowered old
+    Δ is then a lower bound on the new one); a block that became much cheaper can be missed.
+    Unknown Δ: −inf (always tried).
     """
+
+    def floor(b: Block) -> float:
+        old = bounds.get(b, -math.inf)
+        return old - slack * abs(old)
+
     best: tuple[float, Block, RunResult] | None = None
     tried = 0
-    for c in sorted(cands, key=lambda b: bounds.get(b, -math.inf)):
-        if best is not None and best[0] - base_nll <= bounds.get(c, -math.inf):
+    for c in sorted(cands, key=floor):
+        if best is not None and best[0] - base_nll <= floor(c):
             break
         bound = math.inf if best is None else best[0]
         res = ev.run(without(mask, c), c[1], states, capture=True, bound=bound)

@@ -35,7 +35,10 @@ def test_calibration_and_perplexity_texts_are_disjoint() -> None:
 def test_chunks_and_their_key() -> None:
     ids, info = calibration.calibration_chunks(None, 64, 1000, vocab_size=96)
     assert ids.shape == (15, 64) and info.tokens == 960 and int(ids.max()) < 96
-    assert info.key.startswith("c4-") and info.key.endswith("-960x64")
+    stream = calibration.encode(None, calibration.text_of("c4"), 96)
+    assert info.stride == len(stream) // 15 >= 64  # spread over the text, not its first 960
+    assert ids[3].tolist() == stream[3 * info.stride : 3 * info.stride + 64]
+    assert info.key.startswith("c4-") and info.key.endswith("-960x64-spread")
     _, half = calibration.calibration_chunks(None, 64, 1000, 96, half="b")
     assert half.text_sha256 != info.text_sha256
     with pytest.raises(RapError, match="fewer than the"):

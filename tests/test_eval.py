@@ -1,0 +1,95 @@
+"""Zero-shot protocol, perplexity and `rap eval`'s table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rap import zeroshot
+from rap.cli import main
+from rap.evaluate import loglikelihoods, split_pair
+from rap.loading import load_model
+
+
+@pytest.mark.parametrize("task", zeroshot.TASKS)
+def test_tasks_load_with_the_harness_shapes(task) -> None:
+    items = zeroshot.load_task(task, limit=5)
+    assert len(items) == 5
+    for item in items:
+        assert 0 <= item.gold < len(item.requests) and len(item.lengths) == len(item.requests)
+        for ctx, cont in item.requests:
+            assert ctx and cont.startswith(" ")
+    first = items[0]
+    if task == "winogrande":  # partial scoring: option-filled contexts, one shared continuation
+        assert first.requests[0][1] == first.requests[1][1]
+        assert first.requests[0][0] != first.requests[1][0]
+    if task == "boolq":
+        assert [c for _, c in first.requests] == [" no", " yes"]
+        assert first.requests[0][0].endswith("?\nAnswer:")
+    if task in ("piqa", "arc_easy", "arc_challenge"):
+        assert first.requests[0][0].startswith("Question: ")
+
+
+def test_hellaswag_preprocessing() -> None:
+    assert zeroshot._hellaswag_pre(" A man [title] runs [step] fast.  ") == "A man. runs fast."
+
+
+def test_encode_pair_moves_trailing_spaces() -> None:
+    ctx, cont = split_pair(None, "Answer: ", "yes", vocab=256)
+    assert bytes(ctx) == b"Answer:" and bytes(cont) == b" yes"
+
+
+def test_loglikelihood_matches_a_plain_forward(tiny_dirs) -> None:
+    """Batched, right-padded scores equal one sequence scored alone; greedy is consistent."""
+    model = load_model(str(tiny_dirs["gemma3"]))
+    requests = [("The cat sat", " on the mat"), ("A", " b"), ("Longer context here", " x y")]
+    got = loglikelihoods(model, requests, batch_tokens=64)
+    for (ctx, cont), (ll, _) in zip(requests, got, strict=True):
+        ids = [b % model.dims.vocab for b in (ctx + cont).encode()]
+        n = len(cont.encode())
+        with torch.inference_mode():
+            logits = model.hf(input_ids=torch.tensor([ids[:-1]]), use_cache=False).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)[-n:]
+        ref = float(logp.gather(-1, torch.tensor(ids[-n:])[:, None]).sum())
+        assert math.isclose(ll, ref, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_interval() -> None:
+    assert math.isclose(zeroshot.interval95(0.5, 100), 0.098, rel_tol=1e-3)
+
+
+def test_eval_command_on_a_tiny_model(tiny_dirs, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path / "cache"))
+    model = str(tiny_dirs["llama"])
+    imp = ["importance", "--model", model, "--method", "bi", "--tokens", "256", "--seq-len", "64"]
+    assert main(imp) == 0  # attn-drop and mlp-drop read Block Influence from the cache
+    out = tmp_path / "eval"
+    args = ["eval", "--model", model, "--budgets", "1.0,0.6", "--methods",
+            "random,attn-drop,mlp-drop", "--limit", "4", "--tasks", "piqa,winogrande,lambada",
+            "--ppl-tokens", "256", "--ppl-seq-len", "64", "--batch", "2", "--seq", "64",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["tasks"] == {"piqa": 4, "winogrande": 4, "lambada": 4}
+    assert result["workload"] == {**result["workload"], "batch": 2, "seq": 64, "dtype": "float16"}
+    rows = {(r["budget"], r["method"]): r for r in result["rows"]}
+    assert len(rows) == 6
+    dense = [rows[(1.0, m)] for m in ("random", "attn-drop", "mlp-drop")]
+    assert all(r["blocks_kept"] == 8 for r in dense)
+    assert len({r["ppl"] for r in dense}) == 1  # one mask, evaluated once
+    for (budget, _), row in rows.items():
+        if "error" in row:
+            assert budget == 0.6 and "MiB" in row["error"]
+            continue
+        assert row["predicted_bytes"] <= row["budget_bytes"] and row["ppl"] > 1
+        assert 0.0 <= row["tasks"]["piqa"]["acc_norm"] <= 1.0
+    table = (out / "results.md").read_text()
+    assert "batch 2 × 64 tokens in float16" in table and "wiki.utf8" in table
+    assert "PIQA 4" in table and "95 % interval" in table and "| 60% | random |" in table
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main([*args[:-2], "--out", str(out), "--methods", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
