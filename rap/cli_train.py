@@ -22,7 +22,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RapError(f"config file {args.config} does not exist", expected="rllib_configs/*.py")
     if args.env_runners is not None and args.env_runners < 0:
         raise RapError(f"--env-runners {args.env_runners} is negative", expected="0 or more")
-    summary = run(args.config, args.out, smoke=args.smoke, env_runners=args.env_runners)
+    summary = run(args.config, args.out, smoke=args.smoke, env_runners=args.env_runners,
+                  start_from=args.start_from)  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -41,5 +42,6 @@ def add_commands(sub: Any) -> None:
     train.add_argument("--out", required=True, help="folder for checkpoints, logs and the policy")
     train.add_argument("--smoke", action="store_true", help="a run of seconds (CI)")
     train.add_argument("--env-runners", type=int, help="override the config's env runner count")
+    train.add_argument("--start-from", help="a trained policy folder to continue from")
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)

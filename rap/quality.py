@@ -120,15 +120,13 @@ class Meter:
     """Measures ln perplexity of masks on one part of the perplexity text, with the cache."""
 
     def __init__(self, model: Any, part: str = "fit") -> None:
-        from rap.calibration import perplexity_chunks
         from rap.nll import NllEvaluator
 
         if part not in PARTS:
             raise RapError(f"unknown text part {part!r}", expected=f"one of {sorted(PARTS)}")
         lo, hi = PARTS[part]
-        ids, _ = perplexity_chunks(model.tokenizer, SEQ_LEN, hi * SEQ_LEN, model.dims.vocab)
         self.model, self.part = model, part
-        self.ev = NllEvaluator(model, ids[lo:hi], batch_size=hi - lo)
+        self.ev = NllEvaluator(model, part_ids(model, part), batch_size=hi - lo)
         self.known = read_cache(model.model_id, part)
         self.path = cache_path(model.model_id, part)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +143,24 @@ class Meter:
             with self.path.open("a") as f:
                 f.write(json.dumps({"key": key, "lnppl": value}) + "\n")
         return self.known[key]
+
+
+def part_ids(model: Any, part: str) -> Any:
+    """Token ids of one part, [chunks, SEQ_LEN]: contiguous from the start of the perplexity
+    text, tokenized here (not through `rap.calibration.chunks`, whose sampling may change), so
+    the shipped tables keep meaning the same tokens."""
+    import torch
+
+    from rap.calibration import PERPLEXITY_SOURCE, encode, text_of, usable_tokenizer
+
+    lo, hi = PARTS[part]
+    vocab = model.dims.vocab
+    # A prefix of the text tokenizes like the whole text well before its cut (~20K tokens).
+    prefix = text_of(PERPLEXITY_SOURCE)[:80_000]
+    stream = encode(usable_tokenizer(model.tokenizer, vocab), prefix, vocab)[: hi * SEQ_LEN]
+    if len(stream) < hi * SEQ_LEN:
+        raise RapError(f"the perplexity text gave {len(stream)} tokens, fewer than {hi * SEQ_LEN}")
+    return torch.tensor(stream, dtype=torch.long).view(hi, SEQ_LEN)[lo:hi]
 
 
 def sample_keys(scores: dict[Block, float], count: int, seed: int, max_drops: int) -> list[str]:

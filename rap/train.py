@@ -81,8 +81,27 @@ def _metrics(result: dict[str, Any]) -> dict[str, float | None]:
     return {k: None if v is None else float(v) for k, v in raw.items()}
 
 
-def run(config_path: str | Path, out: str | Path, smoke: bool = False,
-        env_runners: int | None = None) -> dict[str, Any]:  # fmt: skip
+def init_from(algo: Any, folder: str | Path) -> None:
+    """Start from a trained policy's network: `folder` is an RLModule folder or an exported
+    policy folder holding one in `module/` (only the module's weights are restored)."""
+    p = Path(folder)
+    p = p / "module" if (p / "module").is_dir() else p
+    if not (p / "module_state.pkl").is_file():
+        raise RapError(f"{folder} holds no RLModule", expected="a policy folder from rap train")
+    algo.restore_from_path(str(p.resolve()), component=f"{MODULE_COMPONENT}/default_policy")
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group)
+
+
+MODULE_COMPONENT = "learner_group/learner/rl_module"
+
+
+def run(
+    config_path: str | Path,
+    out: str | Path,
+    smoke: bool = False,
+    env_runners: int | None = None,
+    start_from: str | None = None,
+) -> dict[str, Any]:
     """Train as the config says and export the policy (module doc); returns the summary."""
     spec = load_spec(config_path, smoke, env_runners)
     out = Path(out)
@@ -90,6 +109,8 @@ def run(config_path: str | Path, out: str | Path, smoke: bool = False,
     where = connect()
     start = time.time()
     algo = spec.config.build_algo()
+    if start_from:
+        init_from(algo, start_from)
     log = (out / "train_log.jsonl").open("w")
     last: dict[str, Any] = {}
     try:
@@ -106,6 +127,7 @@ def run(config_path: str | Path, out: str | Path, smoke: bool = False,
         log.close()
         algo.stop()
     summary = {"config": str(config_path), "algo": spec.algo, "smoke": smoke, "ray": where,
+               "start_from": start_from,
                "iterations": spec.iterations, "wall_s": round(wall, 1), "last": last,
                "policy": str(policy)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -114,7 +136,7 @@ def run(config_path: str | Path, out: str | Path, smoke: bool = False,
 
 def module_folder(algo_checkpoint: str | Path) -> Path:
     """The RLModule's folder inside an Algorithm checkpoint (the only part to commit)."""
-    p = Path(algo_checkpoint) / "learner_group" / "learner" / "rl_module" / "default_policy"
+    p = Path(algo_checkpoint) / MODULE_COMPONENT / "default_policy"
     if not p.is_dir():
         raise RapError(f"{algo_checkpoint} holds no RLModule at {p}")
     return p

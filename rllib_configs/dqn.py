@@ -10,8 +10,10 @@ dueling combination, for observations and next observations (DESIGN.md's trap: R
 example is PPO-only). Env runners split the training scenarios and sample in parallel; a
 prioritized episode replay buffer lives in the Algorithm checkpoint (out/checkpoints/, never
 committed): only out/policy/ (the RLModule folder and its plain export) is worth keeping.
-Expect: returns climb from about −3 to about −0.5 over the first ~50K env steps, noisier than
-PPO; PPO is the default policy (docs/results.md compares both).
+Expect: returns climb from about −9 (random removals) toward −1 over 30K env steps (epsilon
+decays over the first 15K), noisier than PPO; PPO is the default policy (docs/results.md has
+both). On a small shared machine add `--env-runners 0` (sampling in the driver: Ray's worker
+processes run at low priority and starve beside other work).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
         "per_worker": runners,
         "pool_size": 60 if smoke else 400,
     }
-    steps = 200 if smoke else 60_000
+    steps = 200 if smoke else 30_000
     config = (
         DQNConfig()
         .environment(ServingSimEnv, env_config=env_config)
