@@ -145,7 +145,10 @@ def _start(config: Any, args: argparse.Namespace) -> None:
 
     from deployments.app import build_app
 
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    # A Ray of its own, even where `ray start` left a cluster running (use `serve deploy` there).
+    ray.init(
+        address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
+    )
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config.model_dump(mode="json")), name="rap", route_prefix="/")
 
