@@ -77,7 +77,8 @@ def plan_all(methods: dict[str, Any], config: Any, sits: list[workloads.Situatio
 
 
 def oracle_rows(sits: list[workloads.Situation], k: int) -> tuple[list[int], list[dict]]:
-    """The oracle on k situations, half weights-dominated (batch 1) and half the largest KV."""
+    """The oracle on k situations: the first k/2 weights-dominated ones (batch 1) and the
+    first KV-dominated ones of the traffic scenarios (batch ≥ 8, ≥ 1,536 tokens)."""
     import torch
 
     from rap.calibration import calibration_chunks
@@ -86,7 +87,8 @@ def oracle_rows(sits: list[workloads.Situation], k: int) -> tuple[list[int], lis
 
     torch.set_num_threads(1)
     b1 = [i for i, s in enumerate(sits) if s.batch == 1][: k // 2]
-    kv = sorted(range(len(sits)), key=lambda i: -sits[i].batch * sits[i].seq)[: k - len(b1)]
+    kv = [i for i, s in enumerate(sits) if s.batch >= 8 and s.seq >= 1536 and "grid" not in
+          s.scenario][: k - len(b1)]  # fmt: skip
     model = load_model("smollm2", dtype="float32", device="cpu")
     ids, _ = calibration_chunks(model.tokenizer, 256, 256, model.dims.vocab)
     rows = []

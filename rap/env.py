@@ -146,6 +146,7 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
         importance = cfg.get("importance")
         if importance is None:
             importance = stored_importance(self.model_id, cfg.get("scores", "bi"))
+        self.importance = np.asarray(importance, dtype=np.float64)
         self.observer = Observer(self.hf_config, self.dtype, importance,
                                  cfg.get("min_kept_fraction", 0.0))  # fmt: skip
         self.quality: Quality = _quality(cfg.get("quality", "surrogate"), self.model_id,

@@ -136,7 +136,11 @@ class RapPolicy:
                 expected=f"a policy for {self.model_id!r}",
                 fix="train one with `rap train` or use --method mem-greedy",
             )
-        importance = stored_importance(self.model_id, self.net.meta.get("scores", "bi"))
+        # The scores the policy was trained with (its observations), else the stored ones:
+        # scores recomputed later would shift the observation under a trained network.
+        importance = self.net.meta.get("importance") or stored_importance(
+            self.model_id, self.net.meta.get("scores", "bi")
+        )
         self.observer = Observer(self.config, self.dtype, importance, self.min_kept_fraction)
         if (self.net.obs_dim, self.net.num_actions) != (self.observer.dim, self.observer.n + 1):
             raise RapError(

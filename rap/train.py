@@ -160,6 +160,7 @@ def export(algo: Any, ckpt: str | Path, dest: Path, spec: TrainSpec, wall_s: flo
         "dtype": env.dtype,
         "scores": spec.env_config.get("scores", "bi"),
         "min_kept_fraction": spec.env_config.get("min_kept_fraction", 0.0),
+        "importance": [float(x) for x in env.importance],
         "train_wall_s": round(wall_s, 1),
         "iterations": spec.iterations,
         "notes": spec.notes,

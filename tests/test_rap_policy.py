@@ -88,6 +88,17 @@ def test_wrong_model_or_shape_is_refused(cfg) -> None:
         RapPolicy(net_preferring([0], dim + 1), cfg, MODEL, "float16")
 
 
+def test_training_scores_in_the_export_win_over_stored_ones(cfg) -> None:
+    """Observations must be those the network was trained on, even if scores are recomputed
+    (the stored tiny scores rise with the block index; the export's fall)."""
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    net = net_preferring([0], dim)
+    assert RapPolicy(net, cfg, MODEL, "float16").observer.ranks[0] == 0.0
+    net.meta["importance"] = [float(N - i) for i in range(N)]
+    policy = RapPolicy(net, cfg, MODEL, "float16")
+    assert policy.observer.ranks.tolist() == pytest.approx([1 - i / (N - 1) for i in range(N)])
+
+
 def test_export_round_trip_and_load(cfg, tmp_path: Path) -> None:
     dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
     rng = np.random.default_rng(0)
@@ -104,3 +115,30 @@ def test_export_round_trip_and_load(cfg, tmp_path: Path) -> None:
     assert loaded.net.meta["model"] == MODEL
     with pytest.raises(RapError, match="no exported RAP policy"):
         RapPolicy.load(tmp_path / "nothing", cfg, MODEL, "float16")
+
+
+@pytest.mark.slow
+def test_default_policy_plans_for_the_default_model(capsys: pytest.CaptureFixture) -> None:
+    """The shipped policy loads for `rap plan --method rap` and keeps inside every budget of
+    held-out situations, with at most 1 % of its decisions falling back."""
+    import json
+
+    from rap import workloads
+    from rap.cli import main
+    from rap.loading import load_config
+
+    assert main(["plan", "--method", "rap", "--budget-frac", "0.9", "--batch", "8", "--seq",
+                 "2048", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "rap" and report["predicted_bytes"] <= report["budget_bytes"]
+    config, model_id = load_config("smollm2")
+    policy = RapPolicy.load(None, config, model_id, "float16")
+    for name in workloads.names("eval"):
+        for s in workloads.situations(name, config, "float16", workloads.EVAL_SEED_BASE, 40):
+            try:
+                mask = policy.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
+            except BudgetError:
+                continue
+            assert planners.fits(config, mask, s.budget_bytes, s.batch, s.seq, "float16",
+                                 include_activations=True, prefill_tokens=s.prefill)  # fmt: skip
+    assert policy.decisions > 50 and policy.fallback_rate <= 0.01
