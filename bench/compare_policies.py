@@ -20,7 +20,6 @@ time p50/p99 and the fallback rate. Quality is the surrogate's (`rap.surrogate`)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,7 +36,32 @@ from rap.quality import key_of
 from rap.surrogate import load_surrogate
 
 DTYPE = "float16"
-PLANNERS = ("gsi", "mem-greedy", "shortgpt")
+
+
+def baselines(config: Any, model_id: str) -> dict[str, Any]:
+    """gsi, shortgpt, and mem-greedy once per stored score kind it can use (its ranking is only
+    as good as its costs: GSI's marginal costs, one-shot Δ NLL, or Block Influence)."""
+    from rap.importance import find_scores
+
+    out: dict[str, Any] = {}
+    variants = [("gsi", "gsi"), *[("mem-greedy", k) for k in ("gsi", "oneshot", "bi")],
+                ("shortgpt", "bi")]  # fmt: skip
+    for method, kind in variants:
+        name = method if method != "mem-greedy" else f"mem-greedy ({kind})"
+        try:
+            h = HeuristicPolicy(config, model_id, DTYPE, method, scores=find_scores(model_id, kind))
+        except RapError as exc:
+            out[name] = _refusal(str(exc).split(";")[0])
+            continue
+        out[name] = lambda s, h=h: h.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
+    return out
+
+
+def _refusal(why: str) -> Any:
+    def plan(_s: workloads.Situation) -> Any:
+        raise RapError(why)
+
+    return plan
 
 
 def pick_situations(config: Any, obs: Observer, per: int, seeds: int) -> list[workloads.Situation]:
@@ -144,10 +168,7 @@ def main() -> None:
     sits = pick_situations(config, policy.observer, args.per_scenario, args.seeds)
     methods: dict[str, Any] = {"rap": lambda s: policy.plan(s.budget_bytes, s.batch, s.seq,
                                                             s.prefill)}  # fmt: skip
-    for m in PLANNERS:
-        with contextlib.suppress(RapError):
-            h = HeuristicPolicy(config, model_id, DTYPE, method=m)
-            methods[m] = lambda s, h=h: h.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
+    methods.update(baselines(config, model_id))
     rows = plan_all(methods, config, sits)
     oracle_idx: list[int] = []
     if args.oracle:
