@@ -179,6 +179,8 @@ def find_scores(model_id: str, method: str) -> BlockScores:
         return load_default_scores(method)
     found = []
     for path in (cache_dir() / "scores").glob(f"*/{method}-*.json"):
+        if path.name.endswith(".partial.json"):  # a GSI run still going (or interrupted)
+            continue
         scores = BlockScores.from_file(path)
         if scores.model == model_id:
             found.append(scores)

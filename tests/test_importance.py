@@ -11,7 +11,13 @@ import torch
 from rap import calibration
 from rap.cli import main
 from rap.errors import RapError
-from rap.importance import METHODS, BlockScores, ScoresError, load_default_scores
+from rap.importance import (
+    METHODS,
+    BlockScores,
+    ScoresError,
+    find_scores,
+    load_default_scores,
+)
 from rap.loading import DEFAULT_MODEL_ID, load_model
 from rap.masks import KeepMask
 from rap.nll import NllEvaluator
@@ -125,6 +131,10 @@ def test_scores_are_cached_and_validated(tiny_dirs, tmp_path, monkeypatch) -> No
     assert not cached and first.order is not None and len(first.order) == 8
     again, cached = get_scores(model, settings)
     assert cached and again == first
+    # Lookup by model id finds it, and skips a GSI run still in progress beside it.
+    found = next(tmp_path.glob("scores/*/gsi-*.json"))
+    found.with_name(found.name.replace(".json", "-x.partial.json")).write_text("{}")
+    assert find_scores(first.model, "gsi") == first
     # Marginal costs add up to the perplexity of the last step.
     assert first.dense_ppl is not None
     total = math.log(first.dense_ppl) + sum(first.attn) + sum(first.mlp)
