@@ -123,7 +123,8 @@ def gsi(
     states, base = ev.capture_all(mask)
     if result is None:
         result = GsiResult(dense_nll=base.total)
-    spent = result.seconds
+    # A resumed run adds to what the interrupted one spent.
+    spent, runs, equivalents = result.seconds, result.runs, result.full_equivalents
     total_steps = 2 * ev.model.num_layers
     # Lazy mode's lower bounds: the last measured marginal cost of every block.
     bounds = {b: nll - first.dense_nll for b, nll in first.nll.items()} if first else {}
@@ -143,7 +144,7 @@ def gsi(
         mask = without(mask, (step.kind, step.layer))
         result.steps.append(step)
         result.seconds = spent + time.perf_counter() - t0
-        result.runs, result.full_equivalents = ev.runs, ev.full_equivalents()
+        result.runs, result.full_equivalents = runs + ev.runs, equivalents + ev.full_equivalents()
         if checkpoint:
             _save(checkpoint, result)
         if progress:
