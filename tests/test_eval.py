@@ -93,3 +93,17 @@ def test_eval_command_on_a_tiny_model(tiny_dirs, tmp_path, monkeypatch, capsys) 
     capsys.readouterr()
     assert main([*args[:-2], "--out", str(out), "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_on_the_default_model(tmp_path, capsys) -> None:
+    """A few items on the real model: the dense row is far better than a 40 % budget's."""
+    out = tmp_path / "eval"
+    args = ["eval", "--budgets", "1.0,0.4", "--methods", "oneshot", "--limit", "2", "--tasks",
+            "piqa,lambada", "--ppl-tokens", "512", "--ppl-seq-len", "256", "--no-cache",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[0]["blocks_kept"] == 60 and 10 < rows[0]["ppl"] < 100
+    assert rows[1]["ppl"] > 2 * rows[0]["ppl"]
+    capsys.readouterr()
