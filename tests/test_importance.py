@@ -81,6 +81,8 @@ def test_gsi_equals_the_exhaustive_search(arch, tiny_dirs, tmp_path) -> None:
     ckpt.write_text(json.dumps(raw))
     resumed = gsi(NllEvaluator(model, ids, 4), screen_batches=0, checkpoint=ckpt)
     assert [(s.kind, s.layer) for s in resumed.steps] == reference
+    # ... and its work counts add to the interrupted run's.
+    assert resumed.runs > raw["runs"] and resumed.full_equivalents > raw["full_equivalents"]
 
 
 def test_one_shot_is_the_first_gsi_step(tiny_dirs) -> None:
@@ -158,13 +160,27 @@ def test_importance_command(tiny_dirs, tmp_path, monkeypatch, capsys) -> None:
     assert "below --seq-len" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("gsi", "oneshot")])
+@pytest.mark.parametrize("method", METHODS)
 def test_shipped_scores_load(method) -> None:
     scores = load_default_scores(method)
     assert scores.model == DEFAULT_MODEL_ID and scores.num_layers == 30
     assert len(set(scores.removal_order())) == 60
     if method != "magnitude":
         assert scores.calibration and scores.calibration.source == calibration.CALIBRATION_SOURCE
+        assert scores.calibration.tokens >= 8192 and scores.calibration.half is None
+
+
+def test_shipped_gsi_is_the_whole_greedy_order() -> None:
+    """Every block in the order once, each step's ppl recorded, marginal costs adding up to the
+    last step, all on the same calibration text as the one-shot scores."""
+    gsi_scores, shot = load_default_scores("gsi"), load_default_scores("oneshot")
+    assert gsi_scores.order is not None and len(gsi_scores.order) == 60
+    assert gsi_scores.calibration == shot.calibration and gsi_scores.dense_ppl is not None
+    total = math.log(gsi_scores.dense_ppl) + sum(gsi_scores.attn) + sum(gsi_scores.mlp)
+    assert math.isclose(total, math.log(gsi_scores.order[-1].ppl), rel_tol=1e-6)
+    assert shot.dense_ppl is not None and math.isclose(
+        shot.dense_ppl, gsi_scores.dense_ppl, rel_tol=1e-4
+    )
 
 
 @pytest.mark.slow
