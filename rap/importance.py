@@ -93,6 +93,26 @@ class BlockScores(BaseModel):
     def score(self, kind: str, layer: int) -> float:
         return (self.attn if kind == "attn" else self.mlp)[layer]
 
+    def costs(self) -> dict[tuple[str, int], float]:
+        """What dropping each block costs, ≥ 0, for planners that weigh cost against bytes.
+
+        Scores without an order: max(score, 0). GSI: the running maximum of its marginal costs
+        along the removal order. A marginal cost measured late on GSI's path is taken on a
+        model already missing most blocks (perplexity in the thousands) and can be negative
+        there (the default model's attn18 at step 37: −0.22 nats); read alone it would make a
+        planner drop that block first from a dense model. GSI's order says a block it keeps
+        longer is worth at least what the blocks it dropped earlier cost, so the cost never
+        falls along the order.
+        """
+        if self.order is None:
+            return {(k, i): max(self.score(k, i), 0.0) for k, i in self.removal_order()}
+        out: dict[tuple[str, int], float] = {}
+        running = 0.0
+        for kind, layer in self.removal_order():
+            running = max(running, self.score(kind, layer))
+            out[(kind, layer)] = running
+        return out
+
     def removal_order(self) -> list[tuple[str, int]]:
         """Blocks least important first: GSI's own order, else ascending score (stable)."""
         if self.order is not None:

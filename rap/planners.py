@@ -12,9 +12,10 @@ no forward pass, well under a millisecond (`bench/planner_speed.py`).
     gsi         the stored GSI removal order (the paper's baseline order)
     oneshot     ascending one-shot Δ perplexity (each block scored alone): GSI without re-scoring
     mem-greedy  repeatedly the block with the least cost per useful byte freed,
-                cost_b / min(bytes_b, deficit), cost_b = max(score_b, 0) (GSI's marginal cost):
-                once the deficit is smaller than a block, bytes beyond it are worth nothing, so
-                the ranking is re-scored as the deficit shrinks
+                cost_b / min(bytes_b, deficit), cost_b from `BlockScores.costs` (GSI's
+                marginal costs, never falling along its order): once the deficit is smaller
+                than a block, bytes beyond it are worth nothing, so the ranking is re-scored as
+                the deficit shrinks
     shortgpt    whole layers (attention and MLP together), lowest Block Influence first
     attn-drop   attention blocks only, lowest BI first;  mlp-drop: MLP blocks only
     random      a seeded random order of all blocks
@@ -181,7 +182,7 @@ def _greedy(table: ByteTable, scores: BlockScores, budget: int) -> Iterator[list
     """mem-greedy's sequence: least cost per useful byte, re-scored as the deficit shrinks."""
     n = len(table.attn)
     blocks = [(k, i) for i in range(n) for k in ("attn", "mlp")]
-    cost = {b: max(scores.score(*b), 0.0) for b in blocks}
+    cost = scores.costs()
     biggest = max(table.of(b) for b in blocks)
     # While the deficit is at least the biggest block, min(bytes, deficit) = bytes and the
     # ranking is static: sort once (ties: more bytes first). Then re-score each step.

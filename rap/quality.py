@@ -201,7 +201,7 @@ def _stored_scores(model_id: str) -> dict[Block, float]:
             s = find_scores(model_id, kind)
         except RapError:
             continue
-        return {(k, i): s.score(k, i) for i in range(s.num_layers) for k in ("attn", "mlp")}
+        return s.costs()
     raise RapError(f"no stored scores for {model_id}", fix="run `rap importance` first")
 
 

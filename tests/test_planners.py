@@ -120,7 +120,8 @@ def test_mem_greedy_rescores_near_the_budget() -> None:
     assert table.attn[0] < table.mlp[0]
     attn = (0.5, 0.5, 0.5, 0.001)  # attn 3: the cheapest block in total
     mlp = (0.9, 0.9, 0.9, 0.0012)  # mlp 3: the best cost per byte (it is bigger)
-    scores = fake_scores(n).model_copy(update={"attn": attn, "mlp": mlp})
+    # Standalone costs (no GSI order, which these scores would contradict).
+    scores = fake_scores(n).model_copy(update={"attn": attn, "mlp": mlp, "order": None})
     assert mlp[3] / table.mlp[3] < attn[3] / table.attn[3]
     budget = table.dense() - 1  # one byte over: any block will do
     mask = plan_mask("mem-greedy", cfg, "m", budget, 1, 8, "float16", scores)
@@ -215,3 +216,20 @@ def test_oracle_picks_the_best_single_drop(tiny_dirs) -> None:
     assert fits(cfg, plan.mask, tight, 1, 16, "float32") and plan.evaluations > 8
     with pytest.raises(BudgetError, match="smallest allowed needs"):
         oracle_mask(model, ids, 1000, 1, 16, "float32", min_kept_fraction=0.5)
+
+
+def test_mem_greedy_reads_gsi_costs_along_the_order() -> None:
+    """A marginal cost GSI measured late (on a model missing most blocks) can be negative; to
+    mem-greedy that block must not look free on a nearly dense model."""
+    cfg = tiny_config("llama")
+    good = fake_scores(4)
+    kind, layer = good.removal_order()[-1]  # the block GSI kept longest
+    field = list(good.attn if kind == "attn" else good.mlp)
+    field[layer] = -1.0
+    scores = good.model_copy(update={kind: field})
+    costs = scores.costs()
+    assert costs[(kind, layer)] == max(costs.values()) > 0
+    table = byte_table(cfg, 1, 8, "float16")
+    mask = plan_mask("mem-greedy", cfg, "m", table.dense() - 1, 1, 8, "float16", scores)
+    dropped = {("attn", i) for i in mask.dropped_attn} | {("mlp", i) for i in mask.dropped_mlp}
+    assert dropped == {("attn", 1)}  # the cheapest block by its own score
