@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -131,12 +132,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.exit_after_first:
         _stop()
         return 0
+    # SIGTERM (kill, a container stop) shuts down like Ctrl-C; Ray's own handler would abort.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         _stop()
+    print("RAP Serve stopped")
     return 0
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _start(config: Any, args: argparse.Namespace) -> None:
