@@ -70,12 +70,8 @@ class Router:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._check_key(request)
-        return {
-            "object": "list",
-            "data": [
-                {"id": self.served_name, "object": "model", "created": 0, "owned_by": "rap-serve"}
-            ],
-        }
+        card = {"id": self.served_name, "object": "model", "created": 0, "owned_by": "rap-serve"}
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
