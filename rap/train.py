@@ -104,7 +104,7 @@ def run(
 ) -> dict[str, Any]:
     """Train as the config says and export the policy (module doc); returns the summary."""
     spec = load_spec(config_path, smoke, env_runners)
-    out = Path(out)
+    out = Path(out).resolve()  # RLlib reads relative paths as URIs without a scheme
     out.mkdir(parents=True, exist_ok=True)
     where = connect()
     start = time.time()
