@@ -64,12 +64,17 @@ def _refusal(why: str) -> Any:
     return plan
 
 
-def pick_situations(config: Any, obs: Observer, per: int, seeds: int) -> list[workloads.Situation]:
-    """Held-out situations that need pruning and that some allowed mask fits, evenly spaced."""
+def pick_situations(
+    config: Any, obs: Observer, per: int, seeds: int, split: workloads.Split = "eval"
+) -> list[workloads.Situation]:
+    """Situations that need pruning and that some allowed mask fits, evenly spaced: held-out
+    scenarios and seeds (EVAL_SEED_BASE + i), or with split "train" the training scenarios at
+    seeds 0..seeds-1 (for measuring the masks a policy chooses where it trains)."""
     out = []
-    for name in workloads.names("eval"):
+    base_seed = workloads.EVAL_SEED_BASE if split == "eval" else 0
+    for name in workloads.names(split):
         for i in range(seeds):
-            sits = workloads.situations(name, config, DTYPE, workloads.EVAL_SEED_BASE + i, 400)
+            sits = workloads.situations(name, config, DTYPE, base_seed + i, 400)
             ok = []
             for s in sits:
                 base, sizes = obs.table(s.batch, s.seq, s.prefill)
@@ -79,6 +84,18 @@ def pick_situations(config: Any, obs: Observer, per: int, seeds: int) -> list[wo
             step = max(1, len(ok) // per)
             out += ok[::step][:per]
     return out
+
+
+def write_policy_keys(policy: RapPolicy, sits: list[workloads.Situation], path: Path) -> None:
+    """The distinct masks the policy chose itself (fallbacks left out), one key a line."""
+    keys: dict[str, None] = {}
+    for s in sits:
+        before = policy.fallbacks
+        mask = policy.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
+        if policy.fallbacks == before:
+            keys[key_of(mask.attn, mask.mlp)] = None
+    path.write_text("".join(f"{k}\n" for k in keys))
+    print(f"{len(keys)} distinct masks from {len(sits)} situations -> {path}")
 
 
 def plan_all(methods: dict[str, Any], config: Any, sits: list[workloads.Situation]) -> dict:
@@ -154,6 +171,25 @@ def summarize(rows: list[dict], q: dict[str, float], dense: float, idx: list[int
             "errors": sorted({r["error"] for r in sel if "error" in r})[:2]}  # fmt: skip
 
 
+def paired(rows: dict, q: dict[str, float], against: str = "rap", seed: int = 0) -> dict:
+    """`against` vs each other method on the situations both planned: situations it was better
+    (worse) in by more than 1e-4 nats, and the mean difference in ln perplexity (negative = it
+    is better) with a 95 % bootstrap interval over situations (text noise is not in it)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for m, rs in rows.items():
+        pairs = [(q[a["key"]], q[b["key"]]) for a, b in zip(rows[against], rs, strict=True)
+                 if a.get("key") is not None and b.get("key") is not None]  # fmt: skip
+        if m == against or not pairs:
+            continue
+        d = np.array([a - b for a, b in pairs])
+        boot = d[rng.integers(0, len(d), (2000, len(d)))].mean(1)
+        ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        out[m] = {"n": len(d), "mean_diff": float(d.mean()), "ci95": ci,
+                  "better": int((d < -1e-4).sum()), "worse": int((d > 1e-4).sum())}  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", help="exported policy folder (default: the packaged one)")
@@ -162,10 +198,26 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="measured ppl (else surrogate)")
     parser.add_argument("--oracle", type=int, default=0, help="situations for the oracle")
     parser.add_argument("--out", default="bench/results/compare.json")
+    parser.add_argument(
+        "--split",
+        choices=["eval", "train"],
+        default="eval",
+        help="train: training scenarios, seeds 0.. (with --keys-out only)",
+    )
+    parser.add_argument(
+        "--keys-out",
+        help="write the masks the policy chose (one key a line) "
+        "and stop: the input of `python -m rap.quality measure --keys`",
+    )
     args = parser.parse_args()
+    if args.split == "train" and not args.keys_out:
+        parser.error("--split train only lists the policy's masks: add --keys-out FILE")
     config, model_id = load_config("smollm2")
     policy = RapPolicy.load(args.policy, config, model_id, DTYPE)
-    sits = pick_situations(config, policy.observer, args.per_scenario, args.seeds)
+    sits = pick_situations(config, policy.observer, args.per_scenario, args.seeds, args.split)
+    if args.keys_out:
+        write_policy_keys(policy, sits, Path(args.keys_out))
+        return
     methods: dict[str, Any] = {"rap": lambda s: policy.plan(s.budget_bytes, s.batch, s.seq,
                                                             s.prefill)}  # fmt: skip
     methods.update(baselines(config, model_id))
@@ -199,6 +251,7 @@ def tables(rows: dict, q: dict, sits: list, oracle_idx: list[int], policy: RapPo
         "situations": len(sits),
         "scenarios": workloads.names("eval"),
         "policy": {**policy.net.meta, "decisions": policy.decisions, "fallbacks": policy.fallbacks},
+        "rap_vs": paired(rows, q),
         "groups": {
             g: {
                 m: summarize(rs, q, dense, idx)
@@ -240,6 +293,13 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{r['dlnppl']:.3f} | {r['violations']} | {r['p50_ms']:.3f} | "
                          f"{r['p99_ms']:.3f} |")  # fmt: skip
         lines.append("")
+    lines += ["**rap against each method, situation by situation** (Δ = rap − method in ln ppl)",
+              "", "| method | rap better | rap worse | mean Δ | 95 % CI (situations) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for m, r in report["rap_vs"].items():
+        lo, hi = r["ci95"]
+        lines.append(f"| {m} | {r['better']}/{r['n']} | {r['worse']}/{r['n']} | "
+                     f"{r['mean_diff']:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")  # fmt: skip
     return "\n".join(lines)
 
 
