@@ -9,15 +9,19 @@ predicted token of the perplexity text (`rap.calibration`, Wikipedia), in nats:
 measured with `rap.nll.NllEvaluator` on two disjoint slices of that text, so the masks a policy
 is judged on are scored on tokens its training signal never saw:
 
-    fit   tokens [0, 512)      as 2 chunks of 256: what the surrogate (`rap.surrogate`) is fitted to
     eval  tokens [512, 1536)   as 4 chunks of 256: what `bench/compare_policies.py` reports
+    fit   tokens [1536, 3584)  as 8 chunks of 256: what the surrogate (`rap.surrogate`) is fitted to
 
-Every measurement is appended to a JSON-lines cache (`cache_dir()/quality/<model>.<part>.jsonl`),
-so runs resume and masks are never measured twice; `export` writes the compact table that ships
-in `rap/data/<model>.lnppl-<part>.json` (a few hundred masks, tens of KB).
+The fit text was 512 tokens (tokens [0, 512)) until the policy was seen to learn that text's
+quirks: its per-block costs disagreed with both the eval text and 8,192-token one-shot scores
+(docs/agent.md). Every measurement is appended to a JSON-lines cache named by the part's token
+range (`cache_dir()/quality/<model>.<part>.<first>-<last chunk>.jsonl`), so runs resume, masks
+are never measured twice and a part whose range changes never mixes texts; `export` writes the
+compact table that ships in `rap/data/<model>.lnppl-<part>.json` (a few hundred masks, tens of
+KB), which records its range: a table for another range is refused.
 
-Run: `nice -n 10 python -m rap.quality measure --part fit --count 400` (~2 s a mask on one CPU
-thread), then `python -m rap.quality export --part fit`.
+Run: `python -m rap.quality measure --part fit --count 240 --threads 2` (~6 s a mask on two CPU
+threads), then `python -m rap.quality export --part fit`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from rap.loading import DEFAULT_MODEL_ID, cache_dir
 
 DATA_DIR = Path(__file__).parent / "data"
 SEQ_LEN = 256
-PARTS = {"fit": (0, 2), "eval": (2, 6)}
+PARTS = {"eval": (2, 6), "fit": (6, 14)}
 """part → [first, last) chunk of SEQ_LEN tokens of the perplexity text."""
 Block = tuple[str, int]
 
@@ -69,7 +73,8 @@ def table_path(model_id: str, part: str) -> Path:
 
 
 def cache_path(model_id: str, part: str) -> Path:
-    return cache_dir() / "quality" / f"{model_id}.{part}.jsonl"
+    lo, hi = PARTS[part]
+    return cache_dir() / "quality" / f"{model_id}.{part}.{lo}-{hi}.jsonl"
 
 
 def read_cache(model_id: str, part: str) -> dict[str, float]:
@@ -89,7 +94,13 @@ def load_table(model_id: str = DEFAULT_MODEL_ID, part: str = "fit") -> dict[str,
     path = table_path(model_id, part)
     table: dict[str, float] = {}
     if path.is_file():
-        table.update(json.loads(path.read_text())["lnppl"])
+        doc = json.loads(path.read_text())
+        if doc["text"]["chunks"] != list(PARTS[part]):
+            raise RapError(f"{path} was measured on chunks {doc['text']['chunks']} of the text, "
+                           f"the {part} part is now chunks {list(PARTS[part])}",
+                           fix=f"re-measure: python -m rap.quality measure --part {part}, then "
+                               f"python -m rap.quality export --part {part}")  # fmt: skip
+        table.update(doc["lnppl"])
     table.update(read_cache(model_id, part))
     if not table:
         raise RapError(

@@ -184,11 +184,33 @@ def load_surrogate(model_id: str = DEFAULT_MODEL_ID) -> Surrogate:
     return Surrogate(doc["num_layers"], doc["dense_lnppl"], tuple(doc["coef"]), meta)
 
 
+def check(model_id: str, keys_file: str | Path) -> dict[str, float]:
+    """The shipped surrogate's error on measured masks listed in `keys_file` (e.g. the masks a
+    trained policy chose): a negative bias means the agent found masks the surrogate flatters."""
+    table = load_table(model_id, "fit")
+    keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()]
+    missing = [k for k in keys if k not in table]
+    if missing:
+        fix = f"python -m rap.quality measure --part fit --keys {keys_file}"
+        what = f"{len(missing)} of {len(keys)} masks in {keys_file} are not measured"
+        raise RapError(what, fix=fix)
+    return evaluate(load_surrogate(model_id), keys, [table[k] for k in keys])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Fit on the measured table, print the held-out report, write the shipped surrogate."""
-    model_id = (list(argv) if argv is not None else sys.argv[1:] or [DEFAULT_MODEL_ID])[0]
-    model, report = fit_and_report(model_id)
-    surrogate_path(model_id).write_text(model.to_json())
+    """Fit on the measured table, print the held-out report, write the shipped surrogate; with
+    --check KEYS only report the shipped surrogate's error on those measured masks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rap.surrogate", description=main.__doc__)
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_ID)
+    parser.add_argument("--check", metavar="KEYS", help="a file of mask keys, one a line")
+    args = parser.parse_args(argv)
+    if args.check:
+        print(json.dumps(check(args.model, args.check)))
+        return 0
+    model, report = fit_and_report(args.model)
+    surrogate_path(args.model).write_text(model.to_json())
     load_surrogate.cache_clear()
     print(json.dumps(report, indent=1))
     return 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 from rap import quality, surrogate
+from rap.errors import RapError
 from rap.loading import load_model
 
 
@@ -80,3 +82,35 @@ def test_shipped_surrogate_loads_for_the_default_model() -> None:
     assert s.lnppl(one) > dense + 1.0
     report = s.meta["report"]
     assert isinstance(report, dict) and report["held_out"]["all"]["spearman"] > 0.8
+
+
+def test_shipped_fit_table_covers_every_single_drop_on_the_current_text() -> None:
+    table = quality.load_table()  # raises if it was measured on another part of the text
+    singles = [k for k in table if k and "," not in k]
+    assert "" in table and len(singles) == 60
+    assert sum("," in k for k in table) >= 200
+
+
+def test_a_table_measured_on_other_tokens_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(quality, "DATA_DIR", tmp_path)
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path))
+    doc = {"text": {"chunks": [0, 2]}, "lnppl": {"": 3.0}}
+    quality.table_path("m", "fit").write_text(json.dumps(doc))
+    with pytest.raises(RapError, match=r"chunks \[0, 2\].*re-measure"):
+        quality.load_table("m", "fit")
+    lo, hi = quality.PARTS["fit"]
+    assert quality.cache_path("m", "fit").name == f"m.fit.{lo}-{hi}.jsonl"  # never mixes texts
+
+
+def test_surrogate_check_reports_its_bias_on_measured_masks(tmp_path, monkeypatch) -> None:
+    keys = ["a5", "a5,a7", "a3,a5,a7"]
+    s = surrogate.load_surrogate()
+    true = s.predict(keys) + 0.2  # masks the surrogate flatters by 0.2 nats
+    monkeypatch.setattr(surrogate, "load_table", lambda *_: dict(zip(keys, true, strict=True)))
+    path = tmp_path / "keys.txt"
+    path.write_text("\n".join(keys) + "\n")
+    report = surrogate.check(surrogate.DEFAULT_MODEL_ID, path)
+    assert report["bias_lnppl"] == pytest.approx(-0.2) and report["masks"] == 3
+    path.write_text("a5\nm0,m1\n")
+    with pytest.raises(RapError, match=r"1 of 2 masks.*not measured"):
+        surrogate.check(surrogate.DEFAULT_MODEL_ID, path)
