@@ -183,10 +183,13 @@ def _greedy(table: ByteTable, scores: BlockScores, budget: int) -> Iterator[list
     n = len(table.attn)
     blocks = [(k, i) for i in range(n) for k in ("attn", "mlp")]
     cost = scores.costs()
+    # Ties (GSI's running-max costs have many) go by the scores' own order, never by set order,
+    # which follows string hashes and so changed from one process to the next.
+    rank = {b: r for r, b in enumerate(scores.removal_order())}
     biggest = max(table.of(b) for b in blocks)
     # While the deficit is at least the biggest block, min(bytes, deficit) = bytes and the
     # ranking is static: sort once (ties: more bytes first). Then re-score each step.
-    static = sorted(blocks, key=lambda b: (cost[b] / table.of(b), -table.of(b)))
+    static = sorted(blocks, key=lambda b: (cost[b] / table.of(b), -table.of(b), rank[b]))
     left, used, i = set(blocks), table.dense(), 0
     while left and used > budget:
         deficit = used - budget
@@ -195,7 +198,8 @@ def _greedy(table: ByteTable, scores: BlockScores, budget: int) -> Iterator[list
                 i += 1
             b = static[i]
         else:
-            b = min(left, key=lambda x: (cost[x] / min(table.of(x), deficit), -table.of(x)))
+            b = min(left, key=lambda x: (cost[x] / min(table.of(x), deficit), -table.of(x),
+                                         rank[x]))  # fmt: skip
         left.discard(b)
         used -= table.of(b)
         yield [b]
