@@ -23,6 +23,11 @@ Reward (the paper's Σ_i a_i(α·R_ppl_i − β·R_mem_i)), for removal step i t
     R_ppl_i = −(q(m_i) − q(m_{i−1}))           quality kept: q = ln perplexity of the real model
     R_mem_i = (peak(m_i) − budget)⁺ / D         memory still over budget after the step
     r_i = α·R_ppl_i − β·R_mem_i,  and −penalty on STOP (or no valid action) while over budget.
+q is capped at ln V (V = vocabulary size: the ln perplexity of guessing uniformly). Beyond it a
+model is broken whatever the number, and uncapped the surrogate (the exponential of a linear
+form) prices 50 drops at 200+ nats, so stopping over budget (−penalty) beat any mask that fits
+when a controller plans a big bucket under a small budget; with the cap and penalty (20) >
+ln V − q(dense) + β·(steps), every mask that fits scores above ending over budget.
 q comes from a `Quality`: by default `rap.surrogate` fitted to perplexities of the default model
 measured under a few hundred masks (`rap.quality`), so it is traceable to the real model; tests
 use an additive model of stored scores. Σ r telescopes to −α·(q(final) − q(dense)) − β·Σ R_mem.
@@ -132,7 +137,7 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
     scenarios (names; default every `train` scenario), split, seed_base, pool_size,
     per_worker (R env runners split the scenarios), scores (stored score kind, "bi"),
     importance (2L floats instead), quality ("surrogate" (default), "additive" or a `Quality`),
-    alpha (1), beta (0.05), penalty (10), min_kept_fraction (0)."""
+    alpha (1), beta (0.05), penalty (20), min_kept_fraction (0)."""
 
     metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012
 
@@ -152,7 +157,8 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
         self.quality: Quality = _quality(cfg.get("quality", "surrogate"), self.model_id,
                                          np.asarray(importance, dtype=np.float64))  # fmt: skip
         self.alpha, self.beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.05)
-        self.penalty = cfg.get("penalty", 10.0)
+        self.penalty = cfg.get("penalty", 20.0)
+        self.q_cap = math.log(self.hf_config.vocab_size)  # module doc: why q is capped
         self.scenarios = _scenarios(cfg)
         self._pools: dict[str, list[workloads.Situation]] = {}
         n = self.observer.n
@@ -199,7 +205,7 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
         self.situation = s
         self.base, self.sizes = self.observer.table(s.batch, s.seq, s.prefill)
         self.kept = np.ones(self.observer.n, dtype=np.float32)
-        self.q = self.quality.lnppl(1.0 - self.kept)
+        self.q = self.lnppl()
         self.dense_bytes = self.base + float(self.sizes.sum())
         return self._obs(), self._info()
 
@@ -214,7 +220,7 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
             fits = self.peak() <= self.situation.budget_bytes
             return self._obs(), 0.0 if fits else -self.penalty, True, False, self._info()
         self.kept[a - 1] = 0.0
-        q = self.quality.lnppl(1.0 - self.kept)
+        q = self.lnppl()
         over = max(self.peak() - self.situation.budget_bytes, 0) / self.dense_bytes
         reward = self.alpha * -(q - self.q) - self.beta * over
         self.q = q
@@ -223,6 +229,10 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
         if stuck:
             reward -= self.penalty
         return self._obs(), float(reward), fits or stuck, False, self._info()
+
+    def lnppl(self) -> float:
+        """q of the current mask, capped at ln V (module doc)."""
+        return min(self.quality.lnppl(1.0 - self.kept), self.q_cap)
 
     def peak(self) -> int:
         return int(self.base + self.sizes @ self.kept)

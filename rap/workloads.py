@@ -298,7 +298,7 @@ for _sc in (
              burst=8.0, burst_s=10.0),
     Scenario("bucket-grid", "train", "the controller's bucket grid under random budgets", 1.0,
              CHAT_PROMPT, CHAT_OUTPUT, 8, MemoryTrace("steady"), 8, 1024,
-             grid=((1, 2, 4, 8, 16), (128, 256, 512, 1024, 2048), 0.45, 0.98)),
+             grid=((1, 2, 4, 8, 16), (128, 256, 512, 1024, 2048), 0.25, 0.98)),
     # held out: other traces, other parameters, other seeds
     Scenario("eval-chat-spikes", "eval", "chat traffic, other tenants' spikes", 3.0,
              CHAT_PROMPT, CHAT_OUTPUT, 8, MemoryTrace("spikes", 0.95, 0.8, 10.0), 8, 1024),

@@ -117,3 +117,23 @@ def test_env_runners_split_scenarios() -> None:
     assert first.scenarios == ["chat-steady", "mixed-burst"]
     assert second.scenarios == ["chat-steps"]
     assert make(scenarios=names, per_worker=2).scenarios == names  # the local runner: all
+
+
+def test_fitting_a_huge_deficit_beats_stopping_over_budget() -> None:
+    """A controller bucket (8 × 2,048, prompt activations) under a budget that only ~all drops
+    meet: the shipped surrogate prices such masks at 100+ nats, and before q was capped at ln V
+    STOP (−penalty) scored higher, so the trained policy stopped and fell back."""
+    env = ServingSimEnv({"model": "smollm2", "scores": "oneshot", "scenarios": ["bucket-grid"],
+                         "pool_size": 20})  # fmt: skip
+    base, sizes = env.observer.table(8, 2048, 2048)
+    keep = np.argsort(sizes)[: env.observer.n - env.observer.max_drops]
+    budget = int(base + sizes[keep].sum() + 8 * 2**20)
+    env.reset(options={"situation": Situation(0.0, 8, 2048, 2048, budget, "test")})
+    total, done, info = 0.0, False, {}
+    for j in np.argsort(sizes)[::-1]:  # biggest blocks first until the mask fits
+        _, r, done, _, info = env.step(int(j) + 1)
+        total += r
+        if done:
+            break
+    assert info["fits"]
+    assert -env.penalty < total < -1.0  # a broken model, but better than ending over budget
