@@ -106,10 +106,11 @@ def test_surrogate_check_reports_its_bias_on_measured_masks(tmp_path, monkeypatc
     keys = ["a5", "a5,a7", "a3,a5,a7"]
     s = surrogate.load_surrogate()
     true = s.predict(keys) + 0.2  # masks the surrogate flatters by 0.2 nats
-    monkeypatch.setattr(surrogate, "load_table", lambda *_: dict(zip(keys, true, strict=True)))
+    table = {"": s.dense_lnppl, **dict(zip(keys, true, strict=True))}
+    monkeypatch.setattr(surrogate, "load_table", lambda *_: table)
     path = tmp_path / "keys.txt"
     path.write_text("\n".join(keys) + "\n")
-    report = surrogate.check(surrogate.DEFAULT_MODEL_ID, path)
+    report = surrogate.check(surrogate.DEFAULT_MODEL_ID, path)["all"]
     assert report["bias_lnppl"] == pytest.approx(-0.2) and report["masks"] == 3
     path.write_text("a5\nm0,m1\n")
     with pytest.raises(RapError, match=r"1 of 2 masks.*not measured"):
