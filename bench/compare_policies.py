@@ -2,7 +2,8 @@
 
 Usage:
     .venv/bin/python bench/compare_policies.py [--policy DIR] [--per-scenario 12] [--seeds 2]
-        [--measure] [--oracle 0] [--out bench/results/compare.json]
+        [--measure] [--oracle 0 | --oracle-from FILE] [--out bench/results/compare.json]
+    .venv/bin/python bench/compare_policies.py --policy DIR --split train --keys-out KEYS
 
 Situations: every held-out (`eval`) scenario of `rap.workloads` with seeds EVAL_SEED_BASE + i,
 taking `per-scenario` batch starts (evenly spaced) that need pruning and that some mask fits,
@@ -10,11 +11,14 @@ for the default model with float16 budgets (predicted peak, activations included
 plans every situation at the same budget: `rap` (the policy; only masks it chose itself count as
 its own: fallbacks are counted separately), `gsi`, `mem-greedy`, `shortgpt` and, with
 `--oracle K`, the oracle (beam 1, 256 calibration tokens) on K of them (it measures hundreds of
-masks per decision). Reported per method: quality as exp(mean ln perplexity) and the mean rise
-in ln perplexity over the dense model, budget violations (a returned mask over budget), decision
-time p50/p99 and the fallback rate. Quality is the surrogate's (`rap.surrogate`) unless
-`--measure`: then every distinct mask is measured on the `eval` part of the perplexity text
-(`rap.quality`, wiki tokens 512-1536, never used to fit the surrogate), cached.
+masks per decision; `--oracle-from` reuses the masks of such a run). Reported per method:
+quality as exp(mean ln perplexity) and the mean rise in ln perplexity over the dense model,
+budget violations (a returned mask over budget), decision time p50/p99, the fallback rate, and
+rap against each method situation by situation. `--split train --keys-out` lists the masks a
+policy chooses on training scenarios instead (the DAgger step of scripts/train_policy.sh).
+Quality is the surrogate's (`rap.surrogate`) unless `--measure`: then every distinct mask is
+measured on the `eval` part of the perplexity text (`rap.quality`, wiki tokens 512-1536, never
+used to fit the surrogate), cached.
 """
 
 from __future__ import annotations
@@ -143,6 +147,24 @@ def oracle_rows(sits: list[workloads.Situation], k: int) -> tuple[list[int], lis
     return b1 + kv, rows
 
 
+def stored_oracle(sits: list[workloads.Situation], path: str) -> tuple[list[int], list[dict]]:
+    """Oracle masks from an earlier run (`bench/results/oracle_subset.json`) on the situations
+    they were planned for: the oracle depends on the situation only, and costs minutes a mask."""
+    doc = json.loads(Path(path).read_text())
+    where = {(s.scenario, s.batch, s.seq, s.budget_bytes): i for i, s in enumerate(sits)}
+    idx, rows = [], []
+    for o in doc["situations"]:
+        i = where.get((o["scenario"], o["batch"], o["seq"], o["budget"]))
+        if i is None:
+            fix = "use the --per-scenario and --seeds of the run that stored it"
+            raise RapError(
+                f"{path}: no situation {o['scenario']} B{o['batch']} S{o['seq']}", fix=fix
+            )
+        idx.append(i)
+        rows.append({"key": o["oracle"], "ms": doc["p50_ms"], "fits": True})
+    return idx, rows
+
+
 def quality(keys: set[str], measure: bool) -> dict[str, float]:
     """ln perplexity per mask key: measured on the eval text, or the surrogate's."""
     if not measure:
@@ -197,6 +219,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--measure", action="store_true", help="measured ppl (else surrogate)")
     parser.add_argument("--oracle", type=int, default=0, help="situations for the oracle")
+    parser.add_argument("--oracle-from", help="reuse stored oracle masks (oracle_subset.json)")
     parser.add_argument("--out", default="bench/results/compare.json")
     parser.add_argument(
         "--split",
@@ -223,8 +246,9 @@ def main() -> None:
     methods.update(baselines(config, model_id))
     rows = plan_all(methods, config, sits)
     oracle_idx: list[int] = []
-    if args.oracle:
-        oracle_idx, orows = oracle_rows(sits, args.oracle)
+    if args.oracle or args.oracle_from:
+        oracle_idx, orows = (stored_oracle(sits, args.oracle_from) if args.oracle_from
+                             else oracle_rows(sits, args.oracle))  # fmt: skip
         rows["oracle"] = [{"key": None, "error": "not run"}] * len(sits)
         for i, r in zip(oracle_idx, orows, strict=True):
             rows["oracle"][i] = r

@@ -36,7 +36,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
         "model": "smollm2",
         "dtype": "float16",
         "split": "train",
-        "scores": os.environ.get("RAP_TRAIN_SCORES", "bi"),
+        "scores": os.environ.get("RAP_TRAIN_SCORES", "oneshot"),
         "quality": "additive" if smoke else "surrogate",
         "per_worker": runners,
         "pool_size": 60 if smoke else 400,

@@ -1,19 +1,21 @@
 """PPO with an action-masking RLModule on rap/ServingSim-v0 (the default model, its surrogate).
 
 Run:
-    rap train --config rllib_configs/ppo.py --out runs/ppo            # the default policy
+    rap train --config rllib_configs/ppo.py --env-runners 0 --out runs/ppo  # default: round 0
     rap train --config rllib_configs/ppo.py --smoke --out /tmp/ppo    # CI: 2 iterations
     RAY_ADDRESS=ray://head:10001 rap train --config ... --env-runners 8   # on a Ray cluster
 
 Env runners split the training scenarios (`rap.workloads`, split "train") between them and
 sample in parallel (on a small shared machine pass `--env-runners 0`: sampling in the driver,
-see docs/agent.md). Expect: the mean episode return (−Δ ln perplexity of the chosen mask minus a
-small over-budget term; −10 for ending over budget) climbs from about −6 to about −0.3 within
-25-40 iterations and then wanders between −0.2 and −0.35 (the bucket-grid scenario's large
-deficits dominate it); episodes are 7-11 removals. 120 iterations (240K env steps) took 26 min
-on 2 shared CPU cores. Output: out/policy/ (the RLModule folder and its checked plain export),
+see docs/agent.md). Observations carry the one-shot scores' ranks (`RAP_TRAIN_SCORES` picks
+another stored kind). Expect: the mean episode return (−Δ ln perplexity of the chosen mask minus
+a small over-budget term; −20 for ending over budget) climbs from about −9 to about −1.2 within
+20 iterations and ends near −0.8 (the bucket grid's huge deficits, capped at ln V, dominate
+it); episodes are 9-13 removals. 120 iterations (240K env steps) take about 2 minutes on 2 idle
+CPU cores. Output: out/policy/ (the RLModule folder and its checked plain export),
 out/checkpoints/, out/train_log.jsonl, out/summary.json. `RAP_TRAIN_ITERATIONS` overrides the
-length; `--start-from DIR` continues from a trained policy.
+length; `--start-from DIR` continues from a trained policy. The shipped policy is this config
+plus three DAgger rounds: scripts/train_policy.sh.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
         "model": "smollm2",
         "dtype": "float16",
         "split": "train",
-        "scores": os.environ.get("RAP_TRAIN_SCORES", "bi"),
+        "scores": os.environ.get("RAP_TRAIN_SCORES", "oneshot"),
         "quality": "additive" if smoke else "surrogate",
         "per_worker": runners,
         "pool_size": 60 if smoke else 400,
