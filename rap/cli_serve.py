@@ -172,9 +172,27 @@ def _first_request(url: str, api_key: str | None) -> dict[str, Any]:
     return http_json(f"{url}/v1/chat/completions", body, api_key)
 
 
+STOP_TIMEOUT_S = 30.0
+"""How long a clean shutdown may take before `rap serve` exits anyway."""
+
+
 def _stop() -> None:
+    import threading
+
     import ray
     from ray import serve
 
+    # A signal sent to the whole process group (systemd's default, `timeout`, a terminal's
+    # Ctrl-C) stops Ray's own processes too; Serve's shutdown then waits on a GCS that is gone
+    # and never returns. Exit after STOP_TIMEOUT_S instead of hanging.
+    def give_up() -> None:
+        print(f"RAP Serve stopped: Ray did not shut down within {STOP_TIMEOUT_S:.0f} s "
+              "(its processes were stopped from outside)", flush=True)  # fmt: skip
+        os._exit(0)
+
+    timer = threading.Timer(STOP_TIMEOUT_S, give_up)
+    timer.daemon = True
+    timer.start()
     serve.shutdown()
     ray.shutdown()
+    timer.cancel()
