@@ -194,6 +194,11 @@ def sample_keys(scores: dict[Block, float], count: int, seed: int, max_drops: in
     return list(dict.fromkeys(keys))
 
 
+def read_keys(path: str | Path) -> list[str]:
+    """Mask keys from a file, one a line (blank lines skipped)."""
+    return [k.strip() for k in Path(path).read_text().splitlines() if k.strip()]
+
+
 def key_for(blocks: Iterable[Block]) -> str:
     """The key of a drop set given as blocks."""
     drop = set(blocks)
@@ -225,7 +230,7 @@ def _measure(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype="float32", device="cpu")
     meter = Meter(model, args.part)
     if args.keys:
-        keys = [k.strip() for k in Path(args.keys).read_text().splitlines() if k.strip()]
+        keys = read_keys(args.keys)
     else:
         keys = sample_keys(_stored_scores(model.model_id), args.count, args.seed, args.max_drops)
     keys = ["", *keys]

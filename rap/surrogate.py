@@ -34,7 +34,7 @@ import numpy as np
 
 from rap.errors import RapError
 from rap.loading import DEFAULT_MODEL_ID
-from rap.quality import DATA_DIR, blocks_of, load_table
+from rap.quality import DATA_DIR, blocks_of, load_table, read_keys
 
 FORMAT = "rap-surrogate/1"
 CAP = 4.0
@@ -199,7 +199,7 @@ def check(model_id: str, keys_file: str | Path) -> dict[str, dict[str, float]]:
     trained policy chose), over all of them and over those with Δ ≤ RELEVANT: a negative bias
     means the agent found masks the surrogate flatters."""
     table = load_table(model_id, "fit")
-    keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()]
+    keys = read_keys(keys_file)
     missing = [k for k in keys if k not in table]
     if missing:
         fix = f"python -m rap.quality measure --part fit --keys {keys_file}"
