@@ -1,7 +1,8 @@
 """Block weights that can really leave memory and come back bit for bit (DESIGN.md invariant 3).
 
 Each block's parameters live in one contiguous buffer, the parameters being views into it, so
-that dropping a block is a single free. On a CPU the buffer is released and, on restore, re-read
+that dropping a block is a single free. On a CPU the buffer is a memory mapping of its own
+(`cpu_block_buffer`), unmapped on release, and on restore re-read
 from the model's safetensors file (converted to the serving dtype exactly as loading does). On a
 GPU it moves to pinned host memory and back, and `torch.cuda.empty_cache()` returns the freed
 pages to the device.
@@ -9,11 +10,9 @@ pages to the device.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
-import sys
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,27 @@ from torch import nn
 
 from rap.arch import ArchSpec
 
-M_MMAP_THRESHOLD = -3
 
+def cpu_block_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of `numel` elements in a shared anonymous mapping of its own (`mmap`),
+    unmapped when the last view of it dies, so that dropping a block returns its pages to the OS.
+    Shared, not private: each such mapping is its own shmem object, never merged with a
+    neighbour, so `/proc/self/maps` shows every block buffer as one line of its own.
 
-def _keep_large_buffers_in_own_mappings() -> None:
-    """glibc raises its mmap threshold after every large free (up to 32 MiB); buffers of that size
-    are then carved from the heap and freeing them no longer returns pages to the OS. A fixed
-    threshold keeps every block buffer in a mapping of its own, so a drop lowers RSS for real."""
-    if sys.platform.startswith("linux"):
-        # Not glibc: other allocators return large frees to the OS on their own.
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    Why not `torch.empty`: torch takes CPU memory from glibc's malloc, which serves a large
+    request from free space already in its heap when it has some (chunks freed earlier in the
+    process, e.g. while glibc's dynamic mmap threshold was raised to 32 MiB), and a free puts it
+    back there: RSS does not move. Whether that happens depends on every allocation before it
+    (a test suite's order), which made the release tests flaky. A mapping of our own makes
+    "freed" mean "gone from /proc/self/maps" by construction.
+    """
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    # frombuffer holds the mapping alive through the tensor's storage; the mapping is closed
+    # (munmap) when the storage is freed.
+    return torch.frombuffer(mapping, dtype=dtype, count=numel)
 
 
 @dataclass
@@ -104,11 +113,8 @@ class BlockStore:
 
     def consolidate(self, device: torch.device) -> None:
         """Move every block into one contiguous buffer on `device` (parameters become views)."""
-        if device.type == "cpu":
-            _keep_large_buffers_in_own_mappings()
         for slot in self.slots.values():
-            dtype = slot.params[0][1].dtype
-            buf = torch.empty(slot.numel, dtype=dtype, device=device)
+            buf = _new_buffer(slot.numel, slot.params[0][1].dtype, device)
             for view, (_, p, _) in zip(self._views(slot, buf), slot.params, strict=True):
                 view.copy_(p.data)
             self._bind(slot, buf)
@@ -142,7 +148,7 @@ class BlockStore:
         slot = self.slots[(kind, layer)]
         if slot.buffer is not None:
             return 0
-        buf = torch.empty(slot.numel, dtype=dtype, device=device)
+        buf = _new_buffer(slot.numel, dtype, device)
         if slot.host is not None:
             buf.copy_(slot.host)
             slot.host = None
@@ -166,6 +172,12 @@ class BlockStore:
         for view, (_, p, _) in zip(self._views(slot, buf), slot.params, strict=True):
             p.data = view
         slot.buffer = buf
+
+
+def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return cpu_block_buffer(numel, dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 def live_weight_bytes(model: nn.Module) -> int:
