@@ -17,8 +17,13 @@ from rap.config import ServeAppConfig
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Validate the config (resolving device and dtype once) and bind the deployments."""
+    """Validate the config (resolving device and dtype once), load the controller's policy once
+    (so that one that cannot load fails here, with one error, not inside a deployment), and
+    bind the deployments."""
+    from rap.config import controller_policy
+
     cfg = ServeAppConfig.model_validate(args).resolved()
+    controller_policy(cfg)
     raw = cfg.model_dump(mode="json")
     controller = RapController.bind(raw)  # type: ignore[attr-defined]
     replicas = {

@@ -24,17 +24,14 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class RapController:
     def __init__(self, app_config: dict[str, Any]) -> None:
-        from rap.loading import load_config
-        from rap.policy import HeuristicPolicy
+        from rap.config import controller_policy
 
         cfg = ServeAppConfig.model_validate(app_config).resolved()
-        model_config, model_id = load_config(cfg.model)
-        self.policy = HeuristicPolicy(
-            model_config, model_id, cfg.dtype, cfg.planner, cfg.engine.min_kept_fraction
-        )
+        self.policy = controller_policy(cfg)
         self.core = Controller(planner=self.policy.for_bucket, config=cfg.controller)
         self.metrics = ControllerMetrics()
-        log.info("RAP controller up: %s over %s", type(self.policy).__name__, model_id)
+        self._record_policy()
+        log.info("RAP controller up: %s", _describe(self.policy.describe()))
 
     async def report(self, telemetry: dict[str, Any]) -> dict[str, Any] | None:
         """A replica's telemetry in; its new plan out (None when nothing changed)."""
@@ -42,29 +39,28 @@ class RapController:
         stale = time.time() - tel.timestamp_s > self.core.config.stale_after_s
         self.metrics.reports.inc(tags={"target": tel.replica, "fresh": "no" if stale else "yes"})
         plan = self.core.report(tel)
+        self._record_policy()
         if plan is None:
             return None
         self.metrics.decisions.inc(tags={"target": tel.replica})
+        log.info("plan %s for %s by %s", plan.version, tel.replica,
+                 _describe(self.policy.describe()))  # fmt: skip
         return plan.model_dump(mode="json")
+
+    def _record_policy(self) -> None:
+        d = self.policy.describe()
+        self.metrics.policy_decisions.set(d["decisions"], tags={"policy": d["kind"]})
+        self.metrics.policy_fallbacks.set(d["fallbacks"], tags={"policy": d["kind"]})
 
     async def state(self) -> dict[str, Any]:
         out = self.core.state()
-        out["policy"] = {
-            "kind": type(self.policy).__name__,
-            "decisions": getattr(self.policy, "decisions", None),
-            "fallbacks": getattr(self.policy, "fallbacks", None),
-            "last_fallback": getattr(self.policy, "last_fallback", None),
-        }
+        out["policy"] = self.policy.describe()
         return out
 
 
-def _wants_rap_policy(policy: str | None, model_id: str) -> bool:
-    """A configured path always; 'default' only where a policy ships for this model."""
-    from rap.loading import DEFAULT_MODEL_ID
-    from rap.policy import DEFAULT_POLICY_DIR
-
-    if policy is None:
-        return False
-    if policy != "default":
-        return True
-    return model_id == DEFAULT_MODEL_ID and DEFAULT_POLICY_DIR.is_dir()
+def _describe(policy: dict[str, Any]) -> str:
+    """One log line: kind, origin, decisions and fallbacks."""
+    return (
+        f"{policy['kind']} ({policy['origin']}): {policy['decisions']} decisions, "
+        f"{policy['fallbacks']} fallbacks"
+    )

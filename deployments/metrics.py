@@ -75,6 +75,19 @@ class ControllerMetrics:
             description="Plans decided, by target replica.",
             tag_keys=("target",),
         )
+        # Gauges of the policy's own counts: exported from the start (a counter never
+        # incremented exports no series) and labelled with the policy's kind.
+        self.policy_decisions = metrics.Gauge(
+            "rap_controller_policy_decisions",
+            description="Bucket masks the controller's policy decided since it started.",
+            tag_keys=("policy",),
+        )
+        self.policy_fallbacks = metrics.Gauge(
+            "rap_controller_policy_fallbacks",
+            description="Of those, decisions where the RAP policy stopped over budget and "
+            "mem-greedy planned instead.",
+            tag_keys=("policy",),
+        )
         self.reports = metrics.Counter(
             "rap_controller_reports_total",
             description="Telemetry reports received.",

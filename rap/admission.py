@@ -47,7 +47,6 @@ class Admission:
 
     rows: int
     mask: KeepMask
-    source: str
     peak_bytes: int
     kv_reserved_bytes: int
     reason: str
@@ -91,20 +90,17 @@ class Admitter:
 
     def candidates(
         self, plan: MaskPlan | None, shape: Shape, budget: int, version: MaskVersion
-    ) -> list[tuple[KeepMask, str]]:
+    ) -> list[KeepMask]:
         """Masks to try, best first: the controller's, the dense model, a local fallback."""
-        out: list[tuple[KeepMask, str]] = []
+        out: list[KeepMask] = []
         entry = plan.entry_for(shape.batch, shape.seq) if plan else None
         if entry is not None:
-            out.append((entry.mask, "controller"))
-        dense = KeepMask.dense(self.model_id, self.num_layers, source="local", version=version)
-        out.append((dense, "local"))
+            out.append(entry.mask)
+        out.append(KeepMask.dense(self.model_id, self.num_layers, source="local", version=version))
         if self.planner is not None:
             try:
                 planned = self.planner(budget, shape.batch, shape.seq, shape.prefill)
-                out.append(
-                    (planned.model_copy(update={"source": "local", "version": version}), "local")
-                )
+                out.append(planned.model_copy(update={"source": "local", "version": version}))
             except BudgetError:
                 pass  # nothing fits at this shape: the caller splits or refuses
         return out
@@ -120,7 +116,7 @@ class Admitter:
         """Largest FIFO prefix of the waiting requests that fits, and its mask."""
         for rows in range(len(prompt_lens), 0, -1):
             shape = Shape.of(prompt_lens[:rows], max_tokens[:rows])
-            for mask, source in self.candidates(plan, shape, budget, version):
+            for mask in self.candidates(plan, shape, budget, version):
                 if not above_floor(mask, self.min_kept_fraction):
                     continue
                 peak = peak_of(self.config, mask, shape, self.dtype)
@@ -129,12 +125,11 @@ class Admitter:
                     return Admission(
                         rows=rows,
                         mask=mask,
-                        source=source,
                         peak_bytes=peak,
                         kv_reserved_bytes=memory.kv_bytes(
                             self.config, mask, shape.batch, shape.seq, self.dtype
                         ),
-                        reason=f"{source} mask fits ({peak} <= {budget} bytes){split}",
+                        reason=f"{mask.source} mask fits ({peak} <= {budget} bytes){split}",
                     )
         return self._refusal(prompt_lens[0], max_tokens[0], budget)
 

@@ -32,6 +32,12 @@ def add_commands(sub: Any) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--policy",
+        default="default",
+        help="the controller's planner: 'default' (the shipped RAP policy for the default model, "
+        "else the heuristic), a folder exported by `rap train`, or 'none' (heuristic mem-greedy)",
+    )
     serve.add_argument("--api-key", default=None, help="require this key on /v1 (as vLLM does)")
     serve.add_argument("--admin-token", default=None, help="default: a random token, printed")
     serve.add_argument(
@@ -90,6 +96,7 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
         )
     return {
         "model": args.model,
+        "policy": None if args.policy.lower() in ("none", "null") else args.policy,
         "replicas": [
             {
                 "name": f"replica-{i}",
@@ -102,11 +109,19 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rap.config import ServeAppConfig
+    from pydantic import ValidationError
+
+    from rap.config import ServeAppConfig, controller_policy
     from rap.loading import resolve
 
-    config = ServeAppConfig.model_validate(_app_config(args))
+    try:
+        config = ServeAppConfig.model_validate(_app_config(args))
+    except ValidationError as exc:
+        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise RapError(f"invalid serve configuration: {msg}") from None
     resolve(args.model)  # convert the default model once, before replicas race to do it
+    policy = controller_policy(config.resolved())  # one error line now, before Ray starts
+    print(f"controller policy: {_policy_line(policy.describe())}", flush=True)
     token = args.admin_token or secrets.token_urlsafe(16)
     os.environ[config.admin_token_env] = token  # inherited by Ray's workers
     if args.api_key:
@@ -129,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f'-d \'{{"model": "{first["model"]}", "prompt": "Once upon a time"}}\''
     )
     print(f"operator: rap budget set --replica replica-0 --gib 0.4 --token {token}")
+    print(f"controller: {_controller_line(url, token)}")
     if args.exit_after_first:
         _stop()
         return 0
@@ -141,6 +157,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _stop()
     print("RAP Serve stopped")
     return 0
+
+
+def _policy_line(d: dict[str, Any]) -> str:
+    return f"{d['kind']} ({d['origin']}): {d['decisions']} decisions, {d['fallbacks']} fallbacks"
+
+
+def _controller_line(url: str, token: str) -> str:
+    """The live controller's policy and counts, from /admin/state."""
+    try:
+        state = http_json(f"{url}/admin/state", token=token, timeout_s=10)
+        return _policy_line(state["controller"]["policy"])
+    except (RapError, KeyError) as exc:
+        return f"state unavailable ({exc})"
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:

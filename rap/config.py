@@ -8,9 +8,9 @@ them), so a config file can be committed and printed safely.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rap.controller import ControllerConfig
 from rap.engine import EngineConfig
@@ -50,7 +50,11 @@ class ServeAppConfig(BaseModel):
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    planner: str = Field("mem-greedy", description="Heuristic planner used until a policy exists.")
+    planner: str = Field(
+        "mem-greedy",
+        description="Stored-score planner for replicas' local fallback, and the controller's "
+        "when `policy` chooses the heuristic (one of rap.planners.SERVING_PLANNERS).",
+    )
     policy: str | None = Field(
         "default",
         description="The controller's policy: 'default' (the RAP policy shipped for the default "
@@ -67,6 +71,17 @@ class ServeAppConfig(BaseModel):
         "RAP_API_KEY", description="Env var holding the API key for /v1; unset: no key needed."
     )
 
+    @field_validator("planner")
+    @classmethod
+    def _known_planner(cls, value: str) -> str:
+        from rap.planners import SERVING_PLANNERS
+
+        if value not in SERVING_PLANNERS:
+            raise ValueError(
+                f"unknown planner {value!r}; expected one of {', '.join(SERVING_PLANNERS)}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _unique_names(self) -> ServeAppConfig:
         names = [r.name for r in self.replicas]
@@ -80,3 +95,16 @@ class ServeAppConfig(BaseModel):
         device = self.device or ("cuda" if any(r.num_gpus > 0 for r in self.replicas) else "cpu")
         dtype = self.dtype or ("float16" if device == "cuda" else "float32")
         return self.model_copy(update={"device": device, "dtype": dtype})
+
+
+def controller_policy(cfg: ServeAppConfig) -> Any:
+    """The controller's policy for a resolved config (`rap.policy.choose_policy`), loaded: what
+    the controller deployment runs, and what `rap serve` and `build_app` load once before
+    anything is deployed, so that a policy that cannot load is one error line up front."""
+    from rap.loading import load_config
+    from rap.policy import build_policy, choose_policy
+
+    model_config, model_id = load_config(cfg.model)
+    choice = choose_policy(cfg.policy, cfg.planner, model_id)
+    return build_policy(choice, model_config, model_id, cfg.dtype, cfg.planner,
+                        cfg.engine.min_kept_fraction)  # fmt: skip

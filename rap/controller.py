@@ -27,7 +27,9 @@ from rap.messages import MaskPlan, PlanEntry, Telemetry
 log = logging.getLogger("rap.controller")
 
 BucketPlanner = Callable[[int, int, int], KeepMask]
-"""(budget_bytes, batch, seq) → a mask whose peak fits at that bucket, or BudgetError."""
+"""(budget_bytes, batch, seq) → a mask whose peak fits at that bucket, or BudgetError. The
+mask's `source` names the planner that made it (`controller:rap`, `controller:rap-fallback`,
+`controller:heuristic`), so that responses and telemetry say which one served."""
 
 
 class ControllerConfig(BaseModel):
@@ -119,7 +121,7 @@ class Controller:
                 PlanEntry(
                     max_batch=b,
                     max_seq=s,
-                    mask=m.model_copy(update={"version": version, "source": "controller"}),
+                    mask=m.model_copy(update={"version": version}),
                 )
                 for (b, s), m in entries.items()
             ],
@@ -165,9 +167,15 @@ class Controller:
         out = {}
         for b, s in buckets:
             try:
-                out[(b, s)] = self.planner(budget, b, s)
+                mask = self.planner(budget, b, s)
             except BudgetError:
                 continue  # nothing fits this bucket: the replica splits or refuses such batches
+            if not mask.from_controller:
+                raise ValueError(
+                    f"the controller's planner labelled a mask {mask.source!r}; expected one of "
+                    "controller:rap, controller:rap-fallback, controller:heuristic"
+                )
+            out[(b, s)] = mask
         return out
 
     def _reason(

@@ -261,7 +261,7 @@ class Engine:
 
     def _count(self, decision: Admission, states: list[RowState]) -> None:
         self.stats.batches += 1
-        if decision.source == "controller":
+        if decision.mask.from_controller:
             self.stats.batches_on_controller_mask += 1
         elif decision.mask.kept_fraction < 1.0:
             self.stats.local_fallbacks += 1

@@ -7,9 +7,15 @@ layer j − L otherwise. Bytes are the memory model's predicted peak (`rap.memor
 the prompt included, as admission counts them): peak(m) = base + Σ_{kept j} bytes_j, where
 bytes_j is a block's weights plus, for attention, its layer's KV cache at (B, S).
 
-Action space: Discrete(1 + 2L); 0 = STOP, a ≥ 1 = remove block a − 1. Invalid actions (a block
-already removed, or one more removal below the quality floor `min_kept_fraction`) are 0 in
-`action_mask`; STOP is always valid.
+Action space: Discrete(1 + 2L); 0 = STOP, a ≥ 1 = remove block a − 1. Invalid actions are 0 in
+`action_mask`: a block already removed; any removal once the quality floor `min_kept_fraction`
+is reached; and, while over budget, every removal after which the removals the floor still
+allows (d of them) cannot reach the budget. Block j is feasible iff
+    bytes_j + (the d − 1 largest other kept bytes) ≥ (peak − budget)
+so from a situation that can fit, the agent can always still fit (with no floor, d = all blocks
+and this masks nothing). Where nothing can fit, every kept block stays valid. STOP is always
+valid (Gymnasium's contract: any action of the space may be sampled); ending over budget costs
+the penalty.
 
 Observation space: Dict(`action_mask`: Box{0,1}^(1+2L), `observations`: Box[0, 4]^(6+6L)):
     [log2 B / 6, log2 S / 12, budget / D, peak / D, (peak − budget)⁺ / D · 5, base / D,
@@ -120,15 +126,37 @@ class Observer:
                 5 * deficit / dense, base / dense]  # fmt: skip
         ratio = np.minimum(sizes / max(deficit, 1.0), 2.0) * kept if deficit > 0 else 0 * kept
         obs = np.concatenate([head, self.ranks, kept, ratio]).astype(np.float32)
-        return {"action_mask": self.action_mask(kept), "observations": np.clip(obs, 0, OBS_MAX)}
+        mask = self.action_mask(kept, sizes, deficit)
+        return {"action_mask": mask, "observations": np.clip(obs, 0, OBS_MAX)}
 
-    def action_mask(self, kept: np.ndarray) -> np.ndarray:
-        """1 for STOP and for each kept block while another drop is allowed, else 0."""
+    def action_mask(self, kept: np.ndarray, sizes: np.ndarray, deficit: float) -> np.ndarray:
+        """The module doc's valid actions: STOP, and kept blocks while the floor allows a drop;
+        over budget, only the drops that can still reach it, where any can."""
         mask = np.zeros(1 + self.n, dtype=np.float32)
         mask[STOP] = 1.0
-        if self.n - kept.sum() < self.max_drops:
-            mask[1:] = kept
+        left = self.max_drops - int(self.n - kept.sum())
+        if left <= 0:
+            return mask
+        mask[1:] = kept
+        if deficit > 0:
+            reach = self.reachable(kept, sizes, left) >= deficit
+            if reach.any():
+                mask[1:] = reach
         return mask
+
+    @staticmethod
+    def reachable(kept: np.ndarray, sizes: np.ndarray, left: int) -> np.ndarray:
+        """Per block j: the most bytes that dropping j and then `left − 1` other kept blocks can
+        free (0 for blocks already dropped)."""
+        held = sizes * kept
+        order = np.argsort(-held, kind="stable")
+        top = np.concatenate([[0.0], np.cumsum(held[order])])
+        rank = np.empty(len(held), dtype=np.int64)
+        rank[order] = np.arange(len(held))
+        k = min(left, len(held))
+        # j among the k − 1 largest: those k − 1 plus the k-th; else j plus the k − 1 largest.
+        best = np.where(rank < k - 1, top[k], held + top[k - 1])
+        return best * kept
 
 
 class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
@@ -213,7 +241,7 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
         """Apply STOP or one removal; see the module doc for reward and episode end."""
         assert self.situation is not None, "call reset() first"
         a = int(action)
-        valid = self.observer.action_mask(self.kept)
+        valid = self._obs()["action_mask"]
         if not 0 <= a < len(valid) or valid[a] == 0:
             raise RapError(f"action {a} is masked out", expected="an action whose mask is 1")
         if a == STOP:
@@ -225,7 +253,7 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
         reward = self.alpha * -(q - self.q) - self.beta * over
         self.q = q
         fits = over == 0
-        stuck = not fits and self.observer.action_mask(self.kept)[1:].sum() == 0
+        stuck = not fits and self._obs()["action_mask"][1:].sum() == 0
         if stuck:
             reward -= self.penalty
         return self._obs(), float(reward), fits or stuck, False, self._info()

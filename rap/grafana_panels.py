@@ -156,6 +156,22 @@ def _controller_row() -> Row:
                 ],
             ),
             Panel(
+                "Policy decisions and fallbacks",
+                "Bucket masks the controller's policy decided since it started, and those where "
+                "the RAP policy ended over budget and mem-greedy planned instead.",
+                "short",
+                [
+                    Target(
+                        f"max by (policy) (ray_rap_controller_policy_decisions{{{APP}}})",
+                        "{{policy}} decisions",
+                    ),
+                    Target(
+                        f"max by (policy) (ray_rap_controller_policy_fallbacks{{{APP}}})",
+                        "{{policy}} fallbacks",
+                    ),
+                ],
+            ),
+            Panel(
                 "Telemetry reports",
                 "Reports per second by replica; fresh=no means the controller saw stale telemetry.",
                 "ops",

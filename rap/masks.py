@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rap.errors import MaskError
 
-MaskSource = Literal["controller", "local", "user"]
+MaskSource = Literal[
+    "controller:rap", "controller:rap-fallback", "controller:heuristic", "local", "user"
+]
+"""Who chose a mask. The controller's masks name the planner that made them: the trained RAP
+policy (`controller:rap`), mem-greedy standing in where the policy stopped over budget
+(`controller:rap-fallback`), or the heuristic planner (`controller:heuristic`). `local`: a
+replica's own fallback; `user`: an operator or a command line."""
 
 
 class MaskVersion(BaseModel):
@@ -44,7 +50,7 @@ class KeepMask(BaseModel):
     )
     version: MaskVersion = Field(default_factory=MaskVersion, description="(epoch, seq) ordering.")
     source: MaskSource = Field(
-        "user", description="Who chose it: controller, local fallback, user."
+        "user", description="Who chose it (`MaskSource`): controller:<planner>, local, user."
     )
     attn: tuple[bool, ...] = Field(description="Per layer: is the attention block kept?")
     mlp: tuple[bool, ...] = Field(description="Per layer: is the MLP block kept?")
@@ -109,6 +115,10 @@ class KeepMask(BaseModel):
             raise MaskError(
                 f"mask has {len(self.attn)} layers", expected=f"{num_layers} (the model's layers)"
             )
+
+    @property
+    def from_controller(self) -> bool:
+        return self.source.startswith("controller:")
 
     @property
     def num_layers(self) -> int:

@@ -43,13 +43,15 @@ from rap.masks import KeepMask
 Block = tuple[str, int]
 PLANNERS = ("gsi", "oneshot", "mem-greedy", "shortgpt", "attn-drop", "mlp-drop", "random",
             "oracle")  # fmt: skip
+SERVING_PLANNERS = ("mem-greedy", "gsi", "oneshot", "shortgpt", "attn-drop", "mlp-drop", "random")
+"""Planners that need no forward pass (stored scores or none): what serving may run."""
 SCORES_FOR = {"gsi": "gsi", "oneshot": "oneshot", "mem-greedy": "gsi", "shortgpt": "bi",
               "attn-drop": "bi", "mlp-drop": "bi"}  # fmt: skip
 """The stored scores each planner reads when none are passed."""
 MIB = 1024 * 1024
 __all__ = [
-    "PLANNERS", "BlockScores", "ByteTable", "byte_table", "fits", "load_default_scores",
-    "minimum_bytes", "plan_mask", "predicted_bytes",
+    "PLANNERS", "SERVING_PLANNERS", "BlockScores", "ByteTable", "byte_table", "fits",
+    "load_default_scores", "minimum_bytes", "plan_mask", "predicted_bytes",
 ]  # fmt: skip
 
 

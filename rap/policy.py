@@ -1,8 +1,8 @@
 """Who chooses masks at serving time: a planner over stored block scores, or a trained policy.
 
 `HeuristicPolicy` wraps `rap.planners.plan_mask` with the block scores that ship with the
-package (no forward pass, well under a millisecond). It is what the controller uses until a
-RAP policy checkpoint is configured, and what replicas use for their local fallback. Every mask
+package (no forward pass, well under a millisecond). The controller uses it where no RAP policy
+is configured (`choose_policy`), and replicas use it for their local fallback. Every mask
 it returns fits: peak (weights + KV for the whole length + activations) ≤ budget, or it raises
 `BudgetError`.
 
@@ -13,10 +13,14 @@ time, until the mask fits:
 
     m_0 = dense;  a_t = argmax_{a : mask_t(a) = 1} net(obs(m_t))_a;  m_{t+1} = m_t − block(a_t)
 
-It never returns a mask over budget: if the agent stops (or reaches the quality floor) while
-over budget, the decision falls back to mem-greedy (`HeuristicPolicy`), logs why, and counts it
-(`fallbacks`, `last_fallback`). A budget that no allowed mask meets raises `BudgetError` from
-the fallback planner and is not counted as the agent's failure.
+The env's action mask offers only drops after which the budget can still be met within the
+quality floor (`rap.env.Observer.action_mask`); at serving time STOP is also withheld while over
+budget, since a mask over budget cannot be served (in training STOP stays valid and costs the
+penalty). So from any budget some allowed mask meets, the agent's own rollout ends fitting. It
+never returns a mask over budget: if the agent still ends over budget, the decision falls back to
+mem-greedy (`HeuristicPolicy`), logs why, and counts it (`fallbacks`, `last_fallback`). A
+budget that no allowed mask meets raises `BudgetError` from the fallback planner and is not
+counted as the agent's failure.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -44,6 +48,8 @@ class HeuristicPolicy:
     method: str = "mem-greedy"
     min_kept_fraction: float = 0.0
     scores: Any = None
+    origin: str = "heuristic planner"
+    decisions: int = 0
 
     def __post_init__(self) -> None:
         """Load the stored scores once (the planner would otherwise look them up per call):
@@ -89,7 +95,16 @@ class HeuristicPolicy:
         return self.plan(budget, batch, seq, prefill)
 
     def for_bucket(self, budget: int, batch: int, seq: int) -> KeepMask:
-        return self.plan(budget, batch, seq)
+        """The controller's planner: a mask labelled `controller:heuristic`."""
+        mask = self.plan(budget, batch, seq)
+        self.decisions += 1
+        return mask.model_copy(update={"source": "controller:heuristic"})
+
+    def describe(self) -> dict[str, Any]:
+        """What operators see (`/admin/state`, logs, `rap serve`)."""
+        return {"kind": "HeuristicPolicy", "planner": self.method, "origin": self.origin,
+                "decisions": self.decisions, "fallbacks": 0, "fallback_rate": 0.0,
+                "last_fallback": ""}  # fmt: skip
 
 
 def _policy_folder(path: str | Path | None) -> Path:
@@ -122,6 +137,7 @@ class RapPolicy:
     decisions: int = 0
     fallbacks: int = 0
     last_fallback: str = ""
+    origin: str = "exported policy"
     observer: Any = field(init=False)
     fallback: HeuristicPolicy = field(init=False)
 
@@ -164,8 +180,10 @@ class RapPolicy:
         """Load an exported policy folder (`rap train`'s `out/policy/`; None: the default)."""
         from rap.policy_net import PolicyNet
 
-        net = PolicyNet.load(_policy_folder(path))
-        return cls(net, config, model_id, dtype, min_kept_fraction)
+        folder = _policy_folder(path)
+        net = PolicyNet.load(folder)
+        origin = "shipped default" if folder == DEFAULT_POLICY_DIR else "exported policy"
+        return cls(net, config, model_id, dtype, min_kept_fraction, origin=f"{origin} {folder}")
 
     def choose(
         self, budget_bytes: int, batch: int, seq: int, prefill_tokens: int | None = None
@@ -176,7 +194,11 @@ class RapPolicy:
         peak = base + float(sizes.sum())
         while peak > budget_bytes:
             obs = self.observer.observe(batch, seq, budget_bytes, base, sizes, kept)
-            a = self.net.act(obs["observations"], obs["action_mask"])
+            valid = obs["action_mask"]
+            if valid[1:].any():  # over budget with a drop that can still fit: no STOP here
+                valid = valid.copy()
+                valid[0] = 0.0
+            a = self.net.act(obs["observations"], valid)
             if a == 0:
                 break
             kept[a - 1] = 0.0
@@ -187,13 +209,19 @@ class RapPolicy:
         self, budget_bytes: int, batch: int, seq: int, prefill_tokens: int | None = None
     ) -> KeepMask:
         """A mask whose predicted peak at (batch, seq) fits `budget_bytes` (module doc)."""
+        return self._decide(budget_bytes, batch, seq, prefill_tokens)[0]
+
+    def _decide(
+        self, budget_bytes: int, batch: int, seq: int, prefill_tokens: int | None
+    ) -> tuple[KeepMask, bool]:
+        """(the mask, whether mem-greedy made it instead of the agent)."""
         base, sizes = self.observer.table(batch, seq, prefill_tokens)
         n = self.observer.n
         if base + float(sizes.sum()) <= budget_bytes:  # nothing to decide
-            return KeepMask.dense(self.model_id, n // 2, source="local")
+            return KeepMask.dense(self.model_id, n // 2, source="local"), False
         smallest = base + float(np.sort(sizes)[: n - self.observer.max_drops].sum())
         if smallest > budget_bytes:  # no allowed mask fits: the planner says so, uncounted
-            return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens)
+            return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens), True
         self.decisions += 1
         kept, fits = self.choose(budget_bytes, batch, seq, prefill_tokens)
         if not fits:
@@ -204,18 +232,84 @@ class RapPolicy:
             )
             log.warning("%s (%d of %d decisions)", self.last_fallback, self.fallbacks,
                         self.decisions)  # fmt: skip
-            return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens)
+            return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens), True
         half = n // 2
-        return KeepMask(model=self.model_id, source="local",
+        mask = KeepMask(model=self.model_id, source="local",
                         attn=tuple(bool(k) for k in kept[:half]),
                         mlp=tuple(bool(k) for k in kept[half:]))  # fmt: skip
+        return mask, False
 
     def for_admission(self, budget: int, batch: int, seq: int, prefill: int) -> KeepMask:
         return self.plan(budget, batch, seq, prefill)
 
     def for_bucket(self, budget: int, batch: int, seq: int) -> KeepMask:
-        return self.plan(budget, batch, seq)
+        """The controller's planner: `controller:rap`, or `controller:rap-fallback` where
+        mem-greedy planned instead of the agent."""
+        mask, fell_back = self._decide(budget, batch, seq, None)
+        source = "controller:rap-fallback" if fell_back else "controller:rap"
+        return mask.model_copy(update={"source": source})
+
+    def describe(self) -> dict[str, Any]:
+        """What operators see (`/admin/state`, logs, `rap serve`)."""
+        return {"kind": "RapPolicy", "planner": "rap", "origin": self.origin,
+                "algo": self.net.meta.get("algo"), "decisions": self.decisions,
+                "fallbacks": self.fallbacks, "fallback_rate": round(self.fallback_rate, 4),
+                "last_fallback": self.last_fallback}  # fmt: skip
 
     @property
     def fallback_rate(self) -> float:
         return self.fallbacks / self.decisions if self.decisions else 0.0
+
+
+ServingPolicy = HeuristicPolicy | RapPolicy
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """Which planner the controller runs and why, decided from the app's `policy` setting."""
+
+    kind: Literal["rap", "heuristic"]
+    origin: str
+    """Where it comes from, for operators: the shipped default, a path, or why the heuristic."""
+    path: str | None = None
+    """The exported policy to load (None: the shipped default, for kind "rap")."""
+
+
+def choose_policy(policy: str | None, planner: str, model_id: str) -> PolicyChoice:
+    """`policy: default` → the RAP policy shipped for the default model (the heuristic planner
+    for other models); a path → that exported policy; None → the heuristic planner."""
+    from rap.loading import DEFAULT_MODEL_ID
+
+    if policy is None:
+        return PolicyChoice("heuristic", f"policy: null in the app config ({planner})")
+    if policy != "default":
+        return PolicyChoice("rap", f"exported policy {policy}", policy)
+    if model_id == DEFAULT_MODEL_ID:
+        return PolicyChoice("rap", "shipped default", None)
+    return PolicyChoice("heuristic", f"no RAP policy ships for {model_id} ({planner})")
+
+
+def build_policy(
+    choice: PolicyChoice,
+    config: Any,
+    model_id: str,
+    dtype: Any,
+    planner: str,
+    min_kept_fraction: float,
+) -> ServingPolicy:
+    """The controller's policy object; a policy that cannot load raises one `RapError` line."""
+    from rap.errors import RapError
+
+    if choice.kind == "heuristic":
+        return HeuristicPolicy(config, model_id, dtype, planner, min_kept_fraction,
+                               origin=choice.origin)  # fmt: skip
+    try:
+        return RapPolicy.load(choice.path, config, model_id, dtype, min_kept_fraction)
+    except RapError:
+        raise
+    except Exception as exc:  # a corrupt file: one line naming it, not a traceback
+        raise RapError(
+            f"the RAP policy ({choice.origin}) cannot be loaded: {type(exc).__name__}: {exc}",
+            expected="an exported policy folder written by `rap train`",
+            fix="re-export it, point `policy` at another one, or set `policy: null`",
+        ) from None

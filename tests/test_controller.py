@@ -18,7 +18,12 @@ def planner(budget: int, batch: int, seq: int) -> KeepMask:
     if budget < 40 * MIB:
         raise BudgetError("too small")
     kept = min(4, (budget - 40 * MIB) // (10 * MIB * max(1, batch * seq // 1024)))
-    return KeepMask(model="m", attn=(True,) * 4, mlp=tuple(i < kept for i in range(4)))
+    return KeepMask(
+        model="m",
+        source="controller:heuristic",
+        attn=(True,) * 4,
+        mlp=tuple(i < kept for i in range(4)),
+    )
 
 
 def tel(name: str = "r0", budget: int = 100 * MIB, t: float = 1000.0, **kw) -> Telemetry:
@@ -37,7 +42,8 @@ def test_first_report_plans_with_an_epoch_above_what_the_replica_holds() -> None
     plan = c.report(tel(mask_version=MaskVersion(epoch=4, seq=7)), now_s=1000.0)
     assert plan is not None and plan.version.epoch == 5 and plan.version.seq == 1
     assert all(
-        e.mask.source == "controller" and e.mask.version == plan.version for e in plan.entries
+        e.mask.source == "controller:heuristic" and e.mask.version == plan.version
+        for e in plan.entries
     )
     assert "first plan" in plan.reason
     assert c.report(tel(mask_version=plan.version), now_s=1000.5) is None  # nothing changed
@@ -62,6 +68,13 @@ def test_budget_change_and_new_buckets_give_new_plans_with_reasons() -> None:
     planned = {(e.max_batch, e.max_seq) for e in bigger.entries}
     assert (4, 4096) in planned and (1, 256) in planned and (8, 1024) in planned
     assert [d.reason for d in c.decisions][-1] == bigger.reason
+
+
+def test_a_planner_that_does_not_name_itself_is_refused() -> None:
+    """Every controller mask says which planner made it (controller:rap, ...)."""
+    unnamed = lambda budget, b, s: planner(budget, b, s).model_copy(update={"source": "user"})  # noqa: E731
+    with pytest.raises(ValueError, match="controller:rap"):
+        Controller(unnamed).report(tel(), now_s=1000.0)
 
 
 def test_unplannable_buckets_are_left_out() -> None:

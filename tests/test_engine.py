@@ -143,7 +143,9 @@ def test_a_plan_governs_the_next_batch_and_budget_drop_shrinks_idle_model(served
     engine = Engine(
         model, EngineConfig(), 10**10, lambda b, B, S, P: drop_everything_but(model, 4, 2)
     )
-    small = drop_everything_but(model, 3, 3).model_copy(update={"version": MaskVersion(epoch=1)})
+    small = drop_everything_but(model, 3, 3).model_copy(
+        update={"version": MaskVersion(epoch=1), "source": "controller:rap"}
+    )
     assert engine.set_plan(
         MaskPlan(
             replica="r",
@@ -154,6 +156,7 @@ def test_a_plan_governs_the_next_batch_and_budget_drop_shrinks_idle_model(served
     assert not engine.set_plan(MaskPlan(replica="r", version=MaskVersion(epoch=0, seq=9)))
     (events,) = run(engine, [[5, 6, 7]])
     assert model.mask == small and events[0]["fingerprint"] == small.fingerprint()
+    assert "controller:rap" in events[0]["fingerprint"]
     assert engine.stats.batches_on_controller_mask == 1
 
     async def shrink():

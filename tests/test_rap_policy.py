@@ -49,6 +49,13 @@ def tight(cfg, blocks: int) -> tuple[int, int, int, int]:
     return int(base + sizes.sum() - np.sort(sizes)[::-1][:blocks].sum()), 4, 512, 256
 
 
+def tight_bucket(cfg, blocks: int) -> tuple[int, int, int]:
+    """As `tight`, for the controller's bucket planning (no prompt activations counted)."""
+    obs = Observer(cfg, "float16", np.arange(N), 0.0)
+    base, sizes = obs.table(4, 512, None)
+    return int(base + sizes.sum() - np.sort(sizes)[::-1][:blocks].sum()), 4, 512
+
+
 def test_own_masks_fit_and_follow_the_network(cfg) -> None:
     dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
     policy = RapPolicy(net_preferring([0, 1, 2, 3, 4, 5, 6, 7, 8], dim), cfg, MODEL, "float16")
@@ -60,15 +67,58 @@ def test_own_masks_fit_and_follow_the_network(cfg) -> None:
     assert policy.decisions == 1 and policy.fallbacks == 0
 
 
-def test_stop_over_budget_falls_back_to_mem_greedy_and_is_counted(cfg) -> None:
+def test_stop_is_withheld_while_over_budget_so_a_stop_loving_net_still_fits(cfg) -> None:
     dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
     policy = RapPolicy(net_preferring([8, 7, 0], dim), cfg, MODEL, "float16")  # STOP first
     budget, b, s, p = tight(cfg, 2)
     mask = policy.plan(budget, b, s, p)
     assert planners.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
                          prefill_tokens=p)  # fmt: skip
+    assert not mask.mlp[2] and policy.fallbacks == 0  # its next choice (action 7) was taken
+
+
+def test_an_agent_ending_over_budget_falls_back_and_is_counted(cfg, monkeypatch) -> None:
+    """The fallback is a safety net (the action masks make it unreachable from a budget that
+    some allowed mask meets): it plans mem-greedy, counts, and labels the mask."""
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    policy = RapPolicy(net_preferring([8], dim), cfg, MODEL, "float16")
+    monkeypatch.setattr(policy, "choose", lambda *a: (np.ones(N, np.float32), False))
+    budget, b, s = tight_bucket(cfg, 2)
+    mask = policy.for_bucket(budget, b, s)
+    assert mask.source == "controller:rap-fallback"
     assert policy.fallbacks == 1 and policy.fallback_rate == 1.0
-    assert "mem-greedy" in policy.last_fallback
+    assert "mem-greedy" in policy.last_fallback and policy.describe()["fallbacks"] == 1
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.5, 0.75])
+def test_any_net_fits_every_budget_an_allowed_mask_meets(cfg, floor: float) -> None:
+    """The feasibility mask: random networks, random budgets down to the floor's smallest
+    peak, never a fallback, always a mask that fits and keeps the floor."""
+    rng = np.random.default_rng(int(floor * 100))
+    obs = Observer(cfg, "float16", np.arange(N), floor)
+    for trial in range(40):
+        order = [int(a) for a in rng.permutation(1 + N)]
+        policy = RapPolicy(net_preferring(order, obs.dim), cfg, MODEL, "float16", floor)
+        b, s = int(rng.choice([1, 4, 8])), int(rng.choice([256, 1024, 2048]))
+        base, sizes = obs.table(b, s, None)
+        lo = base + np.sort(sizes)[: N - obs.max_drops].sum()
+        budget = int(lo + rng.uniform(0, 1) * (base + sizes.sum() - lo))
+        mask = policy.for_bucket(budget, b, s)
+        assert policy.fallbacks == 0 and mask.source == "controller:rap", trial
+        assert planners.fits(cfg, mask, budget, b, s, "float16", include_activations=True)
+        assert mask.kept_fraction >= floor
+
+
+def test_controller_masks_name_their_planner(cfg) -> None:
+    from rap.policy import HeuristicPolicy
+
+    dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
+    policy = RapPolicy(net_preferring([8, 7], dim), cfg, MODEL, "float16")
+    budget, b, s = tight_bucket(cfg, 2)
+    assert policy.for_bucket(budget, b, s).source == "controller:rap"
+    heuristic = HeuristicPolicy(cfg, MODEL, "float16", "mem-greedy")
+    assert heuristic.for_bucket(budget, b, s).source == "controller:heuristic"
+    assert heuristic.describe()["decisions"] == 1 and policy.describe()["decisions"] == 1
 
 
 def test_dense_fit_and_impossible_budgets_are_not_the_agents_decisions(cfg) -> None:

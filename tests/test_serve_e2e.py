@@ -80,7 +80,7 @@ def state(url: str) -> dict:
     return body
 
 
-def wait_for(predicate, timeout_s: float = 30.0):
+def wait_for(predicate, timeout_s: float = 60.0):
     end = time.time() + timeout_s
     while time.time() < end:
         value = predicate()
@@ -149,6 +149,33 @@ def test_replicas_with_different_budgets_run_different_masks(server) -> None:
     reps = state(server)["replicas"]
     assert reps["replica-1"]["weight_bytes"] <= reps["replica-1"]["budget_bytes"]
     assert kept["replica-0"] == 60
+
+
+def test_a_lowered_budget_is_served_on_the_rap_policys_masks(server) -> None:
+    """The app's default policy is the shipped RAP policy: after a budget drop, responses come
+    from masks it decided (`controller:rap`, fewer blocks), its decisions grow and it does not
+    fall back to mem-greedy."""
+    before = state(server)["controller"]["policy"]
+    assert before["kind"] == "RapPolicy" and "shipped default" in before["origin"], before
+    status, _, _ = call(server, "/admin/budget", {"replica": "replica-0", "gib": 0.42}, ADMIN)
+    assert status == 200
+    c = client(server)
+
+    def pruned_by_rap() -> str | None:
+        out = c.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
+        fp = out.system_fingerprint
+        keep = float(fp.rsplit("-keep", 1)[1])
+        return fp if "-controller:rap-keep" in fp and keep < 1.0 else None
+
+    fingerprint = wait_for(pruned_by_rap, timeout_s=60)
+    after = state(server)["controller"]["policy"]
+    assert after["decisions"] > before["decisions"], (before, after)
+    assert after["fallbacks"] == before["fallbacks"] == 0, after
+    tel = state(server)["replicas"]["replica-0"]
+    assert tel["mask_source"] == "controller:rap", (fingerprint, tel["mask_source"])
+    assert tel["weight_bytes"] <= tel["budget_bytes"] == int(0.42 * 2**30)
+    status, _, _ = call(server, "/admin/budget", {"replica": "replica-0", "gib": 0.6}, ADMIN)
+    assert status == 200
 
 
 def test_budget_drop_gives_a_smaller_mask_and_requests_keep_working(server) -> None:

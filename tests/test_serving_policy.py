@@ -1,0 +1,74 @@
+"""Which policy the controller serves: chosen from the app config, validated before Ray starts,
+and named wherever operators look (no Ray here; the live app is tested in test_serve_e2e)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from rap.config import ServeAppConfig, controller_policy
+from rap.errors import RapError
+from rap.policy import DEFAULT_POLICY_DIR, HeuristicPolicy, RapPolicy, choose_policy
+
+DEFAULT_ID = "SmolLM2-135M-Instruct"
+
+
+def test_policy_setting_maps_to_a_planner() -> None:
+    shipped = choose_policy("default", "mem-greedy", DEFAULT_ID)
+    assert shipped.kind == "rap" and shipped.path is None
+    other = choose_policy("default", "mem-greedy", "some-other-model")
+    assert other.kind == "heuristic" and "no RAP policy ships" in other.origin
+    assert choose_policy(None, "gsi", DEFAULT_ID).kind == "heuristic"
+    path = choose_policy("/runs/x/policy", "mem-greedy", DEFAULT_ID)
+    assert path.kind == "rap" and path.path == "/runs/x/policy"
+
+
+def test_the_default_app_serves_the_shipped_rap_policy_at_the_serving_floor() -> None:
+    cfg = ServeAppConfig().resolved()
+    policy = controller_policy(cfg)
+    assert isinstance(policy, RapPolicy)
+    d = policy.describe()
+    assert d["kind"] == "RapPolicy" and str(DEFAULT_POLICY_DIR) in d["origin"]
+    assert "shipped default" in d["origin"]
+    assert policy.min_kept_fraction == cfg.engine.min_kept_fraction == 0.5
+    assert policy.dtype == "float32" and d["decisions"] == 0 and d["fallbacks"] == 0
+    heuristic = controller_policy(ServeAppConfig(policy=None).resolved())
+    assert isinstance(heuristic, HeuristicPolicy) and "policy: null" in heuristic.origin
+
+
+def test_unknown_planner_fails_where_the_config_is_built_and_a_missing_policy_on_load() -> None:
+    """A policy path is checked where the policy loads (a config for a cluster names paths on
+    the cluster's volumes: `k8s/overlay`), which `rap serve` and `build_app` do up front."""
+    with pytest.raises(ValidationError, match="unknown planner 'greedy'"):
+        ServeAppConfig(planner="greedy")
+    with pytest.raises(RapError, match="holds no exported RAP policy"):
+        controller_policy(ServeAppConfig(policy="/nowhere/policy").resolved())
+
+
+def test_a_policy_that_cannot_load_is_one_error_line(tmp_path: Path) -> None:
+    bad = tmp_path / "policy"
+    bad.mkdir()
+    meta = json.loads((DEFAULT_POLICY_DIR / "rap-policy.json").read_text())
+    (bad / "rap-policy.json").write_text(json.dumps(meta))
+    (bad / "policy.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RapError, match="cannot be loaded") as info:
+        controller_policy(ServeAppConfig(policy=str(bad)).resolved())
+    assert "\n" not in str(info.value)
+
+
+def test_rap_serve_refuses_a_bad_policy_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rap.cli import main
+
+    assert main(["serve", "--policy", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no exported RAP policy" in err[0], err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["serve", "--policy", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no exported RAP policy" in err[0], err
