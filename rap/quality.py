@@ -18,7 +18,9 @@ quirks: its per-block costs disagreed with both the eval text and 8,192-token on
 range (`cache_dir()/quality/<model>.<part>.<first>-<last chunk>.jsonl`), so runs resume, masks
 are never measured twice and a part whose range changes never mixes texts; `export` writes the
 compact table that ships in `rap/data/<model>.lnppl-<part>.json` (a few hundred masks, tens of
-KB), which records its range: a table for another range is refused.
+KB), which records its range: a table for another range is refused. `export` merges the cache
+into the table that ships (it never replaces it: a new machine's cache holds only its own few
+measurements) and refuses to shrink it unless told (`--replace`).
 
 Run: `python -m rap.quality measure --part fit --count 240 --threads 2` (~6 s a mask on two CPU
 threads), then `python -m rap.quality export --part fit`.
@@ -89,18 +91,24 @@ def read_cache(model_id: str, part: str) -> dict[str, float]:
     return out
 
 
+def read_shipped(model_id: str, part: str) -> dict[str, float]:
+    """The shipped table alone (key → lnppl; empty if none ships), refused if it was measured
+    on another range of the text."""
+    path = table_path(model_id, part)
+    if not path.is_file():
+        return {}
+    doc = json.loads(path.read_text())
+    if doc["text"]["chunks"] != list(PARTS[part]):
+        raise RapError(f"{path} was measured on chunks {doc['text']['chunks']} of the text, "
+                       f"the {part} part is now chunks {list(PARTS[part])}",
+                       fix=f"re-measure: python -m rap.quality measure --part {part}, then "
+                           f"python -m rap.quality export --part {part} --replace")  # fmt: skip
+    return {k: float(v) for k, v in doc["lnppl"].items()}
+
+
 def load_table(model_id: str = DEFAULT_MODEL_ID, part: str = "fit") -> dict[str, float]:
     """The shipped table of ln perplexities (key → lnppl), merged with the local cache."""
-    path = table_path(model_id, part)
-    table: dict[str, float] = {}
-    if path.is_file():
-        doc = json.loads(path.read_text())
-        if doc["text"]["chunks"] != list(PARTS[part]):
-            raise RapError(f"{path} was measured on chunks {doc['text']['chunks']} of the text, "
-                           f"the {part} part is now chunks {list(PARTS[part])}",
-                           fix=f"re-measure: python -m rap.quality measure --part {part}, then "
-                               f"python -m rap.quality export --part {part}")  # fmt: skip
-        table.update(doc["lnppl"])
+    table = read_shipped(model_id, part)
     table.update(read_cache(model_id, part))
     if not table:
         raise RapError(
@@ -110,9 +118,19 @@ def load_table(model_id: str = DEFAULT_MODEL_ID, part: str = "fit") -> dict[str,
     return table
 
 
-def export(model_id: str, part: str) -> Path:
-    """Write the shipped table from the cache (keys sorted, 4 decimals: ~20 bytes a mask)."""
-    rows = read_cache(model_id, part)
+def export(model_id: str, part: str, replace: bool = False) -> tuple[Path, int, int]:
+    """Write the shipped table: the table that ships now merged with the local cache (cache wins
+    on a key both hold), keys sorted, 4 decimals (~20 bytes a mask). Returns (path, masks
+    before, masks after). `replace`: write the cache alone, even if that shrinks the table or
+    the shipped one was measured on another range; without it a smaller table is refused
+    (a fresh machine's cache holds only its own few measurements)."""
+    path = table_path(model_id, part)
+    before = len(json.loads(path.read_text())["lnppl"]) if path.is_file() else 0
+    shipped = {} if replace else read_shipped(model_id, part)
+    rows = {**shipped, **read_cache(model_id, part)}
+    if len(rows) < before and not replace:
+        raise RapError(f"exporting would shrink {path.name} from {before} to {len(rows)} masks",
+                       fix="pass --replace to write the cache alone")  # fmt: skip
     lo, hi = PARTS[part]
     doc = {
         "format": "rap-lnppl/1",
@@ -121,9 +139,8 @@ def export(model_id: str, part: str) -> Path:
         "unit": "mean NLL per predicted token, nats (ln perplexity), float32 on CPU",
         "lnppl": {k: round(v, 4) for k, v in sorted(rows.items(), key=lambda kv: len(kv[0]))},
     }
-    path = table_path(model_id, part)
     path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-    return path
+    return path, before, len(rows)
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -259,14 +276,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--keys", help="a file of mask keys to measure instead, one a line")
     m.add_argument("--threads", type=int, default=1)
-    e = sub.add_parser("export", help="write the shipped table from the cache")
+    e = sub.add_parser("export", help="merge the cache into the shipped table")
     e.add_argument("--part", default="fit", choices=sorted(PARTS))
     e.add_argument("--model-id", default=DEFAULT_MODEL_ID)
+    e.add_argument(
+        "--replace", action="store_true", help="write the cache alone (may shrink the table)"
+    )
     args = parser.parse_args(argv)
-    if args.command == "export":
-        print(export(args.model_id, args.part))
-        return 0
-    return _measure(args)
+    try:
+        if args.command == "export":
+            path, before, after = export(args.model_id, args.part, args.replace)
+            print(f"{path}: {before} → {after} masks")
+            return 0
+        return _measure(args)
+    except RapError as exc:
+        print(f"python -m rap.quality {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

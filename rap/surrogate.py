@@ -146,6 +146,31 @@ def _report(
             f"delta<={RELEVANT}": evaluate(model, near, [table[k] for k in near])}  # fmt: skip
 
 
+MIN_MULTI = 40
+"""Fewest multi-block masks a fit needs: its validation and held-out splits take a quarter each,
+and the pairwise and position terms have nothing to fit without them."""
+
+
+def _check_table(table: dict[str, float], model_id: str) -> int:
+    """The number of layers, once the table holds the dense model, every single drop and
+    MIN_MULTI multi-block masks; else one `RapError` saying what it holds and how to fix it."""
+    layers = [layer for k in table for _, layer in blocks_of(k)]
+    n_l = 1 + max(layers) if layers else 0
+    singles = sum(1 for k in table if k and "," not in k)
+    multi = sum(1 for k in table if "," in k)
+    if "" not in table or n_l == 0 or singles < 2 * n_l or multi < MIN_MULTI:
+        raise RapError(
+            f"the fit table of {model_id} holds {len(table)} masks (dense: "
+            f"{'yes' if '' in table else 'no'}, single drops: {singles} of {2 * n_l}, "
+            f"multi-block: {multi}): too few to fit a surrogate",
+            expected=f"the dense model, every single drop and at least {MIN_MULTI} multi-block "
+            "masks",
+            fix="python -m rap.quality measure --part fit, then python -m rap.quality export "
+            "--part fit (which merges with the shipped table)",
+        )
+    return n_l
+
+
 def fit_and_report(
     model_id: str = DEFAULT_MODEL_ID,
     held_out: float = 0.25,
@@ -155,8 +180,8 @@ def fit_and_report(
     """Choose λ on repeated validation splits of the training masks, report on held-out masks
     never fitted, then refit on every mask (the shipped surrogate); the report says all of it."""
     table = load_table(model_id, "fit")
+    n_l = _check_table(table, model_id)
     dense = table.pop("")
-    n_l = 1 + max(layer for k in table for _, layer in blocks_of(k))
     keys = sorted(table)
     train, test = split(keys, held_out, seed)
     err = dict.fromkeys(lams, 0.0)
@@ -217,10 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_ID)
     parser.add_argument("--check", metavar="KEYS", help="a file of mask keys, one a line")
     args = parser.parse_args(argv)
-    if args.check:
-        print(json.dumps(check(args.model, args.check)))
-        return 0
-    model, report = fit_and_report(args.model)
+    try:
+        if args.check:
+            print(json.dumps(check(args.model, args.check)))
+            return 0
+        model, report = fit_and_report(args.model)
+    except RapError as exc:
+        print(f"python -m rap.surrogate: error: {exc}", file=sys.stderr)
+        return 2
     surrogate_path(args.model).write_text(model.to_json())
     load_surrogate.cache_clear()
     print(json.dumps(report, indent=1))

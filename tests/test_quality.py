@@ -115,3 +115,61 @@ def test_surrogate_check_reports_its_bias_on_measured_masks(tmp_path, monkeypatc
     path.write_text("a5\nm0,m1\n")
     with pytest.raises(RapError, match=r"1 of 2 masks.*not measured"):
         surrogate.check(surrogate.DEFAULT_MODEL_ID, path)
+
+
+def _ship(tmp_path, monkeypatch, table: dict[str, float]) -> None:
+    """A shipped table in a scratch data folder, and an empty cache."""
+    monkeypatch.setattr(quality, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
+    lo, hi = quality.PARTS["fit"]
+    doc = {"text": {"chunks": [lo, hi]}, "lnppl": table}
+    quality.table_path("m", "fit").write_text(json.dumps(doc))
+
+
+def _cache(key: str, lnppl: float) -> None:
+    path = quality.cache_path("m", "fit")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"key": key, "lnppl": lnppl}) + "\n")
+
+
+def test_export_merges_new_measurements_into_the_shipped_table(tmp_path, monkeypatch) -> None:
+    """docs/agent.md's recipe on a fresh machine: two new masks measured, then export. It once
+    replaced a 756-mask table with the cache's 3 masks."""
+    shipped = {"": 3.0, "a0": 3.1, "m0": 3.5, "a0,m1": 3.9}
+    _ship(tmp_path, monkeypatch, shipped)
+    _cache("", 3.0)
+    _cache("a1,a2", 3.4)
+    _cache("a0", 3.12)  # a re-measurement wins
+    path, before, after = quality.export("m", "fit")
+    table = json.loads(path.read_text())["lnppl"]
+    assert (before, after) == (4, 5) and set(table) == {*shipped, "a1,a2"}
+    assert table["a0"] == 3.12
+    assert quality.main(["export", "--part", "fit", "--model-id", "m"]) == 0
+
+
+def test_export_refuses_to_shrink_the_table_unless_told(tmp_path, monkeypatch, capsys) -> None:
+    _ship(tmp_path, monkeypatch, {"": 3.0, "a0": 3.1, "m0": 3.5})
+    lo, hi = quality.PARTS["fit"]
+    doc = {"text": {"chunks": [lo, hi]}, "lnppl": {"": 3.0, "a0": 3.1, "m0": 3.5}}
+    _cache("a1", 3.2)
+    _, before, after = quality.export("m", "fit", replace=True)  # told: the cache alone
+    assert (before, after) == (3, 1)
+    quality.table_path("m", "fit").write_text(json.dumps(doc))
+    # Merging never shrinks a table it can read; the guard is for one it reads as empty.
+    monkeypatch.setattr(quality, "read_shipped", lambda *_: {})
+    with pytest.raises(RapError, match=r"shrink .* from 3 to 1 masks"):
+        quality.export("m", "fit")
+    assert quality.main(["export", "--part", "fit", "--model-id", "m"]) == 2
+    assert "shrink" in capsys.readouterr().err
+
+
+def test_refit_on_too_few_masks_says_so(tmp_path, monkeypatch, capsys) -> None:
+    table = {"": 3.0, "a1,a2": 3.4, "m3": 3.3}
+    monkeypatch.setattr(surrogate, "load_table", lambda *_: dict(table))
+    with pytest.raises(RapError, match=r"holds 3 masks .*single drops: 1 of 8.*multi-block: 1"):
+        surrogate.fit_and_report("m")
+    assert surrogate.main(["m"]) == 2
+    err = capsys.readouterr().err
+    assert "too few to fit" in err and "Traceback" not in err
