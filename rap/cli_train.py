@@ -1,8 +1,10 @@
 """`rap train`: RLlib training of the RAP agent from a config file in `rllib_configs/`.
 
 Registered into the main parser by `rap.cli.build_parser` through `add_commands`. The same
-command is a KubeRay RayJob's entrypoint: with RAY_ADDRESS set it joins that cluster instead of
-starting a local Ray. Bad input raises `RapError` (one line, exit 2); Ray is imported lazily.
+command is a KubeRay RayJob's entrypoint: with RAY_ADDRESS (or --address) set it joins that
+cluster, failing with one line if it does not answer in 30 s; otherwise it starts a local Ray of
+its own, never a cluster a past `ray start` left recorded. Bad input raises `RapError` (one
+line, exit 2); Ray is imported lazily.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.env_runners is not None and args.env_runners < 0:
         raise RapError(f"--env-runners {args.env_runners} is negative", expected="0 or more")
     summary = run(args.config, args.out, smoke=args.smoke, env_runners=args.env_runners,
-                  start_from=args.start_from)  # fmt: skip
+                  start_from=args.start_from, address=args.address)  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -43,5 +45,10 @@ def add_commands(sub: Any) -> None:
     train.add_argument("--smoke", action="store_true", help="a run of seconds (CI)")
     train.add_argument("--env-runners", type=int, help="override the config's env runner count")
     train.add_argument("--start-from", help="a trained policy folder to continue from")
+    train.add_argument(
+        "--address",
+        help="join this Ray cluster (host:port, ray://host:10001 or auto); default: RAY_ADDRESS "
+        "if set, else a local Ray of its own",
+    )
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)

@@ -56,15 +56,63 @@ def load_spec(path: str | Path, smoke: bool, env_runners: int | None = None) -> 
     return spec
 
 
-def connect() -> str:
-    """ray.init(): joins RAY_ADDRESS when set (on a cluster), else starts a local Ray."""
+CONNECT_TIMEOUT_S = 30.0
+"""How long `connect` waits for a cluster it was told to join before it gives up."""
+
+
+def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """ray.init(): joins the cluster at `address` (else RAY_ADDRESS) when one is given, else
+    starts a local Ray of its own. Never `address=None`: that joins whatever cluster the last
+    `ray start` recorded, and when that cluster is gone Ray retries its GCS for ever. A cluster
+    that does not answer within `timeout_s` is one `RapError`."""
     import ray
 
     if ray.is_initialized():
         return "already initialized"
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, log_to_driver=False, include_dashboard=False)
-    return address or "local"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        ray.init(address="local", log_to_driver=False, include_dashboard=False)
+        return "local"
+    _wait_for_gcs(address, timeout_s)
+    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    return address
+
+
+def _wait_for_gcs(address: str, timeout_s: float) -> None:
+    """Wait until something listens at the address's host:port ("auto": the cluster that
+    `ray start` recorded), or raise. Only a reachability check: Ray does the rest."""
+    import socket
+
+    target = _recorded_address() if address == "auto" else address
+    hostport = target.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RapError(f"Ray address {address!r} is not host:port",
+                       expected="an address like 10.0.0.5:6379 or ray://host:10001")  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise RapError(
+                    f"no Ray cluster answered at {target} within {timeout_s:.0f} s ({exc})",
+                    fix="start the cluster, or unset RAY_ADDRESS (and drop --address) to train "
+                    "on a local Ray of its own",
+                ) from None
+            time.sleep(1.0)
+
+
+def _recorded_address() -> str:
+    """The GCS address the last `ray start` recorded (what `address="auto"` joins)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if not path.is_file():
+        raise RapError("RAY_ADDRESS is 'auto' but no `ray start` cluster is recorded",
+                       fix="start one with `ray start --head`, or unset RAY_ADDRESS")  # fmt: skip
+    return path.read_text().strip()
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float | None]:
@@ -101,12 +149,13 @@ def run(
     smoke: bool = False,
     env_runners: int | None = None,
     start_from: str | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Train as the config says and export the policy (module doc); returns the summary."""
     spec = load_spec(config_path, smoke, env_runners)
     out = Path(out).resolve()  # RLlib reads relative paths as URIs without a scheme
     out.mkdir(parents=True, exist_ok=True)
-    where = connect()
+    where = connect(address)
     start = time.time()
     algo = spec.config.build_algo()
     if start_from:
