@@ -63,13 +63,15 @@ def cmd_importance(args: argparse.Namespace) -> int:
     )
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     progress = _tqdm_progress(f"{args.method} {model.model_id}")
-    scores, cached = get_scores(model, settings, progress, refresh=args.refresh)
+    scores, origin = get_scores(model, settings, progress, refresh=args.refresh)
     if args.out:
         Path(args.out).write_text(scores.to_json())
     if args.json:
         print(scores.to_json())
         return 0
-    where = "cache" if cached else f"computed in {scores.details.get('seconds', 0)} s"
+    where = {"shipped": "shipped with the package", "cache": "from the cache"}.get(
+        origin, f"computed in {scores.details.get('seconds', 0)} s"
+    )
     print(f"{scores.method} scores of {scores.model} ({where}), higher = more important")
     if scores.calibration:
         c = scores.calibration
@@ -228,7 +230,7 @@ def _eval_command(args: argparse.Namespace) -> str:
 
 def _check_eval_args(args: argparse.Namespace) -> list[str]:
     """Parse and check the lists before any model loads; returns the tasks."""
-    from rap.planners import PLANNERS
+    from rap.planners import SERVING_PLANNERS
     from rap.zeroshot import TASKS
 
     args.budget_list = _parse_list(args.budgets, "--budgets", float)
@@ -238,8 +240,13 @@ def _check_eval_args(args: argparse.Namespace) -> list[str]:
         if not 0.0 < frac <= 1.0:
             raise RapError(f"budget {frac} is outside (0, 1]", expected="fractions like 0.8")
     for method in args.method_list:
-        if method not in PLANNERS or method == "oracle":
-            raise RapError(f"unknown method {method!r}", expected=f"some of {PLANNERS[:-1]}")
+        if method in ("rap", "oracle"):
+            raise RapError(f"rap eval does not run method {method!r}",
+                           expected=f"some of {', '.join(SERVING_PLANNERS)}",
+                           fix="compare the RAP policy with bench/compare_policies.py")  # fmt: skip
+        if method not in SERVING_PLANNERS:
+            raise RapError(f"unknown method {method!r}",
+                           expected=f"some of {', '.join(SERVING_PLANNERS)}")  # fmt: skip
     for task in tasks:
         if task not in TASKS:
             raise RapError(f"unknown task {task!r}", expected=f"some of {', '.join(TASKS)}")
@@ -351,7 +358,13 @@ def _add_plan(sub: Any) -> None:
     plan.add_argument("--policy", help="rap: an exported policy folder (default: the shipped one)")
     plan.add_argument("--dtype", default="float16", choices=DTYPES, help="serving dtype")
     plan.add_argument("--scores", help="a BlockScores JSON (default: shipped or cached scores)")
-    plan.add_argument("--min-kept-fraction", type=float, default=0.0, help="quality floor")
+    plan.add_argument(
+        "--min-kept-fraction",
+        type=float,
+        default=0.0,
+        help="quality floor: fewest blocks kept, as a share of all (default 0.0, no floor; "
+        "serving's default is 0.5: pass 0.5 to plan as a replica would)",
+    )
     plan.add_argument("--include-activations", action="store_true", help="count activations")
     plan.add_argument("--prefill-tokens", type=int, help="prompt tokens for activations")
     plan.add_argument("--seed", type=int, default=0, help="random planner's seed")
@@ -371,7 +384,9 @@ def _add_eval(sub: Any) -> None:
     ev.add_argument(
         "--methods",
         default="gsi,oneshot,mem-greedy,shortgpt,attn-drop,mlp-drop,random",
-        help="planners (rap plan's methods but oracle)",
+        help="stored-score planners: gsi, oneshot, mem-greedy, shortgpt, attn-drop, mlp-drop, "
+        "random (not rap or oracle: bench/compare_policies.py compares the RAP policy); no "
+        "quality floor",
     )
     ev.add_argument("--batch", type=int, default=8, help="batch of the budget's workload")
     ev.add_argument("--seq", type=int, default=2048, help="tokens of the budget's workload")

@@ -1,8 +1,9 @@
 """Computing block scores (`rap importance`): magnitude, Block Influence, one-shot and GSI.
 
 See `rap.importance` for what each score means and `rap.search` for the perplexity searches.
-`get_scores` is the entry point: it answers from the cache when the same model (by digest),
-calibration text, method, tokens and settings were scored before, else computes and caches.
+`get_scores` is the entry point: it answers from the scores shipped with the package, or from
+the cache, when the same model (by digest), dtype, calibration text, method, tokens and settings
+were scored before, else computes and caches.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rap.importance import (
     cache_path,
     describe_run,
     folder_digest,
+    shipped_path,
 )
 from rap.model import PrunableModel
 from rap.nll import NllEvaluator
@@ -252,15 +254,43 @@ def _cached_one_shot(digest: str, text: TextInfo, predicted: int) -> OneShot | N
     return OneShot(dense, nll, {}, [], 0.0)
 
 
+def shipped_match(
+    model: PrunableModel, settings: ScoreSettings, text: TextInfo | None, digest: str
+) -> BlockScores | None:
+    """The package's shipped scores when they answer exactly this question: the same weights
+    (digest), dtype, method, calibration text and tokens, and for GSI the same race."""
+    path = shipped_path(model.model_id, settings.method)
+    if not path.is_file():
+        return None
+    shipped = BlockScores.from_file(path)
+    same_text = (shipped.calibration.key if shipped.calibration else None) == (
+        text.key if text else None
+    )
+    same_run = (
+        shipped.model_digest == digest
+        and shipped.dtype == str(model.dtype).removeprefix("torch.")
+        and same_text
+    )
+    if settings.method == "gsi":
+        d = shipped.details
+        race = (d.get("screen_tokens"), d.get("finalists"), d.get("exact"))
+        same_run = same_run and race == (
+            settings.screen_batches * settings.batch_size * settings.seq_len,
+            settings.finalists,
+            settings.screen_batches == 0,
+        )
+    return shipped if same_run else None
+
+
 def get_scores(
     model: PrunableModel,
     settings: ScoreSettings,
     progress: Progress | None = None,
     refresh: bool = False,
-) -> tuple[BlockScores, bool]:
-    """Cached scores if present (and `refresh` is False), else computed and cached.
-
-    Returns the scores and whether they came from the cache.
+) -> tuple[BlockScores, str]:
+    """Shipped or cached scores if they answer the same question (and `refresh` is False),
+    else computed and cached. Returns the scores and where they came from: "shipped",
+    "cache" or "computed".
     """
     digest = model_digest(model)
     text = None
@@ -270,11 +300,15 @@ def get_scores(
             settings.half,
         )  # fmt: skip
     path = cache_path(digest, settings.method, settings.key(text))
-    if path.is_file() and not refresh:
-        return BlockScores.from_file(path), True
+    if not refresh:
+        shipped = shipped_match(model, settings, text, digest)
+        if shipped is not None:
+            return shipped, "shipped"
+        if path.is_file():
+            return BlockScores.from_file(path), "cache"
     scores = compute_scores(model, settings, progress, digest)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(scores.to_json())
     tmp.replace(path)
-    return scores, False
+    return scores, "computed"

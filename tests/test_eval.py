@@ -95,6 +95,24 @@ def test_eval_command_on_a_tiny_model(tiny_dirs, tmp_path, monkeypatch, capsys) 
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
+def test_eval_help_lists_only_methods_it_runs(capsys) -> None:
+    """`rap eval --help` once listed rap (rap plan's methods) and `--methods rap` failed."""
+    from rap.cli import build_parser
+    from rap.planners import SERVING_PLANNERS
+
+    sub = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    methods = next(a for a in sub["eval"]._actions if a.dest == "methods")
+    assert "not rap" in methods.help and set(methods.default.split(",")) == set(SERVING_PLANNERS)
+    assert main(["eval", "--methods", "rap", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "does not run method 'rap'" in err and "compare_policies" in err
+    floor = next(a for a in sub["plan"]._actions if a.dest == "min_kept_fraction")
+    from rap.engine import EngineConfig
+
+    serving = EngineConfig().min_kept_fraction
+    assert floor.default == 0.0 and f"serving's default is {serving}" in floor.help
+
+
 @pytest.mark.slow
 def test_eval_on_the_default_model(tmp_path, capsys) -> None:
     """A few items on the real model: the dense row is far better than a 40 % budget's."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -125,14 +126,45 @@ def test_magnitude_is_the_rms_of_each_block(tiny_dirs) -> None:
     assert math.isclose(attn[1], float(flat.pow(2).mean().sqrt()), rel_tol=1e-5)
 
 
+def test_shipped_scores_answer_when_model_text_method_and_tokens_match(
+    tiny_dirs, tmp_path, monkeypatch
+) -> None:
+    """`rap importance` on a fresh machine: the package's scores answer at once (the user
+    cache is empty); other tokens or a GSI race of other settings are computed."""
+    import rap.importance
+    import rap.scorers
+
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(rap.importance, "DATA_DIR", tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    model = load_model(str(tiny_dirs["llama"]))
+    settings = ScoreSettings(method="gsi", tokens=256, seq_len=32, screen_batches=1)
+    computed, _ = get_scores(model, settings)
+    rap.importance.shipped_path(model.model_id, "gsi").write_text(computed.to_json())
+    shutil.rmtree(tmp_path / "cache")  # a fresh machine: nothing cached
+    monkeypatch.setattr(rap.scorers, "compute_scores", _no_compute)
+    scores, origin = get_scores(model, settings)
+    assert origin == "shipped" and scores == computed
+    for other in (ScoreSettings(method="gsi", tokens=512, seq_len=32, screen_batches=1),
+                  ScoreSettings(method="gsi", tokens=256, seq_len=32, finalists=2)):  # fmt: skip
+        with pytest.raises(AssertionError, match="computed"):
+            get_scores(model, other)
+    with pytest.raises(AssertionError, match="computed"):
+        get_scores(model, settings, refresh=True)
+
+
+def _no_compute(*_args, **_kw):
+    raise AssertionError("computed instead of answered")
+
+
 def test_scores_are_cached_and_validated(tiny_dirs, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path))
     model = load_model(str(tiny_dirs["phi3"]))
     settings = ScoreSettings(method="gsi", tokens=256, seq_len=32, screen_batches=1)
-    first, cached = get_scores(model, settings)
-    assert not cached and first.order is not None and len(first.order) == 8
-    again, cached = get_scores(model, settings)
-    assert cached and again == first
+    first, origin = get_scores(model, settings)
+    assert origin == "computed" and first.order is not None and len(first.order) == 8
+    again, origin = get_scores(model, settings)
+    assert origin == "cache" and again == first
     # Lookup by model id finds it, and skips a GSI run still in progress beside it.
     found = next(tmp_path.glob("scores/*/gsi-*.json"))
     found.with_name(found.name.replace(".json", "-x.partial.json")).write_text("{}")

@@ -78,3 +78,21 @@ def test_second_load_reads_the_safetensors_cache() -> None:
     model = rap.load_model("smollm2", device="cpu")
     assert (cache_dir() / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
     assert model.num_layers == 30 and model.tokenizer is not None
+
+
+def test_the_documented_gsi_command_answers_from_the_shipped_scores(tmp_path) -> None:
+    """docs/importance.md's gsi command on a machine whose score cache is empty: the package's
+    scores answer at once (it once started a 54-minute run)."""
+    import os
+
+    from rap.loading import cache_dir, resolve
+
+    resolve("smollm2")  # the converted model, shared with the fresh score cache below
+    (tmp_path / "models").symlink_to(cache_dir() / "models")
+    env = {**os.environ, "RAP_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "rap.cli", "importance", "--method", "gsi", "--tokens", "8192",
+           "--batch-size", "1", "--screen-batches", "1", "--finalists", "3"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(shipped with the package)" in proc.stdout, proc.stdout
+    assert not (tmp_path / "scores").exists()
