@@ -1,9 +1,9 @@
 """Router: the HTTP ingress. OpenAI-compatible endpoints, admin endpoints, replica choice.
 
-It validates requests (400 with OpenAI's error body, never FastAPI's 422), checks the API key
-and the admin token, sends each request to the least-loaded replica and retries a memory 503
-once on another replica. Replicas are separate deployments (replica-0, replica-1, ...), so the
-router and operators can address each by a stable name.
+It validates requests (400 with OpenAI's error body, never FastAPI's 422), checks the API key and
+the admin token, sends each request to the least-loaded replica (ties: the one whose mask keeps
+the most, `rap.routing`) and retries a memory 503 once on another. Replicas are separate
+deployments (replica-0, ...), so the router and operators can address each by a stable name.
 """
 
 import asyncio
@@ -18,6 +18,7 @@ from ray import serve
 from rap.config import ServeAppConfig
 from rap.messages import BudgetChange, MaskPush
 from rap.openai_api import ChatRequest, CompletionRequest, Relay, error_body
+from rap.routing import ReplicaLoad, kept_fraction, order, watch
 
 app = FastAPI(title="RAP Serve")
 
@@ -56,15 +57,21 @@ def _bearer(request: Request) -> str | None:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class Router:
-    def __init__(self, app_config: dict[str, Any], controller: Any, replicas: dict[str, Any]):
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
+        self, app_config: dict[str, Any], controller: Any, replicas: dict[str, Any]
+    ) -> None:
         from rap.loading import load_config
 
         cfg = ServeAppConfig.model_validate(app_config)
         self.served_name = cfg.served_name or load_config(cfg.model)[1]
         self.controller, self.replicas = controller, replicas
-        self.inflight = dict.fromkeys(replicas, 0)
+        self.loads = {name: ReplicaLoad() for name in replicas}
         self.api_key = os.environ.get(cfg.api_key_env) or None
         self.admin_token = os.environ.get(cfg.admin_token_env) or None
+        fetch = lambda n: replicas[n].telemetry.remote()  # noqa: E731
+        self._watcher = asyncio.get_running_loop().create_task(
+            watch(self.loads, fetch, cfg.telemetry_period_s)
+        )
 
     # -- OpenAI endpoints -----------------------------------------------------------------
     @app.get("/v1/models")
@@ -107,7 +114,7 @@ class Router:
         }
         name, events, first = await self._start(call)
         if first["type"] == "error":
-            self.inflight[name] -= 1
+            self.loads[name].inflight -= 1
             retry = first.get("retry_after")
             raise HTTPError(
                 first["status"],
@@ -125,15 +132,15 @@ class Router:
         return JSONResponse(out, status)
 
     async def _start(self, call: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-        """Least-loaded replica first; a memory 503 is retried once on another replica."""
-        order = sorted(self.replicas, key=lambda n: self.inflight[n])
-        for attempt, name in enumerate(order[:2]):
-            self.inflight[name] += 1
+        """Best replica first (`rap.routing.order`); a memory 503 is retried once on another."""
+        ranked = order(self.loads)
+        for attempt, name in enumerate(ranked[:2]):
+            self.loads[name].inflight += 1
             events = self.replicas[name].options(stream=True).generate.remote(call)
             first = await events.__anext__()
             memory_503 = first["type"] == "error" and first["status"] == 503
-            if memory_503 and attempt == 0 and len(order) > 1:
-                self.inflight[name] -= 1
+            if memory_503 and attempt == 0 and len(ranked) > 1:
+                self.loads[name].inflight -= 1
                 events.cancel()
                 continue
             return name, events, first
@@ -144,7 +151,7 @@ class Router:
             async for event in events:
                 yield event
         finally:
-            self.inflight[name] -= 1
+            self.loads[name].inflight -= 1
 
     def _check_key(self, request: Request) -> None:
         if self.api_key is not None and _bearer(request) != self.api_key:
@@ -186,6 +193,8 @@ class Router:
         self._check_admin(request)
         names = sorted(self.replicas)
         tels = await asyncio.gather(*(self.replicas[n].telemetry.remote() for n in names))
+        for n, tel in zip(names, tels, strict=True):
+            self.loads[n].kept_fraction = kept_fraction(tel)
         try:
             controller = await asyncio.wait_for(self.controller.state.remote(), timeout=2.0)
         except Exception as exc:  # the controller may be down: replicas still answer

@@ -57,6 +57,7 @@ class Telemetry(_Message):
     queue: QueueState = Field(default_factory=QueueState)
     mask_version: MaskVersion = Field(default_factory=MaskVersion)
     mask_source: str = "user"
+    num_layers: int = Field(0, ge=0, description="Layers of the model (an attn and an MLP each).")
     attn_kept: int = Field(0, ge=0)
     mlp_kept: int = Field(0, ge=0)
     local_fallbacks: int = Field(0, ge=0, description="Batches run on a local fallback mask.")

@@ -93,6 +93,7 @@ def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) 
         ),
         mask_version=mask.version,
         mask_source=mask.source,
+        num_layers=mask.num_layers,
         attn_kept=sum(mask.attn),
         mlp_kept=sum(mask.mlp),
         local_fallbacks=stats.local_fallbacks,

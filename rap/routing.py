@@ -1,0 +1,55 @@
+"""How the router picks a replica for a request (no Ray here; `deployments/router.py` uses it).
+
+Least loaded first: the replica with the fewest requests in flight from this router. On a tie,
+the replica whose current mask keeps the largest share of blocks, since it gives the better
+answer at the same cost (a replica pruned to fit a small budget is the last choice while an
+unpruned one is as free); then by name, so that the order is stable. The share comes from each
+replica's telemetry, polled every telemetry period; until a replica has answered, it counts as
+dense. A memory 503 from the first choice is retried once on the second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ReplicaLoad:
+    """What the router knows of one replica."""
+
+    inflight: int = 0
+    """Requests this router has sent to it that have not finished."""
+    kept_fraction: float = 1.0
+    """Share of its 2L blocks its current mask keeps (telemetry; 1.0 until known)."""
+
+
+def kept_fraction(telemetry: dict[str, int]) -> float:
+    """attn_kept + mlp_kept over all blocks, from a replica's telemetry (as JSON)."""
+    kept = telemetry["attn_kept"] + telemetry["mlp_kept"]
+    total = telemetry.get("num_layers", 0) * 2
+    return kept / total if total else 1.0
+
+
+def order(loads: dict[str, ReplicaLoad]) -> list[str]:
+    """Replica names, best first (module doc)."""
+    return sorted(loads, key=lambda n: (loads[n].inflight, -loads[n].kept_fraction, n))
+
+
+async def watch(
+    loads: dict[str, ReplicaLoad],
+    fetch: Callable[[str], Awaitable[dict[str, Any]]],
+    period_s: float,
+) -> None:
+    """Keep each replica's kept share current: `fetch(name)` its telemetry every period. A
+    replica that does not answer (starting, restarting) keeps the share last seen."""
+    while True:
+        for name in loads:
+            try:
+                tel = await asyncio.wait_for(fetch(name), timeout=4 * period_s)
+                loads[name].kept_fraction = kept_fraction(tel)
+            except Exception:  # any failure of one replica must not end the loop
+                continue
+        await asyncio.sleep(period_s)

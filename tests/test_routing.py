@@ -1,0 +1,45 @@
+"""The router's choice of replica (rap.routing), without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+from rap.routing import ReplicaLoad, kept_fraction, order, watch
+
+
+def test_least_loaded_first_then_the_mask_that_keeps_most_then_the_name() -> None:
+    loads = {
+        "replica-0": ReplicaLoad(inflight=0, kept_fraction=0.72),
+        "replica-1": ReplicaLoad(inflight=0, kept_fraction=1.0),
+        "replica-2": ReplicaLoad(inflight=1, kept_fraction=1.0),
+    }
+    assert order(loads) == ["replica-1", "replica-0", "replica-2"]
+    loads["replica-1"].inflight = 2
+    assert order(loads) == ["replica-0", "replica-2", "replica-1"]
+    assert order({"b": ReplicaLoad(), "a": ReplicaLoad()}) == ["a", "b"]
+
+
+def test_kept_fraction_from_telemetry() -> None:
+    assert kept_fraction({"attn_kept": 30, "mlp_kept": 13, "num_layers": 30}) == 43 / 60
+    assert kept_fraction({"attn_kept": 0, "mlp_kept": 0}) == 1.0  # unknown depth: as dense
+
+
+def test_watch_follows_telemetry_and_outlives_a_replica_that_fails() -> None:
+    loads = {"ok": ReplicaLoad(), "down": ReplicaLoad(kept_fraction=0.9)}
+    seen: list[str] = []
+
+    async def fetch(name: str) -> dict[str, int]:
+        seen.append(name)
+        if name == "down":
+            raise ConnectionError("replica restarting")
+        return {"attn_kept": 10, "mlp_kept": 5, "num_layers": 10}
+
+    async def main() -> None:
+        task = asyncio.create_task(watch(loads, fetch, period_s=0.01))
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        task.cancel()
+
+    asyncio.run(main())
+    assert loads["ok"].kept_fraction == 0.75 and loads["down"].kept_fraction == 0.9
+    assert seen.count("ok") > 2
