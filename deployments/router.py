@@ -8,6 +8,7 @@ deployments (replica-0, ...), so the router and operators can address each by a 
 
 import asyncio
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,21 +19,17 @@ from ray import serve
 from rap.config import ServeAppConfig
 from rap.messages import BudgetChange, MaskPush
 from rap.openai_api import ChatRequest, CompletionRequest, Relay, error_body
-from rap.routing import ReplicaLoad, kept_fraction, order, watch
+from rap.routing import ReplicaLoad, kept_fraction, order, readiness, watch
 
 app = FastAPI(title="RAP Serve")
 
 
+@dataclass
 class HTTPError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.headers = status, message, type_, headers
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    headers: dict[str, str] | None = None
 
 
 @app.exception_handler(HTTPError)
@@ -194,7 +191,7 @@ class Router:
         names = sorted(self.replicas)
         tels = await asyncio.gather(*(self.replicas[n].telemetry.remote() for n in names))
         for n, tel in zip(names, tels, strict=True):
-            self.loads[n].kept_fraction = kept_fraction(tel)
+            self.loads[n].kept_fraction, self.loads[n].answered = kept_fraction(tel), True
         try:
             controller = await asyncio.wait_for(self.controller.state.remote(), timeout=2.0)
         except Exception as exc:  # the controller may be down: replicas still answer
@@ -202,5 +199,7 @@ class Router:
         return {"replicas": dict(zip(names, tels, strict=True)), "controller": controller}
 
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 once every replica answers, else 503 with those still starting (rap.routing)."""
+        status, body = readiness(self.loads)
+        return JSONResponse(body, status, headers={"Retry-After": "2"} if status == 503 else None)

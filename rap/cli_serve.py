@@ -28,9 +28,17 @@ def add_commands(sub: Any) -> None:
     serve.add_argument(
         "--budget-gib",
         default="",
-        help="comma-separated budgets per replica (default: from the device)",
+        help="comma-separated budgets per replica in GiB (default: from the device; on a CPU "
+        "the dense model's peak at batch 8 × 1,024 tokens, ~1.03 GiB for the default model in "
+        "float32)",
     )
     serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port of Ray's Prometheus endpoint (default: a free port, printed at start-up)",
+    )
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
         "--policy",
@@ -109,16 +117,12 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from rap.config import ServeAppConfig, controller_policy
+    """Parse and check (before Ray starts) → start Ray and the app → first request → report →
+    serve until Ctrl-C or SIGTERM."""
+    from rap.config import controller_policy
     from rap.loading import resolve
 
-    try:
-        config = ServeAppConfig.model_validate(_app_config(args))
-    except ValidationError as exc:
-        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-        raise RapError(f"invalid serve configuration: {msg}") from None
+    config = _validated(args)
     resolve(args.model)  # convert the default model once, before replicas race to do it
     policy = controller_policy(config.resolved())  # one error line now, before Ray starts
     print(f"controller policy: {_policy_line(policy.describe())}", flush=True)
@@ -127,24 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key:
         os.environ[config.api_key_env] = args.api_key
     url = f"http://{args.host}:{args.port}"
-    _start(config, args)
+    metrics_port = args.metrics_port or _free_port()
+    _start(config, args, metrics_port)
     first = _first_request(url, args.api_key)
-    print(f"RAP Serve is up at {url}  (OpenAI-compatible: {url}/v1)")
-    print(f"admin token: {token}")
-    print(
-        "first request: POST /v1/chat/completions "
-        '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
-    )
-    print(
-        f"  → {first['choices'][0]['message']['content']!r} "
-        f"[{first['system_fingerprint']}, {first['usage']['total_tokens']} tokens]"
-    )
-    print(
-        f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{first["model"]}", "prompt": "Once upon a time"}}\''
-    )
-    print(f"operator: rap budget set --replica replica-0 --gib 0.4 --token {token}")
-    print(f"controller: {_controller_line(url, token)}")
+    _report(url, token, first, args.api_key is not None, metrics_port)
     if args.exit_after_first:
         _stop()
         return 0
@@ -157,6 +147,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _stop()
     print("RAP Serve stopped")
     return 0
+
+
+def _validated(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from rap.config import ServeAppConfig
+
+    try:
+        return ServeAppConfig.model_validate(_app_config(args))
+    except ValidationError as exc:
+        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise RapError(f"invalid serve configuration: {msg}") from None
+
+
+def _report(url: str, token: str, first: dict[str, Any], keyed: bool, metrics_port: int) -> None:
+    """What a user needs once the app answers: where, a first answer, how to call it, how to act
+    on it, where its metrics are, and which policy plans."""
+    print(f"RAP Serve is up at {url}  (OpenAI-compatible: {url}/v1)")
+    print(f"admin token: {token}")
+    print(
+        "first request: POST /v1/chat/completions "
+        '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+    )
+    print(
+        f"  → {first['choices'][0]['message']['content']!r} "
+        f"[{first['system_fingerprint']}, {first['usage']['total_tokens']} tokens]"
+    )
+    auth = ' -H "Authorization: Bearer $RAP_API_KEY"' if keyed else ""
+    print(
+        f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+        f'-d \'{{"model": "{first["model"]}", "prompt": "Once upon a time"}}\''
+        + ("  (with RAP_API_KEY set to the key you passed)" if keyed else "")
+    )
+    print(f"operator: rap budget set --replica replica-0 --gib 0.4 --token {token}")
+    print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (Prometheus; docs/metrics.md)")
+    print(f"controller: {_controller_line(url, token)}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _policy_line(d: dict[str, Any]) -> str:
@@ -176,7 +210,7 @@ def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _start(config: Any, args: argparse.Namespace) -> None:
+def _start(config: Any, args: argparse.Namespace, metrics_port: int) -> None:
     import ray
     from ray import serve
 
@@ -184,7 +218,11 @@ def _start(config: Any, args: argparse.Namespace) -> None:
 
     # A Ray of its own, even where `ray start` left a cluster running (use `serve deploy` there).
     ray.init(
-        address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
+        address="local",
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
     )
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config.model_dump(mode="json")), name="rap", route_prefix="/")
@@ -222,6 +260,10 @@ def _stop() -> None:
     timer = threading.Timer(STOP_TIMEOUT_S, give_up)
     timer.daemon = True
     timer.start()
+    # Serve's shutdown kills its controller while its own graceful_shutdown call is pending, and
+    # Ray then reports "graceful_shutdown failed ... will be retried" on every stop: noise to a
+    # user, so the driver stops listening to Ray's error messages once it decides to stop.
+    ray._private.worker.global_worker.threads_stopped.set()
     serve.shutdown()
     ray.shutdown()
     timer.cancel()

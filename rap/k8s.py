@@ -140,9 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     wanted |= {GRAFANA_DIR / name: text for name, text in export_texts().items()}
     stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
     if args.check:
-        for path in stale:
-            print(f"stale: {path.relative_to(ROOT)}; run python -m rap.k8s", file=sys.stderr)
+        for path in wanted:
+            state = "stale" if path in stale else "current"
+            print(
+                f"{state}: {path.relative_to(ROOT)}",
+                file=sys.stderr if state == "stale" else sys.stdout,
+            )
+        if stale:
+            print("run python -m rap.k8s to regenerate", file=sys.stderr)
+        else:
+            print(f"{len(wanted)} generated files match rap.k8s and rap.grafana")
         return 1 if stale else 0
+    if not stale:
+        print(f"{len(wanted)} generated files already current")
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(wanted[path])

@@ -24,6 +24,8 @@ class ReplicaLoad:
     """Requests this router has sent to it that have not finished."""
     kept_fraction: float = 1.0
     """Share of its 2L blocks its current mask keeps (telemetry; 1.0 until known)."""
+    answered: bool = False
+    """Whether it has answered a telemetry call: its model is loaded and its engine runs."""
 
 
 def kept_fraction(telemetry: dict[str, int]) -> float:
@@ -31,6 +33,15 @@ def kept_fraction(telemetry: dict[str, int]) -> float:
     kept = telemetry["attn_kept"] + telemetry["mlp_kept"]
     total = telemetry.get("num_layers", 0) * 2
     return kept / total if total else 1.0
+
+
+def readiness(loads: dict[str, ReplicaLoad]) -> tuple[int, dict[str, Any]]:
+    """`/health`: 200 once every replica has answered, else 503 naming those still starting
+    (the router answers `/v1/models` before replicas have loaded their models)."""
+    replicas = {n: "ready" if v.answered else "starting" for n, v in sorted(loads.items())}
+    starting = "starting" in replicas.values()
+    return (503 if starting else 200), {"status": "starting" if starting else "ok",
+                                        "replicas": replicas}  # fmt: skip
 
 
 def order(loads: dict[str, ReplicaLoad]) -> list[str]:
@@ -50,6 +61,7 @@ async def watch(
             try:
                 tel = await asyncio.wait_for(fetch(name), timeout=4 * period_s)
                 loads[name].kept_fraction = kept_fraction(tel)
+                loads[name].answered = True
             except Exception:  # any failure of one replica must not end the loop
                 continue
         await asyncio.sleep(period_s)

@@ -42,4 +42,16 @@ def test_watch_follows_telemetry_and_outlives_a_replica_that_fails() -> None:
 
     asyncio.run(main())
     assert loads["ok"].kept_fraction == 0.75 and loads["down"].kept_fraction == 0.9
+    assert loads["ok"].answered and not loads["down"].answered
     assert seen.count("ok") > 2
+
+
+def test_health_is_503_until_every_replica_has_answered() -> None:
+    from rap.routing import readiness
+
+    loads = {"replica-0": ReplicaLoad(answered=True), "replica-1": ReplicaLoad()}
+    status, body = readiness(loads)
+    assert status == 503 and body["status"] == "starting"
+    assert body["replicas"] == {"replica-0": "ready", "replica-1": "starting"}
+    loads["replica-1"].answered = True
+    assert readiness(loads) == (200, {"status": "ok", "replicas": dict.fromkeys(loads, "ready")})

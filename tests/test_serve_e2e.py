@@ -185,8 +185,21 @@ def test_a_lowered_budget_is_served_on_the_rap_policys_masks(server) -> None:
     now = {n: t["batches"] for n, t in state(server)["replicas"].items()}
     assert now["replica-0"] == batches["replica-0"], (batches, now)
     assert now["replica-1"] == batches["replica-1"] + 4, (batches, now)
+    # Back to the module's starting point: replica-0 regrows to dense at its next batches (a
+    # grow applies to new work); concurrent requests reach it although it keeps fewer blocks.
     status, _, _ = call(server, "/admin/budget", {"replica": "replica-0", "gib": 0.6}, ADMIN)
     assert status == 200
+
+    def regrown() -> bool:
+        def one(i: int) -> None:
+            c.completions.create(model=MODEL, prompt=f"Again {i}", max_tokens=4, temperature=0)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(4)))
+        t = state(server)["replicas"]["replica-0"]
+        return t["attn_kept"] + t["mlp_kept"] == 60
+
+    wait_for(regrown)
 
 
 def test_budget_drop_gives_a_smaller_mask_and_requests_keep_working(server) -> None:
