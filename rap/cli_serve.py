@@ -260,10 +260,25 @@ def _stop() -> None:
     timer = threading.Timer(STOP_TIMEOUT_S, give_up)
     timer.daemon = True
     timer.start()
-    # Serve's shutdown kills its controller while its own graceful_shutdown call is pending, and
-    # Ray then reports "graceful_shutdown failed ... will be retried" on every stop: noise to a
-    # user, so the driver stops listening to Ray's error messages once it decides to stop.
-    ray._private.worker.global_worker.threads_stopped.set()
+    _quiet_serve_shutdown_report()
     serve.shutdown()
     ray.shutdown()
     timer.cancel()
+
+
+def _quiet_serve_shutdown_report() -> None:
+    """Serve's shutdown waits on its controller's `graceful_shutdown` until it kills that actor,
+    and Ray then reports "Task ServeController.graceful_shutdown failed ... will be retried" on
+    every stop (Ray 2.60): noise to a user of a clean stop. Drop that one message from the
+    driver's error stream (`ray._private.worker.print_to_stdstream`); every other one prints."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = data.get("lines", [])
+        if any("ServeController.graceful_shutdown failed" in line for line in lines):
+            return
+        original(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = filtered

@@ -44,3 +44,6 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(target: str, tmp_path) -> N
     assert "'The capital of France is Paris.'" in text
     assert rc == 0 and "RAP Serve stopped" in text, text[-3000:]
     assert "SIGTERM received" not in text  # Ray's abort handler did not run
+    assert "graceful_shutdown failed" not in text  # Ray's noise on every stop, filtered
+    assert "controller policy: RapPolicy (shipped default" in text
+    assert "metrics: http://127.0.0.1:" in text and "-controller:rap-keep" in text
