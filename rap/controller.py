@@ -2,7 +2,8 @@
 
 For each replica with fresh telemetry the controller plans a KeepMask per workload bucket
 (batch ≤ b, longest sequence ≤ s) that its telemetry shows, under the replica's budget, with the
-policy (or a heuristic planner until one is trained). Plans are versioned (epoch, seq): a
+policy (`rap.policy`: the trained RAP policy by default, or a heuristic planner), each mask
+labelled with the planner that made it. Plans are versioned (epoch, seq): a
 controller that starts takes an epoch above every version it finds in telemetry, so replicas
 accept its plans after a restart. Stale telemetry (older than `stale_after_s`) is not planned on.
 Every decision is recorded with its reason.
@@ -81,6 +82,7 @@ class Controller:
 
     def __post_init__(self) -> None:
         self.shares = GpuShares(self.config.shares)
+        self.decisions = deque(self.decisions, maxlen=self.config.history)
 
     def report(self, telemetry: Telemetry, now_s: float | None = None) -> MaskPlan | None:
         """Take a replica's telemetry; answer its plan when it is new or changed, else None."""

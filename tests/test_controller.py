@@ -160,3 +160,10 @@ def test_buckets_nothing_fits_are_not_replanned_every_report() -> None:
     assert first is not None
     assert (8, 4096) not in {(e.max_batch, e.max_seq) for e in first.entries}
     assert c.report(tel(budget=50 * MIB, queue=big, mask_version=first.version), 1000.3) is None
+
+
+def test_the_decision_log_keeps_the_configured_history() -> None:
+    c = Controller(planner, ControllerConfig(history=2))
+    for i in range(4):
+        c.report(tel(budget=(100 + i) * MIB), now_s=1000.0 + i)
+    assert len(c.decisions) == 2 and "103.0 MiB" in c.decisions[-1].reason
