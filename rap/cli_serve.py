@@ -132,18 +132,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[config.api_key_env] = args.api_key
     url = f"http://{args.host}:{args.port}"
     metrics_port = args.metrics_port or _free_port()
-    _start(config, args, metrics_port)
-    first = _first_request(url, args.api_key)
-    _report(url, token, first, args.api_key is not None, metrics_port)
-    if args.exit_after_first:
-        _stop()
-        return 0
-    # SIGTERM (kill, a container stop) shuts down like Ctrl-C; Ray's own handler would abort.
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while True:
+        _start(config, args, metrics_port)
+        first = _first_request(url, args.api_key)
+        _report(url, token, first, args.api_key is not None, metrics_port)
+        while not args.exit_after_first:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:  # an error while starting stops Ray too
         _stop()
     print("RAP Serve stopped")
     return 0
@@ -224,6 +221,9 @@ def _start(config: Any, args: argparse.Namespace, metrics_port: int) -> None:
         log_to_driver=False,
         _metrics_export_port=metrics_port,
     )
+    # SIGTERM (kill, a container stop) shuts down like Ctrl-C: ray.init just installed a handler
+    # that aborts the process with a stack dump, so ours replaces it at once.
+    signal.signal(signal.SIGTERM, _interrupt)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config.model_dump(mode="json")), name="rap", route_prefix="/")
 
@@ -249,6 +249,8 @@ def _stop() -> None:
     import ray
     from ray import serve
 
+    if not ray.is_initialized():  # stopped while Ray was still starting: nothing to shut down
+        return
     # A signal sent to the whole process group (systemd's default, `timeout`, a terminal's
     # Ctrl-C) stops Ray's own processes too; Serve's shutdown then waits on a GCS that is gone
     # and never returns. Exit after STOP_TIMEOUT_S instead of hanging.

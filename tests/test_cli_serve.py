@@ -26,7 +26,7 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(target: str, tmp_path) -> N
                                 start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + 300
-            while "operator: rap budget set" not in log.read_text():
+            while "controller: " not in log.read_text():  # the last start-up line
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(1)
