@@ -5,7 +5,7 @@ Usage:
         [--measure] [--oracle 0 | --oracle-from FILE] [--out bench/results/compare.json]
     .venv/bin/python bench/compare_policies.py --policy DIR --split train --keys-out KEYS
 
-Situations: every held-out (`eval`) scenario of `rap.workloads` with seeds EVAL_SEED_BASE + i,
+Situations: every held-out (`eval`) scenario of `rap.agent.workloads` with seeds EVAL_SEED_BASE + i,
 taking `per-scenario` batch starts (evenly spaced) that need pruning and that some mask fits,
 for the default model with float16 budgets (predicted peak, activations included). Every method
 plans every situation at the same budget: `rap` (the policy; only masks it chose itself count as
@@ -16,8 +16,8 @@ quality as exp(mean ln perplexity) and the mean rise in ln perplexity over the d
 budget violations (a returned mask over budget), decision time p50/p99, the fallback rate, and
 rap against each method situation by situation. `--split train --keys-out` lists the masks a
 policy chooses on training scenarios instead (the DAgger step of scripts/train_policy.sh).
-Quality is the surrogate's (`rap.surrogate`) unless `--measure`: then every distinct mask is
-measured on the `eval` part of the perplexity text (`rap.quality`, wiki tokens 512-1536, never
+Quality is the surrogate's (`rap.planning.surrogate`) unless `--measure`: then every distinct mask is
+measured on the `eval` part of the perplexity text (`rap.importance.quality`, wiki tokens 512-1536, never
 used to fit the surrogate), cached.
 """
 
@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from rap import planners, workloads
-from rap.env import Observer
-from rap.errors import RapError
-from rap.loading import load_config
-from rap.policy import HeuristicPolicy, RapPolicy
-from rap.quality import key_of
-from rap.surrogate import load_surrogate
+from rap.agent import workloads
+from rap.agent.env import Observer
+from rap.core.errors import RapError
+from rap.core.loading import load_config
+from rap.importance.quality import key_of
+from rap.planning import HeuristicPolicy, RapPolicy
+from rap.planning.surrogate import load_surrogate
 
 DTYPE = "float16"
 
@@ -45,7 +45,7 @@ DTYPE = "float16"
 def baselines(config: Any, model_id: str) -> dict[str, Any]:
     """gsi, shortgpt, and mem-greedy once per stored score kind it can use (its ranking is only
     as good as its costs: GSI's marginal costs, one-shot Δ NLL, or Block Influence)."""
-    from rap.importance import find_scores
+    from rap.core.scores import find_scores
 
     out: dict[str, Any] = {}
     variants = [("gsi", "gsi"), *[("mem-greedy", k) for k in ("gsi", "oneshot", "bi")],
@@ -111,7 +111,7 @@ def plan_all(methods: dict[str, Any], config: Any, sits: list[workloads.Situatio
             try:
                 mask = planner(s)
                 ms = 1e3 * (time.perf_counter() - t0)
-                fits = planners.fits(
+                fits = byte_table.fits(
                     config, mask, s.budget_bytes, s.batch, s.seq, DTYPE,
                     include_activations=True, prefill_tokens=s.prefill,
                 )  # fmt: skip
@@ -126,9 +126,9 @@ def oracle_rows(sits: list[workloads.Situation], k: int) -> tuple[list[int], lis
     first KV-dominated ones of the traffic scenarios (batch ≥ 8, ≥ 1,536 tokens)."""
     import torch
 
-    from rap.calibration import calibration_chunks
-    from rap.loading import load_model
-    from rap.oracle import oracle_mask
+    from rap.core.loading import load_model
+    from rap.importance.calibration import calibration_chunks
+    from rap.importance.oracle import oracle_mask
 
     torch.set_num_threads(1)
     b1 = [i for i, s in enumerate(sits) if s.batch == 1][: k // 2]
@@ -173,8 +173,8 @@ def quality(keys: set[str], measure: bool) -> dict[str, float]:
         return dict(zip(ks, sur.predict(ks).tolist(), strict=True))
     import torch
 
-    from rap.loading import load_model
-    from rap.quality import Meter
+    from rap.core.loading import load_model
+    from rap.importance.quality import Meter
 
     torch.set_num_threads(1)
     meter = Meter(load_model("smollm2", dtype="float32", device="cpu"), "eval")
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument(
         "--keys-out",
         help="write the masks the policy chose (one key a line) "
-        "and stop: the input of `python -m rap.quality measure --keys`",
+        "and stop: the input of `python -m rap.importance.quality measure --keys`",
     )
     args = parser.parse_args()
     if args.split == "train" and not args.keys_out:

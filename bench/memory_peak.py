@@ -3,7 +3,7 @@
     python bench/memory_peak.py [--model smollm2] [--llama7b] [--out bench/results/FILE.json]
 
 On CUDA it measures `torch.cuda.max_memory_allocated` over a whole generation (prefill and
-decode) and compares it with `rap.memory.peak_bytes`; the activation formula is analytic (no
+decode) and compares it with `rap.core.memory.peak_bytes`; the activation formula is analytic (no
 coefficient is fitted), so the grid below is disjoint from any fitting grid by construction.
 `--llama7b` adds a Llama-2-7B-shaped model with random weights (bytes and time do not depend on
 the values). On a CPU it checks the exact part (weights and KV against the tensors) and says
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from rap import memory
-from rap.masks import KeepMask
+from rap.core import memory
+from rap.core.masks import KeepMask
 
 GRID_BATCH = (1, 4, 16)
 GRID_PROMPT = (96, 700, 1800)
@@ -41,7 +41,7 @@ def masks_for(model_id: str, n: int) -> dict[str, KeepMask]:
 def llama7b(device: str):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rap.model import PrunableModel
+    from rap.core.model import PrunableModel
 
     config = LlamaConfig(
         hidden_size=4096,

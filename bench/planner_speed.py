@@ -15,11 +15,11 @@ import contextlib
 import statistics
 import time
 
-from rap import memory
-from rap.errors import BudgetError
-from rap.importance import load_default_scores
-from rap.loading import DEFAULT_MODEL_ID, load_config
-from rap.planners import PLANNERS, SCORES_FOR, plan_mask
+from rap.core import memory
+from rap.core.errors import BudgetError
+from rap.core.loading import DEFAULT_MODEL_ID, load_config
+from rap.core.scores import load_default_scores
+from rap.planning.planners import PLANNERS, SCORES_FOR, plan_mask
 
 
 def main() -> None:

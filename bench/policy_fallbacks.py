@@ -7,7 +7,7 @@ The shipped policy was trained with no quality floor (its metadata: `min_kept_fr
 on float16 byte tables; serving runs `EngineConfig().min_kept_fraction` (0.5) and float32 on a
 CPU, float16 on a GPU. For every (batch, seq) bucket of `ControllerConfig()`'s grid and each
 dtype, the script sweeps `--budgets` budgets evenly from the smallest peak the floor allows to
-the dense peak, asks `RapPolicy.for_bucket` for a mask (what the controller calls), and counts
+the dense peak, asks `RapPolicy.plan` for a mask (what the controller calls), and counts
 decisions, fallbacks (the agent stopped over budget: `controller:rap-fallback`) and budgets no
 allowed mask meets. For the same situations it also plans mem-greedy at the same floor and
 prints the mean ln perplexity of both on the shipped surrogate (the env's quality model, capped
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rap.controller import ControllerConfig
-from rap.engine import EngineConfig
-from rap.errors import BudgetError
-from rap.loading import load_config
-from rap.policy import HeuristicPolicy, RapPolicy
-from rap.surrogate import load_surrogate
+from rap.core.errors import BudgetError
+from rap.core.loading import load_config
+from rap.planning import HeuristicPolicy, RapPolicy
+from rap.planning.surrogate import load_surrogate
+from rap.serving.controller import ControllerConfig
+from rap.serving.engine import EngineConfig
 
 
 def _dropped(mask) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -55,7 +55,7 @@ def sweep(policy_dir: str | None, dtype: str, floor: float, budgets: int) -> dic
                 masks = {}
                 for name, planner in (("rap", policy), ("mem-greedy", greedy)):
                     try:
-                        masks[name] = planner.for_bucket(int(budget), b, s)
+                        masks[name] = planner.plan(int(budget), b, s)
                     except BudgetError:
                         no_fit[name] += 1
                 if len(masks) == 2:

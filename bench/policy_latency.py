@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/policy_latency.py [--policy DIR] [--situations 400] [--repeat 3]
 
-For the default model (float16 budgets) and the held-out scenarios of `rap.workloads`, times
+For the default model (float16 budgets) and the held-out scenarios of `rap.agent.workloads`, times
 `RapPolicy.plan` (the exported network run greedily through the env's observation loop, no
 RLlib) on situations that need pruning, and mem-greedy on the same ones for reference; then a
 controller decision end to end: `Controller.report(telemetry)` planning every workload bucket
@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 
-from rap import workloads
-from rap.controller import Controller
-from rap.errors import BudgetError
-from rap.loading import load_config
-from rap.messages import DeviceMemory, Telemetry
-from rap.policy import HeuristicPolicy, RapPolicy
+from rap.agent import workloads
+from rap.core.errors import BudgetError
+from rap.core.loading import load_config
+from rap.planning import HeuristicPolicy, RapPolicy
+from rap.serving.controller import Controller
+from rap.serving.messages import DeviceMemory, Telemetry
 
 
 def _pct(ms: list[float]) -> str:
@@ -65,7 +65,7 @@ def main() -> None:
 
 def end_to_end(policy: RapPolicy, sits: list[workloads.Situation]) -> None:
     """Controller.report(telemetry) → MaskPlan with the policy planning every bucket."""
-    ctl = Controller(planner=policy.for_bucket)
+    ctl = Controller(planner=policy)
     ms: list[float] = []
     buckets = 0
     for i, s in enumerate(sits):

@@ -15,7 +15,7 @@ import argparse
 
 from scipy.stats import spearmanr
 
-from rap.importance import BlockScores
+from rap.core.scores import BlockScores
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rap.cli_serve import http_json
+from rap.cli.serve import http_json
 
 TOKEN = "bench-admin-token"
 
@@ -150,7 +150,7 @@ def main() -> int:
     from ray import serve
 
     from deployments.app import build_app
-    from rap.loading import resolve
+    from rap.core.loading import resolve
 
     resolve("smollm2")
     os.environ["RAP_ADMIN_TOKEN"] = TOKEN

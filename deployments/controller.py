@@ -14,9 +14,9 @@ from typing import Any
 from ray import serve
 
 from deployments.metrics import ControllerMetrics
-from rap.config import ServeAppConfig
-from rap.controller import Controller
-from rap.messages import Telemetry
+from rap.serving.config import ServeAppConfig
+from rap.serving.controller import Controller
+from rap.serving.messages import Telemetry
 
 log = logging.getLogger("ray.serve")
 
@@ -24,11 +24,11 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class RapController:
     def __init__(self, app_config: dict[str, Any]) -> None:
-        from rap.config import controller_policy
+        from rap.serving.config import controller_policy
 
         cfg = ServeAppConfig.model_validate(app_config).resolved()
         self.policy = controller_policy(cfg)
-        self.core = Controller(planner=self.policy.for_bucket, config=cfg.controller)
+        self.core = Controller(planner=self.policy, config=cfg.controller)
         self.metrics = ControllerMetrics()
         self._record_policy()
         log.info("RAP controller up: %s", _describe(self.policy.describe()))

@@ -18,12 +18,12 @@ from pydantic import ValidationError
 from ray import serve
 
 from deployments.metrics import ReplicaMetrics
-from rap.config import ServeAppConfig
-from rap.engine import Engine, EngineError, GenRequest
-from rap.errors import RapError
-from rap.masks import KeepMask
-from rap.messages import MaskPlan, PlanEntry
-from rap.telemetry import GenerateCall, device_memory, initial_budget_bytes, snapshot
+from rap.core.errors import RapError
+from rap.core.masks import KeepMask
+from rap.serving.config import ServeAppConfig
+from rap.serving.engine import Engine, EngineError, GenRequest
+from rap.serving.messages import MaskPlan, PlanEntry
+from rap.serving.telemetry import GenerateCall, device_memory, initial_budget_bytes, snapshot
 
 log = logging.getLogger("ray.serve")
 
@@ -35,8 +35,8 @@ class LLMReplica:
     ) -> None:
         import torch
 
-        from rap.loading import load_model
-        from rap.policy import HeuristicPolicy
+        from rap.core.loading import load_model
+        from rap.planning import HeuristicPolicy
 
         cfg = ServeAppConfig.model_validate(app_config).resolved()
         spec = next(r for r in cfg.replicas if r.name == name)
@@ -52,7 +52,7 @@ class LLMReplica:
             cfg.engine.min_kept_fraction,
         )
         budget = initial_budget_bytes(self.model, spec.budget_gib, cfg)
-        self.engine = Engine(self.model, cfg.engine, budget, policy.for_admission)
+        self.engine = Engine(self.model, cfg.engine, budget, policy)
         self.engine.budget_from_device = spec.budget_gib is None and cfg.device == "cuda"
         self.metrics = ReplicaMetrics()
         self._last_tokens, self._last_t = 0, time.monotonic()

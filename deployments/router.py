@@ -2,7 +2,7 @@
 
 It validates requests (400 with OpenAI's error body, never FastAPI's 422), checks the API key and
 the admin token, sends each request to the least-loaded replica (ties: the one whose mask keeps
-the most, `rap.routing`) and retries a memory 503 once on another. Replicas are separate
+the most, `rap.serving.routing`) and retries a memory 503 once on another. Replicas are separate
 deployments (replica-0, ...), so the router and operators can address each by a stable name.
 """
 
@@ -16,10 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from rap.config import ServeAppConfig
-from rap.messages import BudgetChange, MaskPush
-from rap.openai_api import ChatRequest, CompletionRequest, Relay, error_body
-from rap.routing import ReplicaLoad, kept_fraction, order, readiness, watch
+from rap.serving.config import ServeAppConfig
+from rap.serving.messages import BudgetChange, MaskPush
+from rap.serving.openai_api import ChatRequest, CompletionRequest, Relay, error_body
+from rap.serving.routing import ReplicaLoad, kept_fraction, order, readiness, watch
 
 app = FastAPI(title="RAP Serve")
 
@@ -57,7 +57,7 @@ class Router:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self, app_config: dict[str, Any], controller: Any, replicas: dict[str, Any]
     ) -> None:
-        from rap.loading import load_config
+        from rap.core.loading import load_config
 
         cfg = ServeAppConfig.model_validate(app_config)
         self.served_name = cfg.served_name or load_config(cfg.model)[1]
@@ -129,7 +129,7 @@ class Router:
         return JSONResponse(out, status)
 
     async def _start(self, call: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-        """Best replica first (`rap.routing.order`); a memory 503 is retried once on another."""
+        """Best replica first (`rap.serving.routing.order`); a memory 503 is retried once on another."""
         ranked = order(self.loads)
         for attempt, name in enumerate(ranked[:2]):
             self.loads[name].inflight += 1
@@ -200,6 +200,6 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """200 once every replica answers, else 503 with those still starting (rap.routing)."""
+        """200 once every replica answers, else 503 with those still starting (rap.serving.routing)."""
         status, body = readiness(self.loads)
         return JSONResponse(body, status, headers={"Retry-After": "2"} if status == 503 else None)

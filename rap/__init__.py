@@ -3,8 +3,8 @@
 Heavy imports (torch, transformers) stay inside the functions that need them.
 """
 
-from rap.errors import RapError
-from rap.loading import DEFAULT_MODEL, load_config, load_model
-from rap.masks import KeepMask, MaskVersion
+from rap.core.errors import RapError
+from rap.core.loading import DEFAULT_MODEL, load_config, load_model
+from rap.core.masks import KeepMask, MaskVersion
 
 __all__ = ["DEFAULT_MODEL", "KeepMask", "MaskVersion", "RapError", "load_config", "load_model"]

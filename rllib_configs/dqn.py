@@ -5,7 +5,7 @@ Run:
     rap train --config rllib_configs/dqn.py --smoke --out /tmp/dqn    # CI: 2 iterations
     RAY_ADDRESS=ray://head:10001 rap train --config ... --env-runners 8   # on a Ray cluster
 
-`rap.agent_modules.MaskedDQNTorchRLModule` sets Q(s, a) = −inf for masked actions after the
+`rap.agent.modules.MaskedDQNTorchRLModule` sets Q(s, a) = −inf for masked actions after the
 dueling combination, for observations and next observations (DESIGN.md's trap: RLlib's masking
 example is PPO-only). Env runners split the training scenarios and sample in parallel; a
 prioritized episode replay buffer lives in the Algorithm checkpoint (out/checkpoints/, never
@@ -23,9 +23,9 @@ import os
 from ray.rllib.algorithms.dqn import DQNConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from rap.agent_modules import MaskedDQNTorchRLModule
-from rap.env import ServingSimEnv
-from rap.train import TrainSpec
+from rap.agent.env import ServingSimEnv
+from rap.agent.modules import MaskedDQNTorchRLModule
+from rap.agent.train import TrainSpec
 
 HIDDEN = [64, 64]
 

@@ -5,7 +5,7 @@ Run:
     rap train --config rllib_configs/ppo.py --smoke --out /tmp/ppo    # CI: 2 iterations
     RAY_ADDRESS=ray://head:10001 rap train --config ... --env-runners 8   # on a Ray cluster
 
-Env runners split the training scenarios (`rap.workloads`, split "train") between them and
+Env runners split the training scenarios (`rap.agent.workloads`, split "train") between them and
 sample in parallel (on a small shared machine pass `--env-runners 0`: sampling in the driver,
 see docs/agent.md). Observations carry the one-shot scores' ranks (`RAP_TRAIN_SCORES` picks
 another stored kind). Expect: the mean episode return (−Δ ln perplexity of the chosen mask minus
@@ -25,9 +25,9 @@ import os
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from rap.agent_modules import MaskedPPOTorchRLModule
-from rap.env import ServingSimEnv
-from rap.train import TrainSpec
+from rap.agent.env import ServingSimEnv
+from rap.agent.modules import MaskedPPOTorchRLModule
+from rap.agent.train import TrainSpec
 
 HIDDEN = [64, 64]
 

@@ -29,9 +29,9 @@ for r in $(seq 1 "$rounds"); do  # a finished round is kept: the script resumes
     prev="$out/round$((r - 1))" keys="$out/round$r.keys"
     "$py" bench/compare_policies.py --policy "$prev/policy" --split train --per-scenario 10 \
         --seeds 3 --keys-out "$keys"
-    "$py" -m rap.quality measure --part fit --keys "$keys" --threads 2 | tail -1
-    echo "surrogate on round $((r - 1))'s masks before the refit: $("$py" -m rap.surrogate --check "$keys")"
-    "$py" -m rap.quality export --part fit
-    "$py" -m rap.surrogate >"$out/surrogate$r.json"
+    "$py" -m rap.importance.quality measure --part fit --keys "$keys" --threads 2 | tail -1
+    echo "surrogate on round $((r - 1))'s masks before the refit: $("$py" -m rap.planning.surrogate --check "$keys")"
+    "$py" -m rap.importance.quality export --part fit
+    "$py" -m rap.planning.surrogate >"$out/surrogate$r.json"
     RAP_TRAIN_ITERATIONS=${ITERATIONS:-40} train "$out/round$r" "$prev"
 done

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rap.arch import dims_of, spec_for
+from rap.core.arch import dims_of, spec_for
 
 
 def causal_mask(seq: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:

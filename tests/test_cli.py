@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from rap import memory
-from rap.cli import main
+from rap.cli.main import main
+from rap.core import memory
 from tests.tiny import tiny_config
 
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from rap.budget import GpuShares, ShareConfig
-from rap.controller import Controller, ControllerConfig
-from rap.errors import BudgetError
-from rap.masks import KeepMask, MaskVersion
-from rap.messages import DeviceMemory, QueueState, Telemetry
+from rap.core.errors import BudgetError
+from rap.core.masks import KeepMask, MaskVersion
+from rap.serving.budget import GpuShares, ShareConfig
+from rap.serving.controller import Controller, ControllerConfig
+from rap.serving.messages import DeviceMemory, QueueState, Telemetry
+from tests.tiny import FnPlanner
 
 MIB = 2**20
 
 
-def planner(budget: int, batch: int, seq: int) -> KeepMask:
+def plan(budget: int, batch: int, seq: int) -> KeepMask:
     """Keeps one MLP block per 10 MiB of budget beyond 40 MiB, per (batch·seq) unit."""
     if budget < 40 * MIB:
         raise BudgetError("too small")
@@ -24,6 +25,9 @@ def planner(budget: int, batch: int, seq: int) -> KeepMask:
         attn=(True,) * 4,
         mlp=tuple(i < kept for i in range(4)),
     )
+
+
+planner = FnPlanner(plan)
 
 
 def tel(name: str = "r0", budget: int = 100 * MIB, t: float = 1000.0, **kw) -> Telemetry:
@@ -72,7 +76,7 @@ def test_budget_change_and_new_buckets_give_new_plans_with_reasons() -> None:
 
 def test_a_planner_that_does_not_name_itself_is_refused() -> None:
     """Every controller mask says which planner made it (controller:rap, ...)."""
-    unnamed = lambda budget, b, s: planner(budget, b, s).model_copy(update={"source": "user"})  # noqa: E731
+    unnamed = FnPlanner(lambda budget, b, s: plan(budget, b, s).model_copy(update={"source": "user"}))
     with pytest.raises(ValueError, match="controller:rap"):
         Controller(unnamed).report(tel(), now_s=1000.0)
 
@@ -152,9 +156,9 @@ def test_buckets_nothing_fits_are_not_replanned_every_report() -> None:
     def small_only(budget: int, batch: int, seq: int) -> KeepMask:
         if batch * seq > 8 * 2048:
             raise BudgetError("too big")
-        return planner(budget, batch, seq)
+        return plan(budget, batch, seq)
 
-    c = Controller(small_only)
+    c = Controller(FnPlanner(small_only))
     big = QueueState(recent_batch_sizes=[8], recent_longest_seqs=[4000])
     first = c.report(tel(budget=50 * MIB, queue=big), now_s=1000.0)
     assert first is not None

@@ -7,11 +7,11 @@ import asyncio
 import pytest
 
 import rap
-from rap import memory
-from rap.engine import Engine, EngineConfig, GenRequest
-from rap.masks import KeepMask, MaskVersion
-from rap.messages import MaskPlan, PlanEntry
-from tests.tiny import save_tiny, save_tokenizer
+from rap.core import memory
+from rap.core.masks import KeepMask, MaskVersion
+from rap.serving.engine import Engine, EngineConfig, GenRequest
+from rap.serving.messages import MaskPlan, PlanEntry
+from tests.tiny import FnPlanner, save_tiny, save_tokenizer
 
 PROMPTS = [
     [5, 9, 14],
@@ -106,7 +106,7 @@ def test_budget_below_dense_uses_a_fitting_local_mask(served_dir) -> None:
         model,
         EngineConfig(min_kept_fraction=0.5),
         budget,
-        lambda b, B, S, P: drop_everything_but(model, 4, 1),
+        FnPlanner(lambda b, B, S: drop_everything_but(model, 4, 1)),
     )
     (events,) = run(engine, [[5, 6, 7]])
     assert events[-1]["type"] == "done"
@@ -130,7 +130,7 @@ def test_below_the_floor_is_refused_with_a_reason(served_dir) -> None:
         model,
         EngineConfig(min_kept_fraction=0.75),
         1000,
-        lambda b, B, S, P: drop_everything_but(model, 1, 0),
+        FnPlanner(lambda b, B, S: drop_everything_but(model, 1, 0)),
     )
     (events,) = run(engine, [[5, 6, 7]])
     assert events == [events[0]] and events[0]["type"] == "error"
@@ -141,7 +141,7 @@ def test_below_the_floor_is_refused_with_a_reason(served_dir) -> None:
 def test_a_plan_governs_the_next_batch_and_budget_drop_shrinks_idle_model(served_dir) -> None:
     model = rap.load_model(str(served_dir), device="cpu")
     engine = Engine(
-        model, EngineConfig(), 10**10, lambda b, B, S, P: drop_everything_but(model, 4, 2)
+        model, EngineConfig(), 10**10, FnPlanner(lambda b, B, S: drop_everything_but(model, 4, 2))
     )
     small = drop_everything_but(model, 3, 3).model_copy(
         update={"version": MaskVersion(epoch=1), "source": "controller:rap"}
@@ -171,7 +171,7 @@ def test_a_plan_governs_the_next_batch_and_budget_drop_shrinks_idle_model(served
 def test_requests_that_can_never_run_are_400(served_dir) -> None:
     model = rap.load_model(str(served_dir), device="cpu")
     engine = Engine(model, EngineConfig(), 10**10, None)
-    from rap.engine import EngineError
+    from rap.serving.engine import EngineError
 
     with pytest.raises(EngineError, match="exceeds the model's context of 256") as exc:
         engine.check(GenRequest([5] * 250, 10))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from rap.env import ENV_ID, STOP, AdditiveQuality, ServingSimEnv, importance_ranks
-from rap.errors import RapError
-from rap.workloads import Situation
+from rap.agent.env import ENV_ID, STOP, AdditiveQuality, ServingSimEnv, importance_ranks
+from rap.agent.workloads import Situation
+from rap.core.errors import RapError
 from tests.tiny import tiny_config
 
 L = 4

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rap
-from rap.errors import UnsupportedModelError
-from rap.masks import KeepMask
+from rap.core.errors import UnsupportedModelError
+from rap.core.masks import KeepMask
 from tests.reference import reference_logits
 from tests.tiny import ARCHS, WINDOW
 

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from rap import zeroshot
-from rap.cli import main
-from rap.evaluate import loglikelihoods, split_pair
-from rap.loading import load_model
+from rap.cli.main import main
+from rap.core.loading import load_model
+from rap.importance import zeroshot
+from rap.importance.evaluate import loglikelihoods, split_pair
 
 
 @pytest.mark.parametrize("task", zeroshot.TASKS)
@@ -97,8 +97,8 @@ def test_eval_command_on_a_tiny_model(tiny_dirs, tmp_path, monkeypatch, capsys) 
 
 def test_eval_help_lists_only_methods_it_runs(capsys) -> None:
     """`rap eval --help` once listed rap (rap plan's methods) and `--methods rap` failed."""
-    from rap.cli import build_parser
-    from rap.planners import SERVING_PLANNERS
+    from rap.cli.main import build_parser
+    from rap.planning.planners import SERVING_PLANNERS
 
     sub = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     methods = next(a for a in sub["eval"]._actions if a.dest == "methods")
@@ -107,7 +107,7 @@ def test_eval_help_lists_only_methods_it_runs(capsys) -> None:
     err = capsys.readouterr().err
     assert "does not run method 'rap'" in err and "compare_policies" in err
     floor = next(a for a in sub["plan"]._actions if a.dest == "min_kept_fraction")
-    from rap.engine import EngineConfig
+    from rap.serving.engine import EngineConfig
 
     serving = EngineConfig().min_kept_fraction
     assert floor.default == 0.0 and f"serving's default is {serving}" in floor.help

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 import rap
-from rap.errors import MaskBusyError, MaskError
-from rap.masks import KeepMask, MaskVersion
+from rap.core.errors import MaskBusyError, MaskError
+from rap.core.masks import KeepMask, MaskVersion
 from tests.tiny import ARCHS
 
 PROMPTS = [[5, 9, 14], [7, 8, 9, 10, 11, 12, 13, 20, 21], [30], [40, 41, 42, 43, 44, 45]]

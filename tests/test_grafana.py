@@ -16,9 +16,16 @@ from typing import Any
 import pytest
 import yaml
 
-from rap.cli import main
-from rap.grafana import CONFIGMAP_FILE, DASHBOARD_FILE, DASHBOARD_UID, dashboard, queries, render
-from rap.grafana_panels import SERVE_METRICS
+from rap.cli.main import main
+from rap.ops.grafana import (
+    CONFIGMAP_FILE,
+    DASHBOARD_FILE,
+    DASHBOARD_UID,
+    dashboard,
+    queries,
+    render,
+)
+from rap.ops.panels import SERVE_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRUCTORS = {"Gauge": "gauge", "Counter": "counter", "Histogram": "histogram"}
@@ -98,11 +105,11 @@ def test_export_writes_dashboard_json_and_sidecar_configmap(tmp_path: Path, caps
 
 
 def test_committed_dashboard_and_configmap_are_current() -> None:
-    from rap.grafana import export_texts
+    from rap.ops.grafana import export_texts
 
     for name, text in export_texts().items():
         assert (ROOT / "k8s" / "grafana" / name).read_text() == text, (
-            f"run python -m rap.k8s ({name})"
+            f"run python -m rap.ops.k8s ({name})"
         )
 
 

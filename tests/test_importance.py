@@ -9,21 +9,21 @@ import shutil
 import pytest
 import torch
 
-from rap import calibration
-from rap.cli import main
-from rap.errors import RapError
-from rap.importance import (
+from rap.cli.main import main
+from rap.core.errors import RapError
+from rap.core.loading import DEFAULT_MODEL_ID, load_model
+from rap.core.masks import KeepMask
+from rap.core.scores import (
     METHODS,
     BlockScores,
     ScoresError,
     find_scores,
     load_default_scores,
 )
-from rap.loading import DEFAULT_MODEL_ID, load_model
-from rap.masks import KeepMask
-from rap.nll import NllEvaluator
-from rap.scorers import ScoreSettings, block_influence, get_scores, magnitude
-from rap.search import exhaustive_gsi, gsi, one_shot, without
+from rap.importance import calibration
+from rap.importance.nll import NllEvaluator
+from rap.importance.scorers import ScoreSettings, block_influence, get_scores, magnitude
+from rap.importance.search import exhaustive_gsi, gsi, one_shot, without
 from tests.tiny import ARCHS
 
 
@@ -131,18 +131,18 @@ def test_shipped_scores_answer_when_model_text_method_and_tokens_match(
 ) -> None:
     """`rap importance` on a fresh machine: the package's scores answer at once (the user
     cache is empty); other tokens or a GSI race of other settings are computed."""
-    import rap.importance
-    import rap.scorers
+    import rap.core.scores
+    import rap.importance.scorers
 
     monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(rap.importance, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(rap.core.scores, "DATA_DIR", tmp_path / "data")
     (tmp_path / "data").mkdir()
     model = load_model(str(tiny_dirs["llama"]))
     settings = ScoreSettings(method="gsi", tokens=256, seq_len=32, screen_batches=1)
     computed, _ = get_scores(model, settings)
-    rap.importance.shipped_path(model.model_id, "gsi").write_text(computed.to_json())
+    rap.core.scores.shipped_path(model.model_id, "gsi").write_text(computed.to_json())
     shutil.rmtree(tmp_path / "cache")  # a fresh machine: nothing cached
-    monkeypatch.setattr(rap.scorers, "compute_scores", _no_compute)
+    monkeypatch.setattr(rap.importance.scorers, "compute_scores", _no_compute)
     scores, origin = get_scores(model, settings)
     assert origin == "shipped" and scores == computed
     for other in (ScoreSettings(method="gsi", tokens=512, seq_len=32, screen_batches=1),
@@ -221,7 +221,7 @@ def test_shipped_scores_belong_to_the_default_model() -> None:
     ranks blocks like the shipped scores (8K tokens)."""
     from scipy.stats import spearmanr
 
-    from rap.scorers import model_digest
+    from rap.importance.scorers import model_digest
 
     model = load_model("smollm2")
     shipped = load_default_scores("bi")

@@ -131,14 +131,14 @@ def test_only_fields_the_kuberay_crds_define(docs) -> None:
 
 def test_serve_config_v2_is_the_generators_output(capsys) -> None:
     spec = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())["spec"]
-    assert spec["serveConfigV2"] == k8s.serve_config_v2(), "run python -m rap.k8s"
+    assert spec["serveConfigV2"] == k8s.serve_config_v2(), "run python -m rap.ops.k8s"
     assert k8s.main(["--check"]) == 0
     out = capsys.readouterr().out  # it says what it checked
     assert "current: k8s/rayservice.yaml" in out and "3 generated files match" in out
 
 
 def test_serve_config_v2_runs_the_repositorys_app_on_gpus(docs) -> None:
-    from rap.config import ServeAppConfig
+    from rap.serving.config import ServeAppConfig
 
     base = yaml.safe_load(k8s.serve_config_path().read_text())
     config = yaml.safe_load(docs["RayService/rap-serve"]["spec"]["serveConfigV2"])

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rap.errors import MaskError
-from rap.masks import KeepMask, MaskVersion, parse_layer_list
+from rap.core.errors import MaskError
+from rap.core.masks import KeepMask, MaskVersion, parse_layer_list
 
 
 def test_parse_layer_list() -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rap
-from rap import memory
-from rap.masks import KeepMask
+from rap.core import memory
+from rap.core.masks import KeepMask
 from tests.tiny import ARCHS, SLIDING, WINDOW
 
 

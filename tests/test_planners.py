@@ -9,12 +9,12 @@ import os
 import pytest
 import transformers as tf
 
-from rap import memory
-from rap.cli import main
-from rap.errors import BudgetError
-from rap.importance import BlockScores, Removal, load_default_scores
-from rap.loading import DEFAULT_MODEL_ID
-from rap.planners import (
+from rap.cli.main import main
+from rap.core import memory
+from rap.core.errors import BudgetError
+from rap.core.loading import DEFAULT_MODEL_ID
+from rap.core.scores import BlockScores, Removal, load_default_scores
+from rap.planning.planners import (
     PLANNERS,
     byte_table,
     fits,
@@ -195,11 +195,11 @@ def test_plan_command(tiny_dirs, capsys) -> None:
 def test_oracle_picks_the_best_single_drop(tiny_dirs) -> None:
     """With room for any one drop, the oracle's mask is the one-shot argmin; with less room it
     fits and counts its evaluations; below the quality floor it names the minimum."""
-    from rap.calibration import calibration_chunks
-    from rap.loading import load_model
-    from rap.nll import NllEvaluator
-    from rap.oracle import oracle_mask
-    from rap.search import one_shot
+    from rap.core.loading import load_model
+    from rap.importance.calibration import calibration_chunks
+    from rap.importance.nll import NllEvaluator
+    from rap.importance.oracle import oracle_mask
+    from rap.importance.search import one_shot
 
     model = load_model(str(tiny_dirs["llama"]))
     ids = calibration_chunks(None, 32, 256, model.dims.vocab)[0]
@@ -243,8 +243,8 @@ def test_mem_greedy_is_the_same_in_every_process() -> None:
     import sys
 
     code = (
-        "from rap.planners import plan_mask, byte_table; from rap.loading import load_config; "
-        "from rap.importance import find_scores; cfg, mid = load_config('smollm2'); "
+        "from rap.planning.planners import plan_mask, byte_table; from rap.core.loading import load_config; "
+        "from rap.core.scores import find_scores; cfg, mid = load_config('smollm2'); "
         "s = find_scores(mid, 'gsi'); t = byte_table(cfg, 12, 2048, 'float16'); "
         "print([plan_mask('mem-greedy', cfg, mid, int(t.dense() * f / 100), 12, 2048, "
         "'float16', s).dropped_attn for f in range(60, 100, 2)])"

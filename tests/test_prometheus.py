@@ -109,7 +109,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     from ray import serve
 
     from deployments.app import build_app
-    from rap.loading import resolve
+    from rap.core.loading import resolve
 
     binary = _prometheus_binary()
     resolve("smollm2")
@@ -167,8 +167,8 @@ def complete(url: str, prompt: str, max_tokens: int = 6) -> tuple[int, dict]:
 def refused_prompt_tokens(budget_gib: float, max_tokens: int) -> int:
     """Fewest prompt tokens (a multiple of 256) that no mask at the quality floor (half of the
     60 blocks) fits in `budget_gib`, in float32 as served on a CPU: a certain memory 503."""
-    from rap import memory
-    from rap.loading import load_config
+    from rap.core import memory
+    from rap.core.loading import load_config
 
     config, _ = load_config("smollm2")
     n = config.num_hidden_layers
@@ -225,7 +225,7 @@ def label_has_values(prometheus: str, definition: str) -> bool:
 
 
 def test_every_dashboard_query_returns_data(stack) -> None:
-    from rap.grafana import dashboard, queries, render
+    from rap.ops.grafana import dashboard, queries, render
 
     burst(stack.url)
     dash = dashboard()

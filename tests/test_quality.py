@@ -8,9 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from rap import quality, surrogate
-from rap.errors import RapError
-from rap.loading import load_model
+from rap.agent import surrogate_fit
+from rap.core.errors import RapError
+from rap.core.loading import load_model
+from rap.importance import quality
+from rap.planning import surrogate
 
 
 def test_mask_keys_round_trip() -> None:
@@ -61,9 +63,9 @@ def test_surrogate_recovers_a_compounding_truth_on_held_out_masks() -> None:
         d = surrogate.drop_vector(key, n_layers)
         return 3.0 + float(np.expm1(d @ cost * (1 + 0.05 * d.sum())))
 
-    train, test = surrogate.split(keys, 0.3, seed=0)
-    model = surrogate.fit(train, [truth(k) for k in train], 3.0, n_layers, lam=0.01)
-    report = surrogate.evaluate(model, test, [truth(k) for k in test])
+    train, test = surrogate_fit.split(keys, 0.3, seed=0)
+    model = surrogate_fit.fit(train, [truth(k) for k in train], 3.0, n_layers, lam=0.01)
+    report = surrogate_fit.evaluate(model, test, [truth(k) for k in test])
     assert report["spearman"] > 0.95
     assert report["mae_lnppl"] < 0.1
     assert model.lnppl(np.zeros(2 * n_layers)) == pytest.approx(3.0, abs=0.05)
@@ -107,14 +109,14 @@ def test_surrogate_check_reports_its_bias_on_measured_masks(tmp_path, monkeypatc
     s = surrogate.load_surrogate()
     true = s.predict(keys) + 0.2  # masks the surrogate flatters by 0.2 nats
     table = {"": s.dense_lnppl, **dict(zip(keys, true, strict=True))}
-    monkeypatch.setattr(surrogate, "load_table", lambda *_: table)
+    monkeypatch.setattr(surrogate_fit, "load_table", lambda *_: table)
     path = tmp_path / "keys.txt"
     path.write_text("\n".join(keys) + "\n")
-    report = surrogate.check(surrogate.DEFAULT_MODEL_ID, path)["all"]
+    report = surrogate_fit.check(surrogate_fit.DEFAULT_MODEL_ID, path)["all"]
     assert report["bias_lnppl"] == pytest.approx(-0.2) and report["masks"] == 3
     path.write_text("a5\nm0,m1\n")
     with pytest.raises(RapError, match=r"1 of 2 masks.*not measured"):
-        surrogate.check(surrogate.DEFAULT_MODEL_ID, path)
+        surrogate_fit.check(surrogate_fit.DEFAULT_MODEL_ID, path)
 
 
 def _ship(tmp_path, monkeypatch, table: dict[str, float]) -> None:
@@ -167,9 +169,9 @@ def test_export_refuses_to_shrink_the_table_unless_told(tmp_path, monkeypatch, c
 
 def test_refit_on_too_few_masks_says_so(tmp_path, monkeypatch, capsys) -> None:
     table = {"": 3.0, "a1,a2": 3.4, "m3": 3.3}
-    monkeypatch.setattr(surrogate, "load_table", lambda *_: dict(table))
+    monkeypatch.setattr(surrogate_fit, "load_table", lambda *_: dict(table))
     with pytest.raises(RapError, match=r"holds 3 masks .*single drops: 1 of 8.*multi-block: 1"):
-        surrogate.fit_and_report("m")
-    assert surrogate.main(["m"]) == 2
+        surrogate_fit.fit_and_report("m")
+    assert surrogate_fit.main(["m"]) == 2
     err = capsys.readouterr().err
     assert "too few to fit" in err and "Traceback" not in err

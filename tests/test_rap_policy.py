@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rap.importance
-from rap import planners
-from rap.env import Observer
-from rap.errors import BudgetError, RapError
-from rap.importance import BlockScores
-from rap.policy import RapPolicy
-from rap.policy_net import PolicyNet
+import rap.core.scores
+from rap.agent.env import Observer
+from rap.core.errors import BudgetError, RapError
+from rap.core.scores import BlockScores
+from rap.planning.policy import RapPolicy
+from rap.planning.policy_net import PolicyNet
 from tests.tiny import tiny_config
 
 L = 4
@@ -26,7 +25,7 @@ def tiny_scores(monkeypatch: pytest.MonkeyPatch) -> None:
     scores = BlockScores(model=MODEL, model_digest="0" * 64, method="bi", num_layers=L,
                          dtype="float32", calibration=None, attn=(0.1, 0.2, 0.3, 0.4),
                          mlp=(0.5, 0.6, 0.7, 0.8), unit="test")  # fmt: skip
-    monkeypatch.setattr(rap.importance, "find_scores", lambda model_id, kind: scores)
+    monkeypatch.setattr(rap.core.scores, "find_scores", lambda model_id, kind: scores)
 
 
 def net_preferring(order: list[int], obs_dim: int, model: str = MODEL) -> PolicyNet:
@@ -61,7 +60,7 @@ def test_own_masks_fit_and_follow_the_network(cfg) -> None:
     policy = RapPolicy(net_preferring([0, 1, 2, 3, 4, 5, 6, 7, 8], dim), cfg, MODEL, "float16")
     budget, b, s, p = tight(cfg, 2)
     mask = policy.plan(budget, b, s, p)
-    assert planners.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
+    assert byte_table.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
                          prefill_tokens=p)  # fmt: skip
     assert not mask.mlp[3]  # action 8 = block 7 = MLP of layer 3, the net's favourite
     assert policy.decisions == 1 and policy.fallbacks == 0
@@ -72,7 +71,7 @@ def test_stop_is_withheld_while_over_budget_so_a_stop_loving_net_still_fits(cfg)
     policy = RapPolicy(net_preferring([8, 7, 0], dim), cfg, MODEL, "float16")  # STOP first
     budget, b, s, p = tight(cfg, 2)
     mask = policy.plan(budget, b, s, p)
-    assert planners.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
+    assert byte_table.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
                          prefill_tokens=p)  # fmt: skip
     assert not mask.mlp[2] and policy.fallbacks == 0  # its next choice (action 7) was taken
 
@@ -84,7 +83,7 @@ def test_an_agent_ending_over_budget_falls_back_and_is_counted(cfg, monkeypatch)
     policy = RapPolicy(net_preferring([8], dim), cfg, MODEL, "float16")
     monkeypatch.setattr(policy, "choose", lambda *a: (np.ones(N, np.float32), False))
     budget, b, s = tight_bucket(cfg, 2)
-    mask = policy.for_bucket(budget, b, s)
+    mask = policy.plan(budget, b, s)
     assert mask.source == "controller:rap-fallback"
     assert policy.fallbacks == 1 and policy.fallback_rate == 1.0
     assert "mem-greedy" in policy.last_fallback and policy.describe()["fallbacks"] == 1
@@ -103,21 +102,21 @@ def test_any_net_fits_every_budget_an_allowed_mask_meets(cfg, floor: float) -> N
         base, sizes = obs.table(b, s, None)
         lo = base + np.sort(sizes)[: N - obs.max_drops].sum()
         budget = int(lo + rng.uniform(0, 1) * (base + sizes.sum() - lo))
-        mask = policy.for_bucket(budget, b, s)
+        mask = policy.plan(budget, b, s)
         assert policy.fallbacks == 0 and mask.source == "controller:rap", trial
-        assert planners.fits(cfg, mask, budget, b, s, "float16", include_activations=True)
+        assert byte_table.fits(cfg, mask, budget, b, s, "float16", include_activations=True)
         assert mask.kept_fraction >= floor
 
 
 def test_controller_masks_name_their_planner(cfg) -> None:
-    from rap.policy import HeuristicPolicy
+    from rap.planning import HeuristicPolicy
 
     dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
     policy = RapPolicy(net_preferring([8, 7], dim), cfg, MODEL, "float16")
     budget, b, s = tight_bucket(cfg, 2)
-    assert policy.for_bucket(budget, b, s).source == "controller:rap"
+    assert policy.plan(budget, b, s).source == "controller:rap"
     heuristic = HeuristicPolicy(cfg, MODEL, "float16", "mem-greedy")
-    assert heuristic.for_bucket(budget, b, s).source == "controller:heuristic"
+    assert heuristic.plan(budget, b, s).source == "controller:heuristic"
     assert heuristic.describe()["decisions"] == 1 and policy.describe()["decisions"] == 1
 
 
@@ -173,9 +172,9 @@ def test_default_policy_plans_for_the_default_model(capsys: pytest.CaptureFixtur
     held-out situations, with at most 1 % of its decisions falling back."""
     import json
 
-    from rap import workloads
-    from rap.cli import main
-    from rap.loading import load_config
+    from rap.agent import workloads
+    from rap.cli.main import main
+    from rap.core.loading import load_config
 
     assert main(["plan", "--method", "rap", "--budget-frac", "0.9", "--batch", "8", "--seq",
                  "2048", "--json"]) == 0  # fmt: skip
@@ -189,6 +188,6 @@ def test_default_policy_plans_for_the_default_model(capsys: pytest.CaptureFixtur
                 mask = policy.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
             except BudgetError:
                 continue
-            assert planners.fits(config, mask, s.budget_bytes, s.batch, s.seq, "float16",
+            assert byte_table.fits(config, mask, s.budget_bytes, s.batch, s.seq, "float16",
                                  include_activations=True, prefill_tokens=s.prefill)  # fmt: skip
     assert policy.decisions > 50 and policy.fallback_rate <= 0.01

@@ -73,7 +73,7 @@ def test_drop_flags_and_text_report() -> None:
 
 def test_second_load_reads_the_safetensors_cache() -> None:
     import rap
-    from rap.loading import cache_dir
+    from rap.core.loading import cache_dir
 
     model = rap.load_model("smollm2", device="cpu")
     assert (cache_dir() / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
@@ -85,7 +85,7 @@ def test_the_documented_gsi_command_answers_from_the_shipped_scores(tmp_path) ->
     scores answer at once (it once started a 54-minute run)."""
     import os
 
-    from rap.loading import cache_dir, resolve
+    from rap.core.loading import cache_dir, resolve
 
     resolve("smollm2")  # the converted model, shared with the fresh score cache below
     (tmp_path / "models").symlink_to(cache_dir() / "models")

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import rap
-from rap import memory
-from rap.masks import KeepMask
-from rap.weights import cpu_block_buffer, weights_digest
+from rap.core import memory
+from rap.core.masks import KeepMask
+from rap.core.weights import cpu_block_buffer, weights_digest
 from tests.tiny import save_big_llama
 
 PAGE = 4096

@@ -1,10 +1,10 @@
-"""The router's choice of replica (rap.routing), without Ray."""
+"""The router's choice of replica (rap.serving.routing), without Ray."""
 
 from __future__ import annotations
 
 import asyncio
 
-from rap.routing import ReplicaLoad, kept_fraction, order, watch
+from rap.serving.routing import ReplicaLoad, kept_fraction, order, watch
 
 
 def test_least_loaded_first_then_the_mask_that_keeps_most_then_the_name() -> None:
@@ -47,7 +47,7 @@ def test_watch_follows_telemetry_and_outlives_a_replica_that_fails() -> None:
 
 
 def test_health_is_503_until_every_replica_has_answered() -> None:
-    from rap.routing import readiness
+    from rap.serving.routing import readiness
 
     loads = {"replica-0": ReplicaLoad(answered=True), "replica-1": ReplicaLoad()}
     status, body = readiness(loads)

@@ -31,7 +31,7 @@ def server():
     from ray import serve
 
     from deployments.app import build_app
-    from rap.loading import resolve
+    from rap.core.loading import resolve
 
     resolve("smollm2")
     os.environ["RAP_ADMIN_TOKEN"], os.environ["RAP_API_KEY"] = ADMIN, KEY
@@ -203,7 +203,7 @@ def test_a_lowered_budget_is_served_on_the_rap_policys_masks(server) -> None:
 
 
 def test_budget_drop_gives_a_smaller_mask_and_requests_keep_working(server) -> None:
-    from rap.cli import main
+    from rap.cli.main import main
 
     before = state(server)["replicas"]["replica-0"]
     assert (

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from rap.config import ServeAppConfig, controller_policy
-from rap.errors import RapError
-from rap.policy import DEFAULT_POLICY_DIR, HeuristicPolicy, RapPolicy, choose_policy
+from rap.core.errors import RapError
+from rap.planning import DEFAULT_POLICY_DIR, HeuristicPolicy, RapPolicy, choose_policy
+from rap.serving.config import ServeAppConfig, controller_policy
 
 DEFAULT_ID = "SmolLM2-135M-Instruct"
 
@@ -62,7 +62,7 @@ def test_a_policy_that_cannot_load_is_one_error_line(tmp_path: Path) -> None:
 def test_rap_serve_refuses_a_bad_policy_before_ray_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from rap.cli import main
+    from rap.cli.main import main
 
     assert main(["serve", "--policy", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rap.cli import main
-from rap.policy_net import PolicyNet
+from rap.cli.main import main
+from rap.planning.policy_net import PolicyNet
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

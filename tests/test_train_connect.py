@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from rap import train
-from rap.errors import RapError
+from rap.agent import train
+from rap.core.errors import RapError
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rap import memory, workloads
-from rap.errors import RapError
+from rap.agent import workloads
+from rap.core import memory
+from rap.core.errors import RapError
 from tests.tiny import tiny_config
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as tf
@@ -118,3 +119,16 @@ def save_tokenizer(folder: Path, vocab_size: int = 96) -> None:
 
 def words(*ids: int) -> str:
     return " ".join(f"w{i}" for i in ids)
+
+
+class FnPlanner:
+    """A `MaskPlanner` from a function of (budget, batch, seq[, prefill]), for tests."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def plan(self, budget_bytes: int, batch: int, seq: int, prefill_tokens: int | None = None):  # type: ignore[no-untyped-def]
+        return self.fn(budget_bytes, batch, seq)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "FnPlanner"}

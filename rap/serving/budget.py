@@ -1,0 +1,69 @@
+"""Budgets of replicas that share one GPU, from NVML's device-wide free memory.
+
+NVML's free memory is the device's, so two replicas on one GPU must not both claim it. Each
+replica r on a device gets
+
+    budget_r = own_r + (free − margin) / n
+
+where own_r is what it holds now (weights + reserved KV) and n the replicas on the device.
+Changes smaller than `hysteresis_bytes` are ignored, and a budget rises only after `dwell_s`
+since its last change, so a replica that just freed memory is not handed it back at once (the
+co-tenant that needed it gets the time to take it). Decreases apply at once: they protect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, Field
+
+from rap.serving.messages import Telemetry
+
+
+class ShareConfig(BaseModel):
+    """Hysteresis and dwell for device-derived budgets."""
+
+    margin_bytes: int = Field(1 << 30, ge=0, description="Free memory never handed out.")
+    hysteresis_bytes: int = Field(64 << 20, ge=0, description="Smaller changes are ignored.")
+    dwell_s: float = Field(10.0, ge=0, description="Minimum time between a budget's rises.")
+
+
+@dataclass
+class GpuShares:
+    """Remembers each replica's assigned budget and when it last changed."""
+
+    config: ShareConfig = field(default_factory=ShareConfig)
+    budgets: dict[str, int] = field(default_factory=dict)
+    changed_s: dict[str, float] = field(default_factory=dict)
+
+    def assign(self, telemetry: Iterable[Telemetry], now_s: float) -> dict[str, int]:
+        """Budgets for every GPU replica whose budget comes from the device, per device."""
+        by_device: dict[str, list[Telemetry]] = {}
+        for t in telemetry:
+            if t.device.kind == "cuda" and t.budget_from_device:
+                by_device.setdefault(t.device.device_id, []).append(t)
+        out: dict[str, int] = {}
+        for group in by_device.values():
+            free = max(0, min(t.device.free_bytes for t in group) - self.config.margin_bytes)
+            share = free // len(group)
+            for t in group:
+                own = t.weight_bytes + t.kv_bytes_reserved
+                out[t.replica] = self._settle(t.replica, own + share, now_s)
+        return out
+
+    def _settle(self, replica: str, target: int, now_s: float) -> int:
+        old = self.budgets.get(replica)
+        if old is None:
+            return self._set(replica, target, now_s)
+        if abs(target - old) < self.config.hysteresis_bytes:
+            return old
+        rising = target > old
+        if rising and now_s - self.changed_s.get(replica, 0.0) < self.config.dwell_s:
+            return old
+        return self._set(replica, target, now_s)
+
+    def _set(self, replica: str, budget: int, now_s: float) -> int:
+        self.budgets[replica] = budget
+        self.changed_s[replica] = now_s
+        return budget

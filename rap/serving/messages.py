@@ -1,0 +1,108 @@
+"""Typed messages between processes (DESIGN.md's contracts), validated where they arrive.
+
+Telemetry goes replica → controller every period; a MaskPlan comes back controller → replica.
+Both are pydantic models, sent as plain dicts (`model_dump(mode="json")`) and re-validated by the
+receiver with `model_validate`, so a malformed message fails loudly at the boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rap.core.masks import KeepMask, MaskVersion
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceMemory(_Message):
+    """Device memory as the replica sees it. GPU: NVML's device-wide numbers. CPU: the model's
+    own bytes against the configured cap (process RSS is not used: torch and Ray alone hold ~1 GB).
+    """
+
+    kind: Literal["cuda", "cpu"]
+    device_id: str = Field("", description="NVML UUID of the GPU (replicas sharing it agree).")
+    total_bytes: int = Field(ge=0, description="NVML total, or the configured cap on a CPU.")
+    used_bytes: int = Field(ge=0, description="NVML used (all processes), or the model's bytes.")
+    free_bytes: int = Field(ge=0, description="NVML free (device-wide), or cap minus model bytes.")
+
+
+class QueueState(_Message):
+    """What the replica is asked to do: waiting and running requests and recent batch shapes."""
+
+    waiting: int = Field(0, ge=0)
+    running: int = Field(0, ge=0)
+    recent_batch_sizes: list[int] = Field(default_factory=list, description="Last batches' B.")
+    recent_longest_seqs: list[int] = Field(
+        default_factory=list, description="Last batches' longest sequence, prompt + max_tokens."
+    )
+
+
+class Telemetry(_Message):
+    """Replica → controller, every period (DESIGN.md)."""
+
+    replica: str = Field(description="Serve deployment name of the replica, e.g. replica-0.")
+    timestamp_s: float = Field(description="Wall-clock time of the snapshot (time.time()).")
+    device: DeviceMemory
+    budget_bytes: int = Field(ge=0, description="Bytes the model may hold now.")
+    budget_from_device: bool = Field(
+        False, description="True when the controller derives the budget from NVML (shared GPU)."
+    )
+    weight_bytes: int = Field(ge=0, description="Weight bytes resident (measured).")
+    kv_bytes_in_use: int = Field(0, ge=0, description="KV bytes the running batch holds now.")
+    kv_bytes_reserved: int = Field(0, ge=0, description="KV bytes reserved at admission.")
+    queue: QueueState = Field(default_factory=QueueState)
+    mask_version: MaskVersion = Field(default_factory=MaskVersion)
+    mask_source: str = "user"
+    num_layers: int = Field(0, ge=0, description="Layers of the model (an attn and an MLP each).")
+    attn_kept: int = Field(0, ge=0)
+    mlp_kept: int = Field(0, ge=0)
+    local_fallbacks: int = Field(0, ge=0, description="Batches run on a local fallback mask.")
+    batches: int = Field(0, ge=0, description="Batches run since start.")
+    batches_on_controller_mask: int = Field(0, ge=0)
+    tokens_per_s: float = Field(0.0, ge=0.0, description="Generated tokens/s, last period.")
+    over_budget_bytes: int = Field(
+        0, ge=0, description="High-water mark of (weights + reserved KV − budget) at admissions."
+    )
+
+
+class PlanEntry(_Message):
+    """A mask for batches with at most `max_batch` rows and `max_seq` tokens per row."""
+
+    max_batch: int = Field(ge=1)
+    max_seq: int = Field(ge=1)
+    mask: KeepMask
+
+
+class MaskPlan(_Message):
+    """Controller → replica: its budget and KeepMasks keyed by workload bucket."""
+
+    replica: str
+    version: MaskVersion = Field(description="Version of the plan; its masks carry the same.")
+    budget_bytes: int | None = Field(
+        None, ge=0, description="A budget the controller assigns (shared GPU); None: keep own."
+    )
+    entries: list[PlanEntry] = Field(default_factory=list)
+    reason: str = Field("", description="Why the controller decided this plan (logged).")
+
+    def entry_for(self, batch: int, seq: int) -> PlanEntry | None:
+        """The smallest bucket that covers (batch, seq), or None."""
+        fitting = [e for e in self.entries if e.max_batch >= batch and e.max_seq >= seq]
+        return min(fitting, key=lambda e: (e.max_batch * e.max_seq, e.max_batch), default=None)
+
+
+class BudgetChange(_Message):
+    """Operator → router: a replica's new budget (POST /admin/budget)."""
+
+    replica: str
+    gib: float = Field(gt=0, description="New budget in GiB.")
+
+
+class MaskPush(_Message):
+    """Operator → router: a mask for one replica (POST /admin/mask), validated by the replica."""
+
+    replica: str
+    mask: dict[str, Any]

@@ -1,0 +1,103 @@
+"""What a replica knows about itself: its device memory, its budget, and its telemetry message.
+
+Device memory comes from NVML (`nvidia-ml-py`) on a GPU, device-wide; on a CPU it is the model's
+own bytes against the configured cap. `GenerateCall` is the router → replica request message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rap.core import memory
+from rap.core.constants import GIB
+from rap.serving.messages import DeviceMemory, QueueState, Telemetry
+from rap.serving.openai_api import MAX_TOKENS_LIMIT
+
+
+class GenerateCall(BaseModel):
+    """Router → replica: one request, already validated against OpenAI's shapes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str = Field("", description="Completion prompt (used when `messages` is empty).")
+    messages: list[dict[str, str]] = Field(
+        default_factory=list, description="Chat messages, rendered by the model's chat template."
+    )
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+
+
+def nvml_memory(device_index: int = 0) -> DeviceMemory:
+    """Device-wide memory from NVML: total, used (every process) and free bytes."""
+    import pynvml  # provided by nvidia-ml-py
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+    info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    uuid = pynvml.nvmlDeviceGetUUID(handle)
+    return DeviceMemory(
+        kind="cuda",
+        device_id=uuid if isinstance(uuid, str) else uuid.decode(),
+        total_bytes=int(info.total),
+        used_bytes=int(info.used),
+        free_bytes=int(info.free),
+    )
+
+
+def device_memory(model: Any, engine: Any) -> DeviceMemory:
+    if model.device.type == "cuda":
+        return nvml_memory(model.device.index or 0)
+    own = model.weight_bytes() + engine.stats.kv_reserved_bytes
+    cap = engine.budget_bytes
+    return DeviceMemory(kind="cpu", total_bytes=cap, used_bytes=own, free_bytes=max(cap - own, 0))
+
+
+def initial_budget_bytes(model: Any, budget_gib: float | None, cfg: Any) -> int:
+    """A configured budget; else NVML free + own weights − margin on a GPU; else, on a CPU, the
+    dense model's peak at the engine's largest batch and 1,024 tokens (no pruning to start)."""
+    if budget_gib is not None:
+        return int(budget_gib * GIB)
+    if model.device.type == "cuda":
+        free = nvml_memory(model.device.index or 0).free_bytes
+        return max(0, free + model.weight_bytes() - int(cfg.gpu_margin_gib * GIB))
+    batch = cfg.engine.max_batch_size
+    return memory.peak_bytes(model.config, model.dense_mask(), batch, 1024, model.dtype)
+
+
+def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) -> Telemetry:
+    import time
+
+    mask = engine.model.mask
+    stats = engine.stats
+    shapes = list(stats.recent_shapes)
+    return Telemetry(
+        replica=name,
+        timestamp_s=time.time(),
+        device=device,
+        budget_bytes=engine.budget_bytes,
+        budget_from_device=engine.budget_from_device,
+        weight_bytes=engine.model.weight_bytes(),
+        kv_bytes_reserved=stats.kv_reserved_bytes,
+        kv_bytes_in_use=engine.model.kv_bytes_in_use(),
+        queue=QueueState(
+            waiting=engine.waiting,
+            running=stats.running,
+            recent_batch_sizes=[b for b, _ in shapes],
+            recent_longest_seqs=[s for _, s in shapes],
+        ),
+        mask_version=mask.version,
+        mask_source=mask.source,
+        num_layers=mask.num_layers,
+        attn_kept=sum(mask.attn),
+        mlp_kept=sum(mask.mlp),
+        local_fallbacks=stats.local_fallbacks,
+        batches=stats.batches,
+        batches_on_controller_mask=stats.batches_on_controller_mask,
+        tokens_per_s=max(tokens_per_s, 0.0),
+        over_budget_bytes=max(stats.over_budget_bytes, 0),
+    )
