@@ -16,9 +16,9 @@ quality as exp(mean ln perplexity) and the mean rise in ln perplexity over the d
 budget violations (a returned mask over budget), decision time p50/p99, the fallback rate, and
 rap against each method situation by situation. `--split train --keys-out` lists the masks a
 policy chooses on training scenarios instead (the DAgger step of scripts/train_policy.sh).
-Quality is the surrogate's (`rap.planning.surrogate`) unless `--measure`: then every distinct mask is
-measured on the `eval` part of the perplexity text (`rap.importance.quality`, wiki tokens 512-1536, never
-used to fit the surrogate), cached.
+Quality is the surrogate's (`rap.planning.surrogate`) unless `--measure`: then every distinct
+mask is measured on the `eval` part of the perplexity text (`rap.importance.quality`, wiki
+tokens 512-1536, never used to fit the surrogate), cached.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from rap.agent import workloads
+from rap.agent import scenarios, workloads
 from rap.agent.env import Observer
+from rap.core import byte_table
 from rap.core.errors import RapError
 from rap.core.loading import load_config
-from rap.importance.quality import key_of
+from rap.core.masks import key_of
 from rap.planning import HeuristicPolicy, RapPolicy
 from rap.planning.surrogate import load_surrogate
 
@@ -48,8 +49,11 @@ def baselines(config: Any, model_id: str) -> dict[str, Any]:
     from rap.core.scores import find_scores
 
     out: dict[str, Any] = {}
-    variants = [("gsi", "gsi"), *[("mem-greedy", k) for k in ("gsi", "oneshot", "bi")],
-                ("shortgpt", "bi")]  # fmt: skip
+    variants = [
+        ("gsi", "gsi"),
+        *[("mem-greedy", k) for k in ("gsi", "oneshot", "bi")],
+        ("shortgpt", "bi"),
+    ]
     for method, kind in variants:
         name = method if method != "mem-greedy" else f"mem-greedy ({kind})"
         try:
@@ -62,21 +66,21 @@ def baselines(config: Any, model_id: str) -> dict[str, Any]:
 
 
 def _refusal(why: str) -> Any:
-    def plan(_s: workloads.Situation) -> Any:
+    def plan(_s: scenarios.Situation) -> Any:
         raise RapError(why)
 
     return plan
 
 
 def pick_situations(
-    config: Any, obs: Observer, per: int, seeds: int, split: workloads.Split = "eval"
-) -> list[workloads.Situation]:
+    config: Any, obs: Observer, per: int, seeds: int, split: scenarios.Split = "eval"
+) -> list[scenarios.Situation]:
     """Situations that need pruning and that some allowed mask fits, evenly spaced: held-out
     scenarios and seeds (EVAL_SEED_BASE + i), or with split "train" the training scenarios at
     seeds 0..seeds-1 (for measuring the masks a policy chooses where it trains)."""
     out = []
-    base_seed = workloads.EVAL_SEED_BASE if split == "eval" else 0
-    for name in workloads.names(split):
+    base_seed = scenarios.EVAL_SEED_BASE if split == "eval" else 0
+    for name in scenarios.names(split):
         for i in range(seeds):
             sits = workloads.situations(name, config, DTYPE, base_seed + i, 400)
             ok = []
@@ -90,7 +94,7 @@ def pick_situations(
     return out
 
 
-def write_policy_keys(policy: RapPolicy, sits: list[workloads.Situation], path: Path) -> None:
+def write_policy_keys(policy: RapPolicy, sits: list[scenarios.Situation], path: Path) -> None:
     """The distinct masks the policy chose itself (fallbacks left out), one key a line."""
     keys: dict[str, None] = {}
     for s in sits:
@@ -102,7 +106,7 @@ def write_policy_keys(policy: RapPolicy, sits: list[workloads.Situation], path: 
     print(f"{len(keys)} distinct masks from {len(sits)} situations -> {path}")
 
 
-def plan_all(methods: dict[str, Any], config: Any, sits: list[workloads.Situation]) -> dict:
+def plan_all(methods: dict[str, Any], config: Any, sits: list[scenarios.Situation]) -> dict:
     """rows[method] = list of {key, ms, fits, error} per situation."""
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for s in sits:
@@ -112,16 +116,22 @@ def plan_all(methods: dict[str, Any], config: Any, sits: list[workloads.Situatio
                 mask = planner(s)
                 ms = 1e3 * (time.perf_counter() - t0)
                 fits = byte_table.fits(
-                    config, mask, s.budget_bytes, s.batch, s.seq, DTYPE,
-                    include_activations=True, prefill_tokens=s.prefill,
-                )  # fmt: skip
+                    config,
+                    mask,
+                    s.budget_bytes,
+                    s.batch,
+                    s.seq,
+                    DTYPE,
+                    include_activations=True,
+                    prefill_tokens=s.prefill,
+                )
                 rows[name].append({"key": key_of(mask.attn, mask.mlp), "ms": ms, "fits": fits})
             except RapError as exc:
                 rows[name].append({"key": None, "error": str(exc).split(";")[0]})
     return rows
 
 
-def oracle_rows(sits: list[workloads.Situation], k: int) -> tuple[list[int], list[dict]]:
+def oracle_rows(sits: list[scenarios.Situation], k: int) -> tuple[list[int], list[dict]]:
     """The oracle on k situations: the first k/2 weights-dominated ones (batch 1) and the
     first KV-dominated ones of the traffic scenarios (batch ≥ 8, ≥ 1,536 tokens)."""
     import torch
@@ -132,22 +142,37 @@ def oracle_rows(sits: list[workloads.Situation], k: int) -> tuple[list[int], lis
 
     torch.set_num_threads(1)
     b1 = [i for i, s in enumerate(sits) if s.batch == 1][: k // 2]
-    kv = [i for i, s in enumerate(sits) if s.batch >= 8 and s.seq >= 1536 and "grid" not in
-          s.scenario][: k - len(b1)]  # fmt: skip
+    kv = [
+        i for i, s in enumerate(sits) if s.batch >= 8 and s.seq >= 1536 and "grid" not in s.scenario
+    ][: k - len(b1)]
     model = load_model("smollm2", dtype="float32", device="cpu")
     ids, _ = calibration_chunks(model.tokenizer, 256, 256, model.dims.vocab)
     rows = []
     for i in b1 + kv:
         s = sits[i]
         t0 = time.perf_counter()
-        plan = oracle_mask(model, ids, s.budget_bytes, s.batch, s.seq, DTYPE, beam=1,
-                           include_activations=True, prefill_tokens=s.prefill)  # fmt: skip
-        rows.append({"key": key_of(plan.mask.attn, plan.mask.mlp),
-                     "ms": 1e3 * (time.perf_counter() - t0), "fits": True})  # fmt: skip
+        plan = oracle_mask(
+            model,
+            ids,
+            s.budget_bytes,
+            s.batch,
+            s.seq,
+            DTYPE,
+            beam=1,
+            include_activations=True,
+            prefill_tokens=s.prefill,
+        )
+        rows.append(
+            {
+                "key": key_of(plan.mask.attn, plan.mask.mlp),
+                "ms": 1e3 * (time.perf_counter() - t0),
+                "fits": True,
+            }
+        )
     return b1 + kv, rows
 
 
-def stored_oracle(sits: list[workloads.Situation], path: str) -> tuple[list[int], list[dict]]:
+def stored_oracle(sits: list[scenarios.Situation], path: str) -> tuple[list[int], list[dict]]:
     """Oracle masks from an earlier run (`bench/results/oracle_subset.json`) on the situations
     they were planned for: the oracle depends on the situation only, and costs minutes a mask."""
     doc = json.loads(Path(path).read_text())
@@ -187,10 +212,16 @@ def summarize(rows: list[dict], q: dict[str, float], dense: float, idx: list[int
     ok = [r for r in sel if r.get("key") is not None]
     ln = np.array([q[r["key"]] for r in ok]) if ok else np.array([np.nan])
     ms = [r["ms"] for r in ok] or [np.nan]
-    return {"situations": len(sel), "planned": len(ok), "ppl": float(np.exp(ln.mean())),
-            "dlnppl": float(ln.mean() - dense), "violations": sum(not r["fits"] for r in ok),
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "errors": sorted({r["error"] for r in sel if "error" in r})[:2]}  # fmt: skip
+    return {
+        "situations": len(sel),
+        "planned": len(ok),
+        "ppl": float(np.exp(ln.mean())),
+        "dlnppl": float(ln.mean() - dense),
+        "violations": sum(not r["fits"] for r in ok),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": sorted({r["error"] for r in sel if "error" in r})[:2],
+    }
 
 
 def paired(rows: dict, q: dict[str, float], against: str = "rap", seed: int = 0) -> dict:
@@ -200,15 +231,23 @@ def paired(rows: dict, q: dict[str, float], against: str = "rap", seed: int = 0)
     rng = np.random.default_rng(seed)
     out = {}
     for m, rs in rows.items():
-        pairs = [(q[a["key"]], q[b["key"]]) for a, b in zip(rows[against], rs, strict=True)
-                 if a.get("key") is not None and b.get("key") is not None]  # fmt: skip
+        pairs = [
+            (q[a["key"]], q[b["key"]])
+            for a, b in zip(rows[against], rs, strict=True)
+            if a.get("key") is not None and b.get("key") is not None
+        ]
         if m == against or not pairs:
             continue
         d = np.array([a - b for a, b in pairs])
         boot = d[rng.integers(0, len(d), (2000, len(d)))].mean(1)
         ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
-        out[m] = {"n": len(d), "mean_diff": float(d.mean()), "ci95": ci,
-                  "better": int((d < -1e-4).sum()), "worse": int((d > 1e-4).sum())}  # fmt: skip
+        out[m] = {
+            "n": len(d),
+            "mean_diff": float(d.mean()),
+            "ci95": ci,
+            "better": int((d < -1e-4).sum()),
+            "worse": int((d > 1e-4).sum()),
+        }
     return out
 
 
@@ -241,14 +280,18 @@ def main() -> None:
     if args.keys_out:
         write_policy_keys(policy, sits, Path(args.keys_out))
         return
-    methods: dict[str, Any] = {"rap": lambda s: policy.plan(s.budget_bytes, s.batch, s.seq,
-                                                            s.prefill)}  # fmt: skip
+    methods: dict[str, Any] = {
+        "rap": lambda s: policy.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
+    }
     methods.update(baselines(config, model_id))
     rows = plan_all(methods, config, sits)
     oracle_idx: list[int] = []
     if args.oracle or args.oracle_from:
-        oracle_idx, orows = (stored_oracle(sits, args.oracle_from) if args.oracle_from
-                             else oracle_rows(sits, args.oracle))  # fmt: skip
+        oracle_idx, orows = (
+            stored_oracle(sits, args.oracle_from)
+            if args.oracle_from
+            else oracle_rows(sits, args.oracle)
+        )
         rows["oracle"] = [{"key": None, "error": "not run"}] * len(sits)
         for i, r in zip(oracle_idx, orows, strict=True):
             rows["oracle"][i] = r
@@ -260,20 +303,29 @@ def main() -> None:
     print(markdown(report))
 
 
-def tables(rows: dict, q: dict, sits: list, oracle_idx: list[int], policy: RapPolicy,
-           args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+def tables(
+    rows: dict,
+    q: dict,
+    sits: list,
+    oracle_idx: list[int],
+    policy: RapPolicy,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     dense = q[""]
-    groups = {"all": list(range(len(sits))),
-              "weights-dominated (batch 1)": [i for i, s in enumerate(sits) if s.batch == 1],
-              "KV-dominated (batch ≥ 8, ≥ 1,536 tokens)":
-                  [i for i, s in enumerate(sits) if s.batch >= 8 and s.seq >= 1536]}  # fmt: skip
+    groups = {
+        "all": list(range(len(sits))),
+        "weights-dominated (batch 1)": [i for i, s in enumerate(sits) if s.batch == 1],
+        "KV-dominated (batch ≥ 8, ≥ 1,536 tokens)": [
+            i for i, s in enumerate(sits) if s.batch >= 8 and s.seq >= 1536
+        ],
+    }
     if oracle_idx:
         groups["oracle subset"] = oracle_idx
     return {
         "quality": "measured (eval text)" if args.measure else "surrogate",
         "dense_ppl": float(np.exp(dense)),
         "situations": len(sits),
-        "scenarios": workloads.names("eval"),
+        "scenarios": scenarios.names("eval"),
         "policy": {**policy.net.meta, "decisions": policy.decisions, "fallbacks": policy.fallbacks},
         "rap_vs": paired(rows, q),
         "groups": {
@@ -301,29 +353,42 @@ def tables(rows: dict, q: dict, sits: list, oracle_idx: list[int], policy: RapPo
 def markdown(report: dict[str, Any]) -> str:
     p = report["policy"]
     rate = p["fallbacks"] / p["decisions"] if p["decisions"] else 0.0
-    lines = [f"Quality: {report['quality']}; dense ppl {report['dense_ppl']:.2f}; "
-             f"{report['situations']} situations; policy fallbacks {p['fallbacks']}/"
-             f"{p['decisions']} ({rate:.1%})", ""]  # fmt: skip
+    lines = [
+        f"Quality: {report['quality']}; dense ppl {report['dense_ppl']:.2f}; "
+        f"{report['situations']} situations; policy fallbacks {p['fallbacks']}/"
+        f"{p['decisions']} ({rate:.1%})",
+        "",
+    ]
     for group, by in report["groups"].items():
-        lines += [f"**{group}**", "",
-                  "| method | planned | ppl | Δ ln ppl | violations | p50 ms | p99 ms |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"**{group}**",
+            "",
+            "| method | planned | ppl | Δ ln ppl | violations | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for m, r in by.items():
             if not r["planned"]:
                 why = "; ".join(r["errors"]) or "not run"
                 lines.append(f"| {m} | 0/{r['situations']} | – | – | – | – | – ({why}) |")
                 continue
-            lines.append(f"| {m} | {r['planned']}/{r['situations']} | {r['ppl']:.2f} | "
-                         f"{r['dlnppl']:.3f} | {r['violations']} | {r['p50_ms']:.3f} | "
-                         f"{r['p99_ms']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {m} | {r['planned']}/{r['situations']} | {r['ppl']:.2f} | "
+                f"{r['dlnppl']:.3f} | {r['violations']} | {r['p50_ms']:.3f} | "
+                f"{r['p99_ms']:.3f} |"
+            )
         lines.append("")
-    lines += ["**rap against each method, situation by situation** (Δ = rap − method in ln ppl)",
-              "", "| method | rap better | rap worse | mean Δ | 95 % CI (situations) |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "**rap against each method, situation by situation** (Δ = rap − method in ln ppl)",
+        "",
+        "| method | rap better | rap worse | mean Δ | 95 % CI (situations) |",
+        "|---|---|---|---|---|",
+    ]
     for m, r in report["rap_vs"].items():
         lo, hi = r["ci95"]
-        lines.append(f"| {m} | {r['better']}/{r['n']} | {r['worse']}/{r['n']} | "
-                     f"{r['mean_diff']:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")  # fmt: skip
+        lines.append(
+            f"| {m} | {r['better']}/{r['n']} | {r['worse']}/{r['n']} | "
+            f"{r['mean_diff']:+.3f} | [{lo:+.3f}, {hi:+.3f}] |"
+        )
     return "\n".join(lines)
 
 

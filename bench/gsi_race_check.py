@@ -39,8 +39,10 @@ def main() -> None:
     print(f"exhaustive winner {by_full[0]}: screened rank {rank[by_full[0]] + 1}")
     print(f"race keeps it with {args.finalists} finalists: {rank[by_full[0]] < args.finalists}")
     print(f"Spearman(screen Δ, full Δ) = {rho:.3f}")
-    print("exhaustive top 10 → screened rank: " + ", ".join(
-        f"{b}→{rank[b] + 1}" for b in by_full[:10]))  # fmt: skip
+    print(
+        "exhaustive top 10 → screened rank: "
+        + ", ".join(f"{b}→{rank[b] + 1}" for b in by_full[:10])
+    )
 
 
 if __name__ == "__main__":

@@ -86,17 +86,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
     floor = EngineConfig().min_kept_fraction
-    runs = [sweep(args.policy, dtype, f, args.budgets)
-            for dtype in ("float32", "float16") for f in (floor, 0.0)]  # fmt: skip
-    print(f"{'dtype':<8} {'floor':>5} {'decisions':>9} {'fallbacks':>9} {'rate':>7} "
-          f"{'no mask: rap':>12} {'greedy':>6} {'lnppl rap':>9} {'mem-greedy':>10} "
-          f"{'rap ≤ greedy':>12}")  # fmt: skip
+    runs = [
+        sweep(args.policy, dtype, f, args.budgets)
+        for dtype in ("float32", "float16")
+        for f in (floor, 0.0)
+    ]
+    print(
+        f"{'dtype':<8} {'floor':>5} {'decisions':>9} {'fallbacks':>9} {'rate':>7} "
+        f"{'no mask: rap':>12} {'greedy':>6} {'lnppl rap':>9} {'mem-greedy':>10} "
+        f"{'rap ≤ greedy':>12}"
+    )
     for r in runs:
         q = r["mean_lnppl"]
-        print(f"{r['dtype']:<8} {r['min_kept_fraction']:>5.2f} {r['decisions']:>9} "
-              f"{r['fallbacks']:>9} {r['fallback_rate']:>7.2%} {r['no_mask_found']['rap']:>12} "
-              f"{r['no_mask_found']['mem-greedy']:>6} {q['rap']:>9.3f} {q['mem-greedy']:>10.3f} "
-              f"{r['rap_better_or_equal']:>5}/{r['situations_both_planned']:<6}")  # fmt: skip
+        print(
+            f"{r['dtype']:<8} {r['min_kept_fraction']:>5.2f} {r['decisions']:>9} "
+            f"{r['fallbacks']:>9} {r['fallback_rate']:>7.2%} {r['no_mask_found']['rap']:>12} "
+            f"{r['no_mask_found']['mem-greedy']:>6} {q['rap']:>9.3f} {q['mem-greedy']:>10.3f} "
+            f"{r['rap_better_or_equal']:>5}/{r['situations_both_planned']:<6}"
+        )
     if args.out:
         args.out.write_text(json.dumps(runs, indent=1) + "\n")
         print(f"wrote {args.out}")

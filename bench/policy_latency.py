@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rap.agent import workloads
+from rap.agent import scenarios, workloads
 from rap.core.errors import BudgetError
 from rap.core.loading import load_config
 from rap.planning import HeuristicPolicy, RapPolicy
@@ -39,10 +39,13 @@ def main() -> None:
     config, model_id = load_config("smollm2")
     policy = RapPolicy.load(args.policy, config, model_id, "float16")
     greedy = HeuristicPolicy(config, model_id, "float16")
-    per = max(1, args.situations // len(workloads.names("eval")))
-    seed = workloads.EVAL_SEED_BASE
-    sits = [s for name in workloads.names("eval")
-            for s in workloads.situations(name, config, "float16", seed, per)]  # fmt: skip
+    per = max(1, args.situations // len(scenarios.names("eval")))
+    seed = scenarios.EVAL_SEED_BASE
+    sits = [
+        s
+        for name in scenarios.names("eval")
+        for s in workloads.situations(name, config, "float16", seed, per)
+    ]
     # Wall time, and this thread's CPU time (what the decision costs without the preemption
     # that a shared machine adds to wall time).
     wall: dict[str, list[float]] = {"rap": [], "mem-greedy": []}
@@ -55,15 +58,17 @@ def main() -> None:
                     planner.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
                 cpu[name].append(1e3 * (time.thread_time() - c0))
                 wall[name].append(1e3 * (time.perf_counter() - t0))
-    print(f"{len(sits)} held-out situations × {args.repeat}; policy {policy.net.meta['algo']} "
-          f"({policy.net.num_params:,} parameters)")  # fmt: skip
+    print(
+        f"{len(sits)} held-out situations × {args.repeat}; policy {policy.net.meta['algo']} "
+        f"({policy.net.num_params:,} parameters)"
+    )
     for name in wall:
         print(f"{name:<11} one decision: wall {_pct(wall[name])}; CPU {_pct(cpu[name])}")
     print(f"policy decisions {policy.decisions}, fallbacks {policy.fallbacks}")
     end_to_end(policy, sits)
 
 
-def end_to_end(policy: RapPolicy, sits: list[workloads.Situation]) -> None:
+def end_to_end(policy: RapPolicy, sits: list[scenarios.Situation]) -> None:
     """Controller.report(telemetry) → MaskPlan with the policy planning every bucket."""
     ctl = Controller(planner=policy)
     ms: list[float] = []

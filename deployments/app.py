@@ -13,14 +13,13 @@ from ray.serve import Application
 from deployments.controller import RapController
 from deployments.replica import LLMReplica
 from deployments.router import Router
-from rap.serving.config import ServeAppConfig
+from rap.serving.config import ServeAppConfig, controller_policy
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the config (resolving device and dtype once), load the controller's policy once
     (so that one that cannot load fails here, with one error, not inside a deployment), and
     bind the deployments."""
-    from rap.serving.config import controller_policy
 
     cfg = ServeAppConfig.model_validate(args).resolved()
     controller_policy(cfg)

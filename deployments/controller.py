@@ -14,7 +14,7 @@ from typing import Any
 from ray import serve
 
 from deployments.metrics import ControllerMetrics
-from rap.serving.config import ServeAppConfig
+from rap.serving.config import ServeAppConfig, controller_policy
 from rap.serving.controller import Controller
 from rap.serving.messages import Telemetry
 
@@ -24,7 +24,6 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class RapController:
     def __init__(self, app_config: dict[str, Any]) -> None:
-        from rap.serving.config import controller_policy
 
         cfg = ServeAppConfig.model_validate(app_config).resolved()
         self.policy = controller_policy(cfg)
@@ -43,8 +42,9 @@ class RapController:
         if plan is None:
             return None
         self.metrics.decisions.inc(tags={"target": tel.replica})
-        log.info("plan %s for %s by %s", plan.version, tel.replica,
-                 _describe(self.policy.describe()))  # fmt: skip
+        log.info(
+            "plan %s for %s by %s", plan.version, tel.replica, _describe(self.policy.describe())
+        )
         return plan.model_dump(mode="json")
 
     def _record_policy(self) -> None:

@@ -14,12 +14,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from ray import serve
 
 from deployments.metrics import ReplicaMetrics
 from rap.core.errors import RapError
+from rap.core.loading import load_model
 from rap.core.masks import KeepMask
+from rap.planning import HeuristicPolicy
 from rap.serving.config import ServeAppConfig
 from rap.serving.engine import Engine, EngineError, GenRequest
 from rap.serving.messages import MaskPlan, PlanEntry
@@ -33,10 +36,6 @@ class LLMReplica:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self, app_config: dict[str, Any], name: str, controller: Any
     ) -> None:
-        import torch
-
-        from rap.core.loading import load_model
-        from rap.planning import HeuristicPolicy
 
         cfg = ServeAppConfig.model_validate(app_config).resolved()
         spec = next(r for r in cfg.replicas if r.name == name)

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from rap.core.constants import GIB
+from rap.core.loading import load_config
 from rap.serving.config import ServeAppConfig
 from rap.serving.messages import BudgetChange, MaskPush
 from rap.serving.openai_api import ChatRequest, CompletionRequest, Relay, error_body
@@ -57,7 +59,6 @@ class Router:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self, app_config: dict[str, Any], controller: Any, replicas: dict[str, Any]
     ) -> None:
-        from rap.core.loading import load_config
 
         cfg = ServeAppConfig.model_validate(app_config)
         self.served_name = cfg.served_name or load_config(cfg.model)[1]
@@ -129,7 +130,7 @@ class Router:
         return JSONResponse(out, status)
 
     async def _start(self, call: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-        """Best replica first (`rap.serving.routing.order`); a memory 503 is retried once on another."""
+        """Best replica first (`rap.serving.routing.order`); a memory 503 is retried once."""
         ranked = order(self.loads)
         for attempt, name in enumerate(ranked[:2]):
             self.loads[name].inflight += 1
@@ -175,7 +176,7 @@ class Router:
     @app.post("/admin/budget")
     async def set_budget(self, body: BudgetChange, request: Request) -> dict[str, Any]:
         self._check_admin(request)
-        return await self._replica(body.replica).set_budget.remote(int(body.gib * 2**30))
+        return await self._replica(body.replica).set_budget.remote(int(body.gib * GIB))
 
     @app.post("/admin/mask")
     async def push_mask(self, body: MaskPush, request: Request) -> dict[str, Any]:
@@ -200,6 +201,6 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """200 once every replica answers, else 503 with those still starting (rap.serving.routing)."""
+        """200 once every replica answers, else 503 naming those still starting (routing)."""
         status, body = readiness(self.loads)
         return JSONResponse(body, status, headers={"Retry-After": "2"} if status == 503 else None)

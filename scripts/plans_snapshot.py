@@ -27,9 +27,25 @@ FLOORS = (0.0, 0.5)
 
 
 def plan(method: str, frac: float, batch: int, seq: int, dtype: str, floor: float) -> dict:
-    cmd = [sys.executable, "-m", "rap.cli", "plan", "--method", method, "--budget-frac",
-           str(frac), "--batch", str(batch), "--seq", str(seq), "--dtype", dtype,
-           "--min-kept-fraction", str(floor), "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rap.cli",
+        "plan",
+        "--method",
+        method,
+        "--budget-frac",
+        str(frac),
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--dtype",
+        dtype,
+        "--min-kept-fraction",
+        str(floor),
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}

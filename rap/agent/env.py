@@ -1,11 +1,11 @@
 """ServingSim: the paper's pruning MDP as a Gymnasium environment (`rap/ServingSim-v0`).
 
-An episode is one decision: a batch of B sequences of S tokens (P of them prompt) must run under
-a budget of `budget` bytes (a `rap.agent.workloads.Situation`, drawn from named scenarios), starting
-from the dense model. Blocks are numbered j = 0..2L−1: attention of layer j for j < L, MLP of
-layer j − L otherwise. Bytes are the memory model's predicted peak (`rap.core.memory`, activations of
-the prompt included, as admission counts them): peak(m) = base + Σ_{kept j} bytes_j, where
-bytes_j is a block's weights plus, for attention, its layer's KV cache at (B, S).
+An episode is one decision: a batch of B sequences of S tokens (P of them prompt) must run under a
+budget of `budget` bytes (a `rap.agent.scenarios.Situation`, drawn from named scenarios), starting
+from the dense model. Blocks are numbered j = 0..2L−1: attention of layer j for j < L, MLP of layer
+j − L otherwise. Bytes are the memory model's predicted peak (`rap.core.memory`, activations of the
+prompt included, as admission counts them): peak(m) = base + Σ_{kept j} bytes_j, where bytes_j is a
+block's weights plus, for attention, its layer's KV cache at (B, S).
 
 Action space: Discrete(1 + 2L); 0 = STOP, a ≥ 1 = remove block a − 1. Invalid actions are 0 in
 `action_mask`: a block already removed; any removal once the quality floor `min_kept_fraction`
@@ -29,14 +29,13 @@ Reward (the paper's Σ_i a_i(α·R_ppl_i − β·R_mem_i)), for removal step i t
     R_ppl_i = −(q(m_i) − q(m_{i−1}))           quality kept: q = ln perplexity of the real model
     R_mem_i = (peak(m_i) − budget)⁺ / D         memory still over budget after the step
     r_i = α·R_ppl_i − β·R_mem_i,  and −penalty on STOP (or no valid action) while over budget.
-q is capped at ln V (V = vocabulary size: the ln perplexity of guessing uniformly). Beyond it a
-model is broken whatever the number, and uncapped the surrogate (the exponential of a linear
-form) prices 50 drops at 200+ nats, so stopping over budget (−penalty) beat any mask that fits
-when a controller plans a big bucket under a small budget; with the cap and penalty (20) >
-ln V − q(dense) + β·(steps), every mask that fits scores above ending over budget.
-q comes from a `Quality`: by default `rap.planning.surrogate` fitted to perplexities of the default model
-measured under a few hundred masks (`rap.importance.quality`), so it is traceable to the real model; tests
-use an additive model of stored scores. Σ r telescopes to −α·(q(final) − q(dense)) − β·Σ R_mem.
+q is capped at ln V (V = vocabulary size: the ln perplexity of guessing uniformly; beyond it a
+model is broken whatever the number): with the cap and penalty (20) > ln V − q(dense) + β·steps,
+every mask that fits scores above ending over budget (why: docs/agent.md).
+q comes from a `Quality`: by default `rap.planning.surrogate` fitted to perplexities of the
+default model measured under a few hundred masks (`rap.importance.quality`), so it is traceable
+to the real model; tests use an additive model of stored scores. Σ r telescopes to
+−α·(q(final) − q(dense)) − β·Σ R_mem.
 
 Episode end: terminated when the mask fits (peak ≤ budget; success), on STOP, or when no removal
 is valid (both failures while over budget, with the penalty). `info` holds `fits`, `lnppl`,
@@ -53,9 +52,11 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
-from rap.agent import workloads
+from rap.agent import scenarios, workloads
 from rap.core.errors import RapError
+from rap.core.loading import load_config
 from rap.planning.features import OBS_MAX, STOP, Observer, stored_importance
+from rap.planning.surrogate import load_surrogate
 
 ENV_ID = "rap/ServingSim-v0"
 
@@ -98,25 +99,29 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
         if importance is None:
             importance = stored_importance(self.model_id, cfg.get("scores", "bi"))
         self.importance = np.asarray(importance, dtype=np.float64)
-        self.observer = Observer(self.hf_config, self.dtype, importance,
-                                 cfg.get("min_kept_fraction", 0.0))  # fmt: skip
-        self.quality: Quality = _quality(cfg.get("quality", "surrogate"), self.model_id,
-                                         np.asarray(importance, dtype=np.float64))  # fmt: skip
+        self.observer = Observer(
+            self.hf_config, self.dtype, importance, cfg.get("min_kept_fraction", 0.0)
+        )
+        self.quality: Quality = _quality(
+            cfg.get("quality", "surrogate"), self.model_id, np.asarray(importance, dtype=np.float64)
+        )
         self.alpha, self.beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.05)
         self.penalty = cfg.get("penalty", 20.0)
         self.q_cap = math.log(self.hf_config.vocab_size)  # module doc: why q is capped
         self.scenarios = _scenarios(cfg)
-        self._pools: dict[str, list[workloads.Situation]] = {}
+        self._pools: dict[str, list[scenarios.Situation]] = {}
         n = self.observer.n
         self.action_space = gym.spaces.Discrete(1 + n)
-        self.observation_space = gym.spaces.Dict({
-            "action_mask": gym.spaces.Box(0.0, 1.0, (1 + n,), np.float32),
-            "observations": gym.spaces.Box(0.0, OBS_MAX, (self.observer.dim,), np.float32),
-        })  # fmt: skip
-        self.situation: workloads.Situation | None = None
+        self.observation_space = gym.spaces.Dict(
+            {
+                "action_mask": gym.spaces.Box(0.0, 1.0, (1 + n,), np.float32),
+                "observations": gym.spaces.Box(0.0, OBS_MAX, (self.observer.dim,), np.float32),
+            }
+        )
+        self.situation: scenarios.Situation | None = None
 
     # -- situations ---------------------------------------------------------------------------
-    def _pool(self, name: str) -> list[workloads.Situation]:
+    def _pool(self, name: str) -> list[scenarios.Situation]:
         """Situations of one scenario that need pruning and can fit under the floor."""
         if name not in self._pools:
             seed = int(self.cfg.get("seed_base", 0)) + 31 * _stable_hash(name)
@@ -127,11 +132,11 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
                 raise RapError(f"scenario {name!r} yields no situation that needs pruning")
         return self._pools[name]
 
-    def needs_pruning(self, s: workloads.Situation) -> bool:
+    def needs_pruning(self, s: scenarios.Situation) -> bool:
         base, sizes = self.observer.table(s.batch, s.seq, s.prefill)
         return base + sizes.sum() > s.budget_bytes
 
-    def feasible(self, s: workloads.Situation) -> bool:
+    def feasible(self, s: scenarios.Situation) -> bool:
         """Whether the largest allowed drops reach the budget (else no mask fits at all)."""
         base, sizes = self.observer.table(s.batch, s.seq, s.prefill)
         keep = np.sort(sizes)[: self.observer.n - self.observer.max_drops]
@@ -186,15 +191,21 @@ class ServingSimEnv(gym.Env[dict[str, np.ndarray], int]):
     def _obs(self) -> dict[str, np.ndarray]:
         s = self.situation
         assert s is not None
-        return self.observer.observe(s.batch, s.seq, s.budget_bytes, self.base, self.sizes,
-                                     self.kept)  # fmt: skip
+        return self.observer.observe(
+            s.batch, s.seq, s.budget_bytes, self.base, self.sizes, self.kept
+        )
 
     def _info(self) -> dict[str, Any]:
         s = self.situation
         assert s is not None
-        return {"fits": self.peak() <= s.budget_bytes, "lnppl": self.q, "scenario": s.scenario,
-                "peak_bytes": self.peak(), "budget_bytes": s.budget_bytes,
-                "kept": self.kept.copy()}  # fmt: skip
+        return {
+            "fits": self.peak() <= s.budget_bytes,
+            "lnppl": self.q,
+            "scenario": s.scenario,
+            "peak_bytes": self.peak(),
+            "budget_bytes": s.budget_bytes,
+            "kept": self.kept.copy(),
+        }
 
 
 def _stable_hash(name: str) -> int:
@@ -204,7 +215,6 @@ def _stable_hash(name: str) -> int:
 def _model(cfg: dict[str, Any]) -> tuple[Any, str]:
     if cfg.get("hf_config") is not None:
         return cfg["hf_config"], str(cfg.get("model_id", "tiny"))
-    from rap.core.loading import load_config
 
     return load_config(cfg.get("model", "smollm2"))
 
@@ -213,9 +223,9 @@ def _scenarios(cfg: dict[str, Any]) -> list[str]:
     """The scenario names this env draws from. With `per_worker` = R (the number of RLlib env
     runners), runner k ≥ 1 (its EnvContext's worker_index) takes names[k − 1 :: R]: the runners
     split the scenarios between them and sample them in parallel."""
-    names = list(cfg.get("scenarios") or workloads.names(cfg.get("split", "train")))
+    names = list(cfg.get("scenarios") or scenarios.names(cfg.get("split", "train")))
     for n in names:
-        workloads.get(n)
+        scenarios.get(n)
     runners, worker = int(cfg.get("per_worker") or 0), int(cfg.get("worker_index") or 0)
     if runners > 0 and worker >= 1:
         return names[(worker - 1) % runners :: runners] or names
@@ -231,8 +241,6 @@ def _quality(spec: Any, model_id: str, importance: np.ndarray) -> Quality:
     if spec == "additive":
         return AdditiveQuality(tuple(importance - min(importance.min(), 0.0)))
     if spec == "surrogate":
-        from rap.planning.surrogate import load_surrogate
-
         return load_surrogate(model_id)
     raise RapError(f"unknown quality {spec!r}", expected='"surrogate", "additive" or a Quality')
 

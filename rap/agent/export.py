@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.rllib.algorithms.dqn.default_dqn_rl_module import QF_PREDS
 from ray.rllib.core.columns import Columns
 from torch import nn
 
@@ -27,8 +28,12 @@ def _layers(path: list[Any]) -> tuple[list[np.ndarray], list[np.ndarray], list[s
             if isinstance(m, nn.Linear):
                 ws.append(m.weight.detach().cpu().numpy().astype(np.float32))
                 bias = m.bias if m.bias is not None else np.zeros(m.out_features)
-                bs.append(np.asarray(bias.detach().cpu().numpy() if m.bias is not None else bias,
-                                     dtype=np.float32))  # fmt: skip
+                bs.append(
+                    np.asarray(
+                        bias.detach().cpu().numpy() if m.bias is not None else bias,
+                        dtype=np.float32,
+                    )
+                )
                 acts.append("linear")
             elif isinstance(m, nn.ReLU | nn.Tanh) and acts:
                 acts[-1] = "relu" if isinstance(m, nn.ReLU) else "tanh"
@@ -39,8 +44,9 @@ def _layers(path: list[Any]) -> tuple[list[np.ndarray], list[np.ndarray], list[s
 
 def export_module(module: Any, algo: str, env: Any, meta: dict[str, Any], dest: Path) -> PolicyNet:
     """Export a PPO or DQN masked RLModule (module doc) to `dest`, checked on env samples."""
-    path = [module.encoder.actor_encoder, module.pi] if algo == "ppo" else [module.encoder,
-                                                                           module.af]  # fmt: skip
+    path = (
+        [module.encoder.actor_encoder, module.pi] if algo == "ppo" else [module.encoder, module.af]
+    )
     net = PolicyNet(*_layers(path), meta=meta)
     obs, masks = sample_observations(env, 64)
     ref = module_outputs(module, algo, obs, masks)
@@ -54,14 +60,13 @@ def export_module(module: Any, algo: str, env: Any, meta: dict[str, Any], dest: 
 
 def module_outputs(module: Any, algo: str, obs: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """The RLModule's own action outputs (PPO logits, DQN Q values) for a batch."""
-    batch = {Columns.OBS: {"observations": torch.from_numpy(obs),
-                           "action_mask": torch.from_numpy(masks)}}  # fmt: skip
+    batch = {
+        Columns.OBS: {"observations": torch.from_numpy(obs), "action_mask": torch.from_numpy(masks)}
+    }
     with torch.no_grad():
         if algo == "ppo":
             out = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
         else:
-            from ray.rllib.algorithms.dqn.default_dqn_rl_module import QF_PREDS
-
             out = module.compute_q_values(batch)[QF_PREDS]
     return np.asarray(out.numpy(), dtype=np.float64)
 

@@ -8,6 +8,7 @@ chose: the DAgger step of `scripts/train_policy.sh`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -30,8 +31,9 @@ from rap.planning.surrogate import (
 )
 
 
-def fit(keys: Sequence[str], lnppl: Sequence[float], dense: float, num_layers: int,
-        lam: float) -> Surrogate:  # fmt: skip
+def fit(
+    keys: Sequence[str], lnppl: Sequence[float], dense: float, num_layers: int, lam: float
+) -> Surrogate:
     """Ridge regression of ln(1 + Δ) on features (module doc), shrunk toward the additive model
     of the single drops in `keys` rather than toward zero: c = c₀ + (XᵀX + λI)⁻¹ Xᵀ(y − X c₀),
     c₀_j = ln(1 + Δ of dropping block j alone). Shrinking toward zero priced MLP 0 (alone:
@@ -56,8 +58,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def evaluate(model: Surrogate, keys: Sequence[str], lnppl: Sequence[float]) -> dict[str, float]:
     """Spearman ρ, mean |error| and mean error (bias) in ln perplexity on `keys`."""
     pred, true = model.predict(keys), np.asarray(lnppl)
-    return {"spearman": spearman(pred, true), "mae_lnppl": float(np.abs(pred - true).mean()),
-            "bias_lnppl": float((pred - true).mean()), "masks": len(keys)}  # fmt: skip
+    return {
+        "spearman": spearman(pred, true),
+        "mae_lnppl": float(np.abs(pred - true).mean()),
+        "bias_lnppl": float((pred - true).mean()),
+        "masks": len(keys),
+    }
 
 
 def split(keys: Sequence[str], held_out: float, seed: int) -> tuple[list[str], list[str]]:
@@ -68,8 +74,9 @@ def split(keys: Sequence[str], held_out: float, seed: int) -> tuple[list[str], l
     return [k for k in keys if k not in test], sorted(test)
 
 
-def _fit_on(keys: Sequence[str], table: dict[str, float], dense: float, n_l: int,
-            lam: float) -> Surrogate:  # fmt: skip
+def _fit_on(
+    keys: Sequence[str], table: dict[str, float], dense: float, n_l: int, lam: float
+) -> Surrogate:
     """fit() on `keys` without the multi-block masks beyond CAP (module doc)."""
     use = [k for k in keys if "," not in k or table[k] - dense <= CAP]
     return fit(use, [table[k] for k in use], dense, n_l, lam)
@@ -79,8 +86,10 @@ def _report(
     model: Surrogate, keys: Sequence[str], table: dict[str, float], dense: float
 ) -> dict[str, dict[str, float]]:
     near = [k for k in keys if table[k] - dense <= RELEVANT]
-    return {"all": evaluate(model, keys, [table[k] for k in keys]),
-            f"delta<={RELEVANT}": evaluate(model, near, [table[k] for k in near])}  # fmt: skip
+    return {
+        "all": evaluate(model, keys, [table[k] for k in keys]),
+        f"delta<={RELEVANT}": evaluate(model, near, [table[k] for k in near]),
+    }
 
 
 MIN_MULTI = 40
@@ -102,8 +111,8 @@ def _check_table(table: dict[str, float], model_id: str) -> int:
             f"multi-block: {multi}): too few to fit a surrogate",
             expected=f"the dense model, every single drop and at least {MIN_MULTI} multi-block "
             "masks",
-            fix="python -m rap.importance.quality measure --part fit, then python -m rap.importance.quality export "
-            "--part fit (which merges with the shipped table)",
+            fix="python -m rap.importance.quality measure --part fit, then "
+            "python -m rap.importance.quality export --part fit (it merges with the shipped table)",
         )
     return n_l
 
@@ -130,8 +139,14 @@ def fit_and_report(
     lam = min(err, key=lambda x: err[x])
     held = _report(_fit_on(train, table, dense, n_l, lam), test, table, dense)
     final = _fit_on(keys, table, dense, n_l, lam)
-    report = {"lambda": lam, "cap": CAP, "held_out": held, "train_masks": len(train),
-              "all_masks": len(keys), "in_sample": _report(final, keys, table, dense)}  # fmt: skip
+    report = {
+        "lambda": lam,
+        "cap": CAP,
+        "held_out": held,
+        "train_masks": len(train),
+        "all_masks": len(keys),
+        "in_sample": _report(final, keys, table, dense),
+    }
     return Surrogate(n_l, dense, final.coef, {"lambda": lam, "report": report}), report
 
 
@@ -152,9 +167,10 @@ def check(model_id: str, keys_file: str | Path) -> dict[str, dict[str, float]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Fit on the measured table, print the held-out report, write the shipped surrogate; with
     --check KEYS only report the shipped surrogate's error on those measured masks."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rap.agent.surrogate_fit", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m rap.agent.surrogate_fit", description=main.__doc__
+    )
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_ID)
     parser.add_argument("--check", metavar="KEYS", help="a file of mask keys, one a line")
     args = parser.parse_args(argv)

@@ -10,8 +10,9 @@ TrainSpec`: the RLlib AlgorithmConfig and how long to train. `run(path, out, smo
    (for resuming; these hold optimizer state and, for DQN, the replay buffer: never commit them);
 3. exports the policy to `out/policy/`: `module/` (the RLModule's own checkpoint folder, loadable
    with `RLModule.from_checkpoint`, no Algorithm or env runners) and the plain network
-   (`rap.planning.policy_net`: `rap-policy.json` + `policy.safetensors`, checked against the module's own
-   forward pass on observations from the env), and `out/summary.json` (wall time, metrics).
+   (`rap.planning.policy_net`: `rap-policy.json` + `policy.safetensors`, checked against the
+   module's own forward pass on observations from the env), and `out/summary.json` (wall time,
+   metrics).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import json
 import os
 import runpy
 import shutil
+import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +51,9 @@ def load_spec(path: str | Path, smoke: bool, env_runners: int | None = None) -> 
     try:
         make = runpy.run_path(str(p))["make"]
     except KeyError:
-        raise RapError(f"{p} defines no make(smoke, env_runners)", expected="a training config"
-                       ) from None  # fmt: skip
+        raise RapError(
+            f"{p} defines no make(smoke, env_runners)", expected="a training config"
+        ) from None
     spec = make(smoke=smoke, env_runners=env_runners)
     if not isinstance(spec, TrainSpec):
         raise RapError(f"{p}: make() returned {type(spec).__name__}", expected="a TrainSpec")
@@ -65,7 +69,7 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S) ->
     starts a local Ray of its own. Never `address=None`: that joins whatever cluster the last
     `ray start` recorded, and when that cluster is gone Ray retries its GCS for ever. A cluster
     that does not answer within `timeout_s` is one `RapError`."""
-    import ray
+    import ray  # lazy: heavy (ray)
 
     if ray.is_initialized():
         return "already initialized"
@@ -81,14 +85,15 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S) ->
 def _wait_for_gcs(address: str, timeout_s: float) -> None:
     """Wait until something listens at the address's host:port ("auto": the cluster that
     `ray start` recorded), or raise. Only a reachability check: Ray does the rest."""
-    import socket
 
     target = _recorded_address() if address == "auto" else address
     hostport = target.split("://", 1)[-1].rsplit("/", 1)[0]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise RapError(f"Ray address {address!r} is not host:port",
-                       expected="an address like 10.0.0.5:6379 or ray://host:10001")  # fmt: skip
+        raise RapError(
+            f"Ray address {address!r} is not host:port",
+            expected="an address like 10.0.0.5:6379 or ray://host:10001",
+        )
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -106,12 +111,13 @@ def _wait_for_gcs(address: str, timeout_s: float) -> None:
 
 def _recorded_address() -> str:
     """The GCS address the last `ray start` recorded (what `address="auto"` joins)."""
-    import tempfile
 
     path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     if not path.is_file():
-        raise RapError("RAY_ADDRESS is 'auto' but no `ray start` cluster is recorded",
-                       fix="start one with `ray start --head`, or unset RAY_ADDRESS")  # fmt: skip
+        raise RapError(
+            "RAY_ADDRESS is 'auto' but no `ray start` cluster is recorded",
+            fix="start one with `ray start --head`, or unset RAY_ADDRESS",
+        )
     return path.read_text().strip()
 
 
@@ -164,8 +170,11 @@ def run(
     last: dict[str, Any] = {}
     try:
         for it in range(1, spec.iterations + 1):
-            last = {"iteration": it, "elapsed_s": round(time.time() - start, 1),
-                    **_metrics(algo.train())}  # fmt: skip
+            last = {
+                "iteration": it,
+                "elapsed_s": round(time.time() - start, 1),
+                **_metrics(algo.train()),
+            }
             log.write(json.dumps(last, default=float) + "\n")
             log.flush()
             if it % spec.checkpoint_every == 0 or it == spec.iterations:
@@ -175,10 +184,17 @@ def run(
     finally:
         log.close()
         algo.stop()
-    summary = {"config": str(config_path), "algo": spec.algo, "smoke": smoke, "ray": where,
-               "start_from": start_from,
-               "iterations": spec.iterations, "wall_s": round(wall, 1), "last": last,
-               "policy": str(policy)}  # fmt: skip
+    summary = {
+        "config": str(config_path),
+        "algo": spec.algo,
+        "smoke": smoke,
+        "ray": where,
+        "start_from": start_from,
+        "iterations": spec.iterations,
+        "wall_s": round(wall, 1),
+        "last": last,
+        "policy": str(policy),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
 
@@ -193,10 +209,10 @@ def module_folder(algo_checkpoint: str | Path) -> Path:
 
 def export(algo: Any, ckpt: str | Path, dest: Path, spec: TrainSpec, wall_s: float) -> Path:
     """Copy the RLModule folder and write the checked plain network into `dest`."""
-    from ray.rllib.core.rl_module.rl_module import RLModule
+    from ray.rllib.core.rl_module.rl_module import RLModule  # lazy: heavy (ray)
 
-    from rap.agent.env import ServingSimEnv
-    from rap.agent.export import export_module
+    from rap.agent.env import ServingSimEnv  # lazy: heavy (gymnasium)
+    from rap.agent.export import export_module  # lazy: heavy (torch, ray, gymnasium)
 
     if dest.exists():
         shutil.rmtree(dest)

@@ -12,13 +12,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rap.cli import eval as eval_cli
+from rap.cli import importance as importance_cli
+from rap.cli import plan as plan_cli
 from rap.cli.ops import add_commands as add_ops_commands
-from rap.cli.quality import add_commands as add_quality_commands
 from rap.cli.serve import add_commands as add_serve_commands
 from rap.cli.train import add_commands as add_train_commands
+from rap.core import memory
 from rap.core.constants import DTYPES, MIB
 from rap.core.errors import RapError
-from rap.core.loading import DEFAULT_MODEL
+from rap.core.loading import DEFAULT_MODEL, load_config, load_model
+from rap.core.masks import KeepMask
 
 
 def _mib(n: int) -> str:
@@ -26,8 +30,6 @@ def _mib(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from rap.core import memory
-    from rap.core.loading import load_config
 
     config, model_id = load_config(args.model)
     info = {"model": model_id, **memory.describe(config, args.dtype)}
@@ -45,7 +47,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _mask_from_args(args: argparse.Namespace, model_id: str, num_layers: int) -> Any:
-    from rap.core.masks import KeepMask
 
     if args.mask and (args.drop_attn or args.drop_mlp):
         raise RapError("--mask cannot be combined with --drop-attn/--drop-mlp", fix="use one")
@@ -57,7 +58,6 @@ def _mask_from_args(args: argparse.Namespace, model_id: str, num_layers: int) ->
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from rap.core.loading import load_config, load_model
 
     if args.max_tokens < 1:
         raise RapError(f"--max-tokens {args.max_tokens} is too small", expected="at least 1")
@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_serve_commands(sub)
     add_ops_commands(sub)
-    add_quality_commands(sub)
+    importance_cli.add_commands(sub)
+    plan_cli.add_commands(sub)
+    eval_cli.add_commands(sub)
     add_train_commands(sub)
     return parser
 

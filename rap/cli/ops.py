@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rap.ops.grafana import DASHBOARD_UID, export, push
+
 
 def add_commands(sub: Any) -> None:
     """Register `rap grafana ...` on the top-level subparsers."""
@@ -36,7 +38,6 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_grafana_export(args: argparse.Namespace) -> int:
-    from rap.ops.grafana import export
 
     for path in export(args.out, args.namespace):
         print(path)
@@ -44,7 +45,6 @@ def cmd_grafana_export(args: argparse.Namespace) -> int:
 
 
 def cmd_grafana_push(args: argparse.Namespace) -> int:
-    from rap.ops.grafana import DASHBOARD_UID, push
 
     out = push(args.url, args.token or "", args.folder_uid, args.timeout)
     where = f"{args.url.rstrip('/')}{out.get('url', '/d/' + DASHBOARD_UID)}"

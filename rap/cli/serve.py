@@ -12,13 +12,18 @@ import logging
 import os
 import secrets
 import signal
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+from pydantic import ValidationError
+
+from rap.core.constants import GIB
 from rap.core.errors import RapError
-from rap.core.loading import DEFAULT_MODEL
+from rap.core.loading import DEFAULT_MODEL, resolve
 
 
 def add_commands(sub: Any) -> None:
@@ -92,7 +97,7 @@ def cmd_budget_set(args: argparse.Namespace) -> int:
     out = http_json(
         f"{args.url}/admin/budget", {"replica": args.replica, "gib": args.gib}, args.token
     )
-    print(f"{out['replica']}: budget {out['budget_bytes'] / 2**30:.3f} GiB")
+    print(f"{out['replica']}: budget {out['budget_bytes'] / GIB:.3f} GiB")
     return 0
 
 
@@ -119,8 +124,7 @@ def _app_config(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Parse and check (before Ray starts) → start Ray and the app → first request → report →
     serve until Ctrl-C or SIGTERM."""
-    from rap.core.loading import resolve
-    from rap.serving.config import controller_policy
+    from rap.serving.config import controller_policy  # lazy: heavy (torch, transformers)
 
     config = _validated(args)
     resolve(args.model)  # convert the default model once, before replicas race to do it
@@ -147,9 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _validated(args: argparse.Namespace) -> Any:
-    from pydantic import ValidationError
 
-    from rap.serving.config import ServeAppConfig
+    from rap.serving.config import ServeAppConfig  # lazy: heavy (torch, transformers)
 
     try:
         return ServeAppConfig.model_validate(_app_config(args))
@@ -183,7 +186,6 @@ def _report(url: str, token: str, first: dict[str, Any], keyed: bool, metrics_po
 
 
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,10 +210,10 @@ def _interrupt(_signum: int, _frame: Any) -> None:
 
 
 def _start(config: Any, args: argparse.Namespace, metrics_port: int) -> None:
-    import ray
-    from ray import serve
+    import ray  # lazy: heavy (ray)
+    from ray import serve  # lazy: heavy (ray)
 
-    from deployments.app import build_app
+    from deployments.app import build_app  # lazy: heavy (torch, transformers, ray)
 
     # A Ray of its own, even where `ray start` left a cluster running (use `serve deploy` there).
     ray.init(
@@ -244,19 +246,22 @@ STOP_TIMEOUT_S = 30.0
 
 
 def _stop() -> None:
-    import threading
 
-    import ray
-    from ray import serve
+    import ray  # lazy: heavy (ray)
+    from ray import serve  # lazy: heavy (ray)
 
     if not ray.is_initialized():  # stopped while Ray was still starting: nothing to shut down
         return
+
     # A signal sent to the whole process group (systemd's default, `timeout`, a terminal's
     # Ctrl-C) stops Ray's own processes too; Serve's shutdown then waits on a GCS that is gone
     # and never returns. Exit after STOP_TIMEOUT_S instead of hanging.
     def give_up() -> None:
-        print(f"RAP Serve stopped: Ray did not shut down within {STOP_TIMEOUT_S:.0f} s "
-              "(its processes were stopped from outside)", flush=True)  # fmt: skip
+        print(
+            f"RAP Serve stopped: Ray did not shut down within {STOP_TIMEOUT_S:.0f} s "
+            "(its processes were stopped from outside)",
+            flush=True,
+        )
         os._exit(0)
 
     timer = threading.Timer(STOP_TIMEOUT_S, give_up)
@@ -273,7 +278,7 @@ def _quiet_serve_shutdown_report() -> None:
     and Ray then reports "Task ServeController.graceful_shutdown failed ... will be retried" on
     every stop (Ray 2.60): noise to a user of a clean stop. Drop that one message from the
     driver's error stream (`ray._private.worker.print_to_stdstream`); every other one prints."""
-    import ray._private.worker as ray_worker
+    import ray._private.worker as ray_worker  # lazy: heavy (ray)
 
     original = ray_worker.print_to_stdstream
 

@@ -14,24 +14,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rap.agent.train import run
 from rap.core.errors import RapError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rap.agent.train import run
 
     if not Path(args.config).is_file():
         raise RapError(f"config file {args.config} does not exist", expected="rllib_configs/*.py")
     if args.env_runners is not None and args.env_runners < 0:
         raise RapError(f"--env-runners {args.env_runners} is negative", expected="0 or more")
-    summary = run(args.config, args.out, smoke=args.smoke, env_runners=args.env_runners,
-                  start_from=args.start_from, address=args.address)  # fmt: skip
+    summary = run(
+        args.config,
+        args.out,
+        smoke=args.smoke,
+        env_runners=args.env_runners,
+        start_from=args.start_from,
+        address=args.address,
+    )
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
     last = summary["last"]
-    print(f"{summary['algo']} trained {summary['iterations']} iterations in "
-          f"{summary['wall_s']} s on Ray ({summary['ray']})")  # fmt: skip
+    print(
+        f"{summary['algo']} trained {summary['iterations']} iterations in "
+        f"{summary['wall_s']} s on Ray ({summary['ray']})"
+    )
     print(f"last        return {last.get('return_mean')}, episode length {last.get('len_mean')}")
     print(f"policy      {summary['policy']} (RLModule folder and plain export)")
     return 0

@@ -118,7 +118,12 @@ def fits(
 ) -> bool:
     """Whether `mask`'s predicted bytes at (B, S) are within `budget_bytes`."""
     used = predicted_bytes(
-        config, mask, batch, seq, dtype,
-        include_activations=include_activations, prefill_tokens=prefill_tokens,
-    )  # fmt: skip
+        config,
+        mask,
+        batch,
+        seq,
+        dtype,
+        include_activations=include_activations,
+        prefill_tokens=prefill_tokens,
+    )
     return used <= budget_bytes

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rap.core.arch import spec_for
 from rap.core.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2"
@@ -51,7 +52,7 @@ def convert_default(target: Path) -> Path:
     transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are loaded
     into a model built from the config (its quantization entry removed) and saved from there.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy (transformers)
 
     gguf = _gguf_path()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -102,12 +103,13 @@ def resolve(name_or_path: str) -> tuple[Path, str]:
 
 def _from_hub(model_id: str) -> Path:
     """A hub id from the local hub cache (or the hub itself when online)."""
+    from huggingface_hub import snapshot_download  # lazy: only hub ids need it (~0.25 s)
+
     if model_id.count("/") != 1 or model_id.startswith(("/", ".")):
         raise ModelNotFoundError(
             f"unknown model {model_id!r}",
             expected=f"{DEFAULT_MODEL!r}, a folder with config.json and safetensors, or a hub id",
         )
-    from huggingface_hub import snapshot_download
 
     try:
         folder = snapshot_download(
@@ -124,14 +126,14 @@ def _from_hub(model_id: str) -> Path:
 
 def load_config(name_or_path: str = DEFAULT_MODEL) -> tuple[Any, str]:
     """The transformers config and identity of a model, without loading its weights."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: heavy (transformers)
 
     folder, model_id = resolve(name_or_path)
     return AutoConfig.from_pretrained(str(folder)), model_id
 
 
 def default_device() -> str:
-    import torch
+    import torch  # lazy: heavy (torch)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -145,12 +147,11 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, device: str | None = None
 ) -> Any:
     """Load a model as a `PrunableModel` (offline for the default and local folders)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # lazy: heavy (torch)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy (transformers)
 
-    from rap.core.arch import spec_for
-    from rap.core.model import PrunableModel
-    from rap.core.weights import SafetensorsSource
+    from rap.core.model import PrunableModel  # lazy: heavy (torch, transformers)
+    from rap.core.weights import SafetensorsSource  # lazy: heavy (torch)
 
     folder, model_id = resolve(name_or_path)
     config, _ = load_config(str(folder))

@@ -176,8 +176,12 @@ class KeepMask(BaseModel):
     def from_vector(cls, model: str, kept: Sequence[float], **kw: object) -> KeepMask:
         """The mask of a kept vector in vector order (`kept_vector`)."""
         half = len(kept) // 2
-        return cls(model=model, attn=tuple(bool(k) for k in kept[:half]),
-                   mlp=tuple(bool(k) for k in kept[half:]), **kw)  # type: ignore[arg-type]
+        return cls(
+            model=model,
+            attn=tuple(bool(k) for k in kept[:half]),
+            mlp=tuple(bool(k) for k in kept[half:]),
+            **kw,
+        )  # type: ignore[arg-type]
 
     def fingerprint(self) -> str:
         """Short tag for responses: version and fraction of blocks kept."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 
 from rap.core import memory
 from rap.core.arch import ArchSpec, Dims, dims_of, spec_for
@@ -233,7 +234,6 @@ class PrunableModel:
         stopping_criteria: Sequence[Any],
         sampling: dict[str, Any] | None,
     ) -> tuple[torch.Tensor, int]:
-        from transformers import StoppingCriteriaList
 
         width = max(len(p) for p in prompts)
         pad = self.pad_id()

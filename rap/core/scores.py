@@ -4,17 +4,18 @@ Every method gives, per layer, one score for the attention and one for the MLP b
 HIGHER = MORE IMPORTANT (keep it longer). With NLL the mean negative log-likelihood per predicted
 calibration token (nats), so that ln(perplexity) = NLL:
 
-    gsi        the paper's Greedy Sequential Importance (`rap.importance.search`): the whole removal order,
-               the perplexity after each step, and as score the step's marginal cost
+    gsi        the paper's Greedy Sequential Importance (`rap.importance.search`): the whole
+               removal order, the perplexity after each step, and as score the step's marginal cost
                NLL(M_k − b_k) − NLL(M_k)
     oneshot    NLL(dense − b) − NLL(dense): each block dropped alone
     bi         ShortGPT's Block Influence, 1 − E_tokens[cos(x_in, x_out)] of the block's residual
                update x_out = x_in + branch(x_in); `layers` holds it for whole layers as well
     magnitude  RMS of the block's parameters, sqrt(Σ w² / n) (no forward pass)
 
-Scores are computed on the calibration text (`rap.importance.calibration`, C4), never on the perplexity
-text or the zero-shot sets. Results are cached under `cache_dir()/scores/<model digest>/`; the
-default model's scores for every method ship in `rap/data/`, so planners need no forward pass.
+Scores are computed on the calibration text (`rap.importance.calibration`, C4), never on the
+perplexity text or the zero-shot sets. Results are cached under `cache_dir()/scores/<model
+digest>/`; the default model's scores for every method ship in `rap/data/`, so planners need no
+forward pass.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class BlockScores(BaseModel):
             raise ValueError(f"layers has {len(self.layers)} scores, not {n}")
         if self.method == "gsi":
             blocks = sorted((r.kind, r.layer) for r in self.order or ())
-            every = sorted((k, i) for k in ("attn", "mlp") for i in range(n))
+            every = sorted(layer_blocks(n))
             if blocks != every:
                 raise ValueError("a gsi order must name every block exactly once")
         return self

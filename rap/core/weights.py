@@ -15,9 +15,9 @@ import json
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from rap.core.arch import ArchSpec
@@ -65,7 +65,6 @@ class SafetensorsSource:
     """Reads named tensors from the safetensors files of a model folder."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
 
         self.folder = folder
         self.index: dict[str, Path] = {}
@@ -81,7 +80,6 @@ class SafetensorsSource:
 
     def read_into(self, targets: list[tuple[str, torch.Tensor]]) -> None:
         """Copy each named tensor into its target view (dtype conversion as `Tensor.copy_`)."""
-        from safetensors import safe_open
 
         by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
         for name, view in targets:
@@ -200,7 +198,3 @@ def weights_digest(model: nn.Module) -> str:
         if p.numel():
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -121,7 +121,7 @@ def chunks(
             f"{tokens} tokens in chunks of {seq_len} make no chunk",
             expected="seq_len ≥ 2 and tokens ≥ seq_len",
         )
-    import torch
+    import torch  # lazy: heavy (torch)
 
     stream = _stream(usable_tokenizer(tokenizer, vocab_size), source, half, vocab_size)
     n = tokens // seq_len
@@ -137,9 +137,14 @@ def chunks(
     ids = torch.tensor([stream[s : s + seq_len] for s in starts], dtype=torch.long)
     digest = hashlib.sha256(text_of(source, half).encode("utf-8")).hexdigest()
     info = TextInfo(
-        source=source, half=half, text_sha256=digest, seq_len=seq_len, chunks=n,
-        tokens=n * seq_len, stride=stride,
-    )  # fmt: skip
+        source=source,
+        half=half,
+        text_sha256=digest,
+        seq_len=seq_len,
+        chunks=n,
+        tokens=n * seq_len,
+        stride=stride,
+    )
     return ids, info
 
 

@@ -1,9 +1,10 @@
 """Quality of masks: perplexity on the perplexity text and zero-shot accuracy (`rap eval`).
 
-Perplexity is exp(mean NLL) over non-overlapping chunks of the Wikipedia text (`rap.importance.calibration`,
-disjoint from the C4 calibration text that scored the blocks). Zero-shot accuracy follows
-lm-evaluation-harness's log-likelihood protocol (`rap.importance.zeroshot`). Each distinct mask is evaluated
-once, even when several (budget, method) rows share it.
+Perplexity is exp(mean NLL) over non-overlapping chunks of the Wikipedia text
+(`rap.importance.calibration`, disjoint from the C4 calibration text that scored the blocks).
+Zero-shot accuracy follows lm-evaluation-harness's log-likelihood protocol
+(`rap.importance.zeroshot`). Each distinct mask is evaluated once, even when several (budget,
+method) rows share it.
 """
 
 from __future__ import annotations

@@ -6,24 +6,22 @@ predicted token of the perplexity text (`rap.importance.calibration`, Wikipedia)
 
     lnppl(mask) = NLL(mask) / (chunks · (T − 1)),    perplexity = exp(lnppl)
 
-measured with `rap.importance.nll.NllEvaluator` on two disjoint slices of that text, so the masks a policy
-is judged on are scored on tokens its training signal never saw:
+measured with `rap.importance.nll.NllEvaluator` on two disjoint slices of that text, so the
+masks a policy is judged on are scored on tokens its training signal never saw:
 
     eval  tokens [512, 1536)   as 4 chunks of 256: what `bench/compare_policies.py` reports
-    fit   tokens [1536, 3584)  as 8 chunks of 256: what the surrogate (`rap.planning.surrogate`) is fitted to
+    fit   tokens [1536, 3584)  as 8 chunks of 256: what `rap.planning.surrogate` is fitted to
 
-The fit text was 512 tokens (tokens [0, 512)) until the policy was seen to learn that text's
-quirks: its per-block costs disagreed with both the eval text and 8,192-token one-shot scores
-(docs/agent.md). Every measurement is appended to a JSON-lines cache named by the part's token
-range (`cache_dir()/quality/<model>.<part>.<first>-<last chunk>.jsonl`), so runs resume, masks
-are never measured twice and a part whose range changes never mixes texts; `export` writes the
-compact table that ships in `rap/data/<model>.lnppl-<part>.json` (a few hundred masks, tens of
-KB), which records its range: a table for another range is refused. `export` merges the cache
-into the table that ships (it never replaces it: a new machine's cache holds only its own few
-measurements) and refuses to shrink it unless told (`--replace`).
+Why the fit text is 2,048 tokens: docs/agent.md. Every measurement is appended to a JSON-lines cache
+named by the part's token range (`cache_dir()/quality/<model>.<part>.<first>-<last chunk>.jsonl`),
+so runs resume, masks are never measured twice and a part whose range changes never mixes texts;
+`export` writes the compact table that ships in `rap/data/<model>.lnppl-<part>.json` (a few hundred
+masks, tens of KB), which records its range: a table for another range is refused. `export` merges
+the cache into the table that ships (it never replaces it: a new machine's cache holds only its own
+few measurements) and refuses to shrink it unless told (`--replace`).
 
-Run: `python -m rap.importance.quality measure --part fit --count 240 --threads 2` (~6 s a mask on two CPU
-threads), then `python -m rap.importance.quality export --part fit`.
+Run: `python -m rap.importance.quality measure --part fit --count 240 --threads 2` (~6 s a mask
+on two CPU threads), then `python -m rap.importance.quality export --part fit`.
 """
 
 from __future__ import annotations
@@ -40,8 +38,10 @@ from typing import Any
 
 from rap.core.constants import DATA_DIR
 from rap.core.errors import RapError
-from rap.core.loading import DEFAULT_MODEL_ID, cache_dir
-from rap.core.masks import Block, keep_of, key_for
+from rap.core.loading import DEFAULT_MODEL_ID, cache_dir, load_model
+from rap.core.masks import Block, KeepMask, keep_of, key_for
+from rap.core.scores import find_scores
+from rap.importance.calibration import PERPLEXITY_SOURCE, encode, text_of, usable_tokenizer
 
 SEQ_LEN = 256
 PARTS = {"eval": (2, 6), "fit": (6, 14)}
@@ -78,10 +78,13 @@ def read_shipped(model_id: str, part: str) -> dict[str, float]:
         return {}
     doc = json.loads(path.read_text())
     if doc["text"]["chunks"] != list(PARTS[part]):
-        raise RapError(f"{path} was measured on chunks {doc['text']['chunks']} of the text, "
-                       f"the {part} part is now chunks {list(PARTS[part])}",
-                       fix=f"re-measure: python -m rap.importance.quality measure --part {part}, then "
-                           f"python -m rap.importance.quality export --part {part} --replace")  # fmt: skip
+        raise RapError(
+            f"{path} was measured on chunks {doc['text']['chunks']} of the text, "
+            f"the {part} part is now chunks {list(PARTS[part])}",
+            fix=f"re-measure: python -m rap.importance.quality measure --part "
+            f"{part}, then python -m rap.importance.quality export --part "
+            f"{part} --replace",
+        )
     return {k: float(v) for k, v in doc["lnppl"].items()}
 
 
@@ -108,8 +111,10 @@ def export(model_id: str, part: str, replace: bool = False) -> tuple[Path, int, 
     shipped = {} if replace else read_shipped(model_id, part)
     rows = {**shipped, **read_cache(model_id, part)}
     if len(rows) < before and not replace:
-        raise RapError(f"exporting would shrink {path.name} from {before} to {len(rows)} masks",
-                       fix="pass --replace to write the cache alone")  # fmt: skip
+        raise RapError(
+            f"exporting would shrink {path.name} from {before} to {len(rows)} masks",
+            fix="pass --replace to write the cache alone",
+        )
     lo, hi = PARTS[part]
     doc = {
         "format": "rap-lnppl/1",
@@ -127,7 +132,7 @@ class Meter:
     """Measures ln perplexity of masks on one part of the perplexity text, with the cache."""
 
     def __init__(self, model: Any, part: str = "fit") -> None:
-        from rap.importance.nll import NllEvaluator
+        from rap.importance.nll import NllEvaluator  # lazy: heavy (torch, transformers)
 
         if part not in PARTS:
             raise RapError(f"unknown text part {part!r}", expected=f"one of {sorted(PARTS)}")
@@ -141,8 +146,6 @@ class Meter:
     def lnppl(self, key: str) -> float:
         """ln perplexity of the mask `key` (cached, else one forward pass over the part)."""
         if key not in self.known:
-            from rap.core.masks import KeepMask
-
             attn, mlp = keep_of(key, self.model.num_layers)
             mask = KeepMask(model=self.model.model_id, attn=attn, mlp=mlp)
             value = self.ev.run(mask).total / self.ev.predicted
@@ -154,11 +157,9 @@ class Meter:
 
 def part_ids(model: Any, part: str) -> Any:
     """Token ids of one part, [chunks, SEQ_LEN]: contiguous from the start of the perplexity
-    text, tokenized here (not through `rap.importance.calibration.chunks`, whose sampling may change), so
-    the shipped tables keep meaning the same tokens."""
-    import torch
-
-    from rap.importance.calibration import PERPLEXITY_SOURCE, encode, text_of, usable_tokenizer
+    text, tokenized here (not through `rap.importance.calibration.chunks`, whose sampling may
+    change), so the shipped tables keep meaning the same tokens."""
+    import torch  # lazy: heavy (torch)
 
     lo, hi = PARTS[part]
     vocab = model.dims.vocab
@@ -197,7 +198,6 @@ def read_keys(path: str | Path) -> list[str]:
 
 def _stored_scores(model_id: str) -> dict[Block, float]:
     """The best stored scores for sampling: gsi, else oneshot, else bi."""
-    from rap.core.scores import find_scores
 
     for kind in ("gsi", "oneshot", "bi"):
         try:
@@ -209,9 +209,7 @@ def _stored_scores(model_id: str) -> dict[Block, float]:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    import torch
-
-    from rap.core.loading import load_model
+    import torch  # lazy: heavy (torch)
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype="float32", device="cpu")

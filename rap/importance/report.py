@@ -15,9 +15,16 @@ from typing import Any
 from rap.core.constants import MIB
 from rap.importance.zeroshot import NORMED
 
-LABELS = {"piqa": "PIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.", "arc_easy": "ARC-e",
-          "arc_challenge": "ARC-c", "boolq": "BoolQ", "openbookqa": "OBQA",
-          "lambada": "LAMBADA"}  # fmt: skip
+LABELS = {
+    "piqa": "PIQA",
+    "hellaswag": "HellaS.",
+    "winogrande": "WinoG.",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "boolq": "BoolQ",
+    "openbookqa": "OBQA",
+    "lambada": "LAMBADA",
+}
 
 
 def shown(task: str, scores: dict[str, float]) -> float:
@@ -86,10 +93,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Perplexity (log scale) and mean accuracy against budget, one line per method."""
-    import matplotlib
+    import matplotlib  # lazy: heavy (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: heavy (matplotlib)
 
     has_tasks = bool(result["tasks"])
     fig, axes = plt.subplots(1, 2 if has_tasks else 1, figsize=(11 if has_tasks else 6, 4))

@@ -1,6 +1,7 @@
 """Computing block scores (`rap importance`): magnitude, Block Influence, one-shot and GSI.
 
-See `rap.core.scores` for what each score means and `rap.importance.search` for the perplexity searches.
+See `rap.core.scores` for what each score means and `rap.importance.search` for the perplexity
+searches.
 `get_scores` is the entry point: it answers from the scores shipped with the package, or from
 the cache, when the same model (by digest), dtype, calibration text, method, tokens and settings
 were scored before, else computes and caches.
@@ -164,9 +165,14 @@ def compute_scores(
         attn, mlp, layers = block_influence(model, ids, settings.batch_size)
         details["seconds"] = round(time.perf_counter() - t0, 3)
         return BlockScores(
-            **base, calibration=text, attn=attn, mlp=mlp, layers=layers, details=details,
+            **base,
+            calibration=text,
+            attn=attn,
+            mlp=mlp,
+            layers=layers,
+            details=details,
             unit="1 - mean cosine(block input, block output)",
-        )  # fmt: skip
+        )
     return _measured(model, settings, ids, text, base, details, progress)
 
 
@@ -249,8 +255,11 @@ def _cached_one_shot(digest: str, text: TextInfo, predicted: int) -> OneShot | N
     shot = BlockScores.from_file(path)
     assert shot.dense_ppl is not None
     dense = math.log(shot.dense_ppl) * predicted
-    nll = {(k, i): dense + shot.score(k, i) * predicted for k in ("attn", "mlp") for i in
-           range(shot.num_layers)}  # fmt: skip
+    nll = {
+        (k, i): dense + shot.score(k, i) * predicted
+        for k in ("attn", "mlp")
+        for i in range(shot.num_layers)
+    }
     return OneShot(dense, nll, {}, [], 0.0)
 
 
@@ -296,9 +305,12 @@ def get_scores(
     text = None
     if settings.method != "magnitude":
         _, text = calibration_chunks(
-            model.tokenizer, settings.seq_len, settings.tokens, model.dims.vocab,
+            model.tokenizer,
+            settings.seq_len,
+            settings.tokens,
+            model.dims.vocab,
             settings.half,
-        )  # fmt: skip
+        )
     path = cache_path(digest, settings.method, settings.key(text))
     if not refresh:
         shipped = shipped_match(model, settings, text, digest)

@@ -87,8 +87,6 @@ def gsi(
     first: OneShot | None = None,
     progress: Progress | None = None,
     checkpoint: Path | None = None,
-    lazy: bool = False,
-    slack: float = 0.25,
 ) -> GsiResult:
     """The whole GSI removal order (every block), with the NLL after each step.
 
@@ -106,17 +104,12 @@ def gsi(
     # A resumed run adds to what the interrupted one spent.
     spent, runs, equivalents = result.seconds, result.runs, result.full_equivalents
     total_steps = 2 * ev.model.num_layers
-    # Lazy mode's lower bounds: the last measured marginal cost of every block.
-    bounds = {b: nll - first.dense_nll for b, nll in first.nll.items()} if first else {}
     for k in range(len(result.steps), total_steps):
         cands = mask.kept_blocks()
         if k == 0 and first is not None:
             block = min(cands, key=lambda b: first.nll[b])
             win = ev.run(mask.without(block), block[1], states, capture=True)
             step = Step(block[0], block[1], win.total, len(cands), 0)
-        elif lazy:
-            base_nll = result.steps[-1].nll if result.steps else result.dense_nll
-            step, win = _lazy_step(ev, mask, states, cands, base_nll, bounds, slack)
         else:
             step, win = _step(ev, mask, states, cands, screen_batches, finalists)
         for layer, per_batch in win.captured.items():
@@ -178,43 +171,6 @@ def _step(
         for layer, per_batch in head.captured.items():
             win.captured.setdefault(layer, {}).update(per_batch)
     return Step(block[0], block[1], total, len(cands), len(chosen)), win
-
-
-def _lazy_step(
-    ev: NllEvaluator,
-    mask: KeepMask,
-    states: States,
-    cands: list[Block],
-    base_nll: float,
-    bounds: dict[Block, float],
-    slack: float,
-) -> tuple[Step, RunResult]:
-    """Lazy greedy: candidates in order of their last measured marginal cost Δ; stop once the
-    best fresh Δ is at most the next candidate's old Δ lowered by `slack`·|Δ|.
-
-    Exact when no marginal cost falls by more than that fraction as blocks go (the lowered old
-    Δ is then a lower bound on the new one); a block that became much cheaper can be missed.
-    Unknown Δ: −inf (always tried).
-    """
-
-    def floor(b: Block) -> float:
-        old = bounds.get(b, -math.inf)
-        return old - slack * abs(old)
-
-    best: tuple[float, Block, RunResult] | None = None
-    tried = 0
-    for c in sorted(cands, key=floor):
-        if best is not None and best[0] - base_nll <= floor(c):
-            break
-        bound = math.inf if best is None else best[0]
-        res = ev.run(mask.without(c), c[1], states, capture=True, bound=bound)
-        tried += 1
-        bounds[c] = res.total - base_nll  # stopped early: still a lower bound on Δ
-        if not res.stopped and (best is None or res.total < best[0]):
-            best = (res.total, c, res)
-    assert best is not None
-    total, block, win = best
-    return Step(block[0], block[1], total, len(cands), tried), win
 
 
 def _chunks(res: RunResult) -> list[float]:

@@ -18,6 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from rap.core import memory
+from rap.core.constants import GIB
+from rap.core.loading import load_config
+from rap.ops.grafana import export_texts
 from rap.ops.yaml_text import dump_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,9 +70,8 @@ def _named_list(value: Any) -> bool:
 
 def gpu_serve_config() -> dict[str, Any]:
     """The serve config the cluster runs, validated as the app will validate it."""
-    import yaml
 
-    from rap.serving.config import ServeAppConfig
+    from rap.serving.config import ServeAppConfig  # lazy: heavy (torch, transformers)
 
     base = yaml.safe_load(serve_config_path().read_text())
     overlay = yaml.safe_load(OVERLAY.read_text())
@@ -106,8 +111,6 @@ def worker_memory_limit_bytes(
 ) -> int:
     """Least memory limit for a GPU worker pod. A dropped block moves to pinned host memory, so
     in the worst case all of a replica's weights sit in host RAM besides the Ray processes."""
-    from rap.core import memory
-    from rap.core.loading import load_config
 
     config, _ = load_config(model)
     weights = memory.describe(config, dtype)["dense_weight_bytes"]
@@ -120,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rap.ops.k8s", description=main.__doc__)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if stale")
     args = parser.parse_args(argv)
-    from rap.ops.grafana import export_texts
 
     wanted = {RAYSERVICE: with_serve_config(RAYSERVICE.read_text(), serve_config_v2())}
     wanted |= {GRAFANA_DIR / name: text for name, text in export_texts().items()}

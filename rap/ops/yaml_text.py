@@ -9,6 +9,7 @@ import yaml
 
 def dump_yaml(obj: Any) -> str:
     """YAML with multi-line strings as literal blocks (`|`), readable in a diff."""
+
     class Dumper(yaml.SafeDumper):
         pass
 

@@ -50,8 +50,9 @@ def build_policy(
 ) -> ServingPolicy:
     """The controller's policy object; a policy that cannot load raises one `RapError` line."""
     if choice.kind == "heuristic":
-        return HeuristicPolicy(config, model_id, dtype, planner, min_kept_fraction,
-                               origin=choice.origin)  # fmt: skip
+        return HeuristicPolicy(
+            config, model_id, dtype, planner, min_kept_fraction, origin=choice.origin
+        )
     try:
         return RapPolicy.load(choice.path, config, model_id, dtype, min_kept_fraction)
     except RapError:

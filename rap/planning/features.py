@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,14 @@ class Observer:
         dense = base + float(sizes.sum())
         peak = base + float(sizes @ kept)
         deficit = max(peak - budget, 0.0)
-        head = [math.log2(batch) / 6, math.log2(seq) / 12, budget / dense, peak / dense,
-                5 * deficit / dense, base / dense]  # fmt: skip
+        head = [
+            math.log2(batch) / 6,
+            math.log2(seq) / 12,
+            budget / dense,
+            peak / dense,
+            5 * deficit / dense,
+            base / dense,
+        ]
         ratio = np.minimum(sizes / max(deficit, 1.0), 2.0) * kept if deficit > 0 else 0 * kept
         obs = np.concatenate([head, self.ranks, kept, ratio]).astype(np.float32)
         mask = self.action_mask(kept, sizes, deficit)

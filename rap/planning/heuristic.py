@@ -69,6 +69,12 @@ class HeuristicPolicy:
 
     def describe(self) -> dict[str, Any]:
         """What operators see (`/admin/state`, logs, `rap serve`)."""
-        return {"kind": "HeuristicPolicy", "planner": self.method, "origin": self.origin,
-                "decisions": self.decisions, "fallbacks": 0, "fallback_rate": 0.0,
-                "last_fallback": ""}  # fmt: skip
+        return {
+            "kind": "HeuristicPolicy",
+            "planner": self.method,
+            "origin": self.origin,
+            "decisions": self.decisions,
+            "fallbacks": 0,
+            "fallback_rate": 0.0,
+            "last_fallback": "",
+        }

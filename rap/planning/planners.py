@@ -19,7 +19,8 @@ no forward pass, well under a millisecond (`bench/planner_speed.py`).
     shortgpt    whole layers (attention and MLP together), lowest Block Influence first
     attn-drop   attention blocks only, lowest BI first;  mlp-drop: MLP blocks only
     random      a seeded random order of all blocks
-    oracle      beam search scored by measured perplexity (`rap.importance.oracle`; needs a loaded model)
+    oracle      beam search scored by measured perplexity (`rap.importance.oracle`; needs the
+                model loaded)
 
 A budget that the method cannot meet — below its smallest reachable mask, or with fewer than
 `min_kept_fraction` of the 2·L blocks kept — raises `BudgetError` naming that minimum.
@@ -37,12 +38,17 @@ from rap.core.errors import BudgetError, RapError
 from rap.core.masks import Block, KeepMask, layer_blocks, max_drops
 from rap.core.scores import BlockScores, find_scores
 
-PLANNERS = ("gsi", "oneshot", "mem-greedy", "shortgpt", "attn-drop", "mlp-drop", "random",
-            "oracle")  # fmt: skip
+PLANNERS = ("gsi", "oneshot", "mem-greedy", "shortgpt", "attn-drop", "mlp-drop", "random", "oracle")
 SERVING_PLANNERS = ("mem-greedy", "gsi", "oneshot", "shortgpt", "attn-drop", "mlp-drop", "random")
 """Planners that need no forward pass (stored scores or none): what serving may run."""
-SCORES_FOR = {"gsi": "gsi", "oneshot": "oneshot", "mem-greedy": "gsi", "shortgpt": "bi",
-              "attn-drop": "bi", "mlp-drop": "bi"}  # fmt: skip
+SCORES_FOR = {
+    "gsi": "gsi",
+    "oneshot": "oneshot",
+    "mem-greedy": "gsi",
+    "shortgpt": "bi",
+    "attn-drop": "bi",
+    "mlp-drop": "bi",
+}
 """The stored scores each planner reads when none are passed."""
 
 
@@ -86,8 +92,9 @@ def _greedy(table: ByteTable, scores: BlockScores, budget: int) -> Iterator[list
                 i += 1
             b = static[i]
         else:
-            b = min(left, key=lambda x: (cost[x] / min(table.of(x), deficit), -table.of(x),
-                                         rank[x]))  # fmt: skip
+            b = min(
+                left, key=lambda x: (cost[x] / min(table.of(x), deficit), -table.of(x), rank[x])
+            )
         left.discard(b)
         used -= table.of(b)
         yield [b]
@@ -97,7 +104,9 @@ def _scores_for(method: str, model_id: str, n: int, scores: BlockScores | None) 
     if method not in PLANNERS:
         raise RapError(f"unknown planner {method!r}", expected=f"one of {', '.join(PLANNERS)}")
     if method == "oracle":
-        raise RapError("the oracle needs a loaded model", fix="call rap.importance.oracle.oracle_mask")
+        raise RapError(
+            "the oracle needs a loaded model", fix="call rap.importance.oracle.oracle_mask"
+        )
     if method == "random":
         return None
     scores = scores or find_scores(model_id, SCORES_FOR[method])
@@ -142,8 +151,9 @@ def plan_mask(
     table = byte_table(config, batch, seq, dtype, include_activations, prefill_tokens)
     n = len(table.attn)
     scores = _scores_for(method, model_id, n, scores)
-    attn, mlp, used = _walk(method, table, scores, budget_bytes,
-                            max_drops(2 * n, min_kept_fraction), seed)  # fmt: skip
+    attn, mlp, used = _walk(
+        method, table, scores, budget_bytes, max_drops(2 * n, min_kept_fraction), seed
+    )
     if used > budget_bytes:
         # With the budget at 0 the walk ends at the method's smallest reachable mask: `used`.
         raise _too_small(method, table, budget_bytes, used, batch, seq, dtype, min_kept_fraction)

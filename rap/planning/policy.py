@@ -155,17 +155,24 @@ class RapPolicy:
                 f"agent stopped over budget at batch {batch} × {seq} tokens, budget "
                 f"{budget_bytes:,} B: mem-greedy planned instead"
             )
-            log.warning("%s (%d of %d decisions)", self.last_fallback, self.fallbacks,
-                        self.decisions)  # fmt: skip
+            log.warning(
+                "%s (%d of %d decisions)", self.last_fallback, self.fallbacks, self.decisions
+            )
             return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens), True
         return KeepMask.from_vector(self.model_id, kept.tolist()), False
 
     def describe(self) -> dict[str, Any]:
         """What operators see (`/admin/state`, logs, `rap serve`)."""
-        return {"kind": "RapPolicy", "planner": "rap", "origin": self.origin,
-                "algo": self.net.meta.get("algo"), "decisions": self.decisions,
-                "fallbacks": self.fallbacks, "fallback_rate": round(self.fallback_rate, 4),
-                "last_fallback": self.last_fallback}  # fmt: skip
+        return {
+            "kind": "RapPolicy",
+            "planner": "rap",
+            "origin": self.origin,
+            "algo": self.net.meta.get("algo"),
+            "decisions": self.decisions,
+            "fallbacks": self.fallbacks,
+            "fallback_rate": round(self.fallback_rate, 4),
+            "last_fallback": self.last_fallback,
+        }
 
     @property
     def fallback_rate(self) -> float:

@@ -1,10 +1,9 @@
 """The trained policy as a plain network: an MLP evaluated with numpy, no RLlib at serving time.
 
-Export (`rap.agent.export.export_module`) takes the RLModule's action path — PPO: actor encoder then pi head
-(logits); DQN: encoder then advantage head A(s, ·) — as its sequence of Linear layers and
-activations, and writes `policy.safetensors` (w0, b0, w1, b1, ...) and `rap-policy.json`
-(format, activations, sizes, and what the policy was trained for). Greedy choice is the same
-for both:
+Export (`rap.agent.export.export_module`) takes the RLModule's action path — PPO: actor encoder then
+pi head (logits); DQN: encoder then advantage head A(s, ·) — as its sequence of Linear layers and
+activations, and writes `policy.safetensors` (w0, b0, w1, b1, ...) and `rap-policy.json` (format,
+activations, sizes, and what the policy was trained for). Greedy choice is the same for both:
 
     a* = argmax_a  out(x)_a  over actions with mask_a = 1
 
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from rap.core.errors import RapError
 
@@ -70,22 +70,27 @@ class PolicyNet:
         return int(np.argmax(np.where(mask > 0.5, out, -np.inf)))
 
     def save(self, folder: Path) -> None:
-        from safetensors.numpy import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"w{i}": w for i, w in enumerate(self.weights)}
         tensors.update({f"b{i}": b for i, b in enumerate(self.biases)})
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-                  str(folder / WEIGHTS_FILE))  # fmt: skip
-        doc = {"format": FORMAT, "activations": self.activations, "obs_dim": self.obs_dim,
-               "num_actions": self.num_actions, "num_params": self.num_params,
-               **self.meta}  # fmt: skip
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+            str(folder / WEIGHTS_FILE),
+        )
+        doc = {
+            "format": FORMAT,
+            "activations": self.activations,
+            "obs_dim": self.obs_dim,
+            "num_actions": self.num_actions,
+            "num_params": self.num_params,
+            **self.meta,
+        }
         (folder / META_FILE).write_text(json.dumps(doc, indent=1) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> PolicyNet:
         """Read an exported policy folder; `RapError` naming what is missing or wrong."""
-        from safetensors.numpy import load_file
 
         f = Path(folder)
         if not (f / META_FILE).is_file() or not (f / WEIGHTS_FILE).is_file():
@@ -99,5 +104,9 @@ class PolicyNet:
         t = load_file(str(f / WEIGHTS_FILE))
         k = len(doc["activations"])
         meta = {key: v for key, v in doc.items() if key not in ("format", "activations")}
-        return cls([t[f"w{i}"] for i in range(k)], [t[f"b{i}"] for i in range(k)],
-                   list(doc["activations"]), meta)  # fmt: skip
+        return cls(
+            [t[f"w{i}"] for i in range(k)],
+            [t[f"b{i}"] for i in range(k)],
+            list(doc["activations"]),
+            meta,
+        )

@@ -1,4 +1,5 @@
-"""A surrogate of the real model's perplexity under a mask, fitted to measurements (`rap.importance.quality`).
+"""A surrogate of the real model's perplexity under a mask, fitted to measurements
+(`rap.importance.quality`).
 
 With d ∈ {0,1}^{2L} the dropped blocks (attention 0..L−1, then MLP 0..L−1), the surrogate
 predicts the rise in ln perplexity over the dense model, Δ(d) = lnppl(d) − lnppl(dense) ≥ 0:
@@ -60,8 +61,18 @@ def features(d: np.ndarray) -> np.ndarray:
     na, nm = a.sum(1), m.sum(1)
     depth = np.arange(n_l) / max(n_l - 1, 1)
     late = (a @ depth + m @ depth) / np.maximum(na + nm, 1.0) * (na + nm)
-    phi = np.stack([na**2, nm**2, na * nm, (a[:, 1:] * a[:, :-1]).sum(1),
-                    (m[:, 1:] * m[:, :-1]).sum(1), (a * m).sum(1), late], axis=1)  # fmt: skip
+    phi = np.stack(
+        [
+            na**2,
+            nm**2,
+            na * nm,
+            (a[:, 1:] * a[:, :-1]).sum(1),
+            (m[:, 1:] * m[:, :-1]).sum(1),
+            (a * m).sum(1),
+            late,
+        ],
+        axis=1,
+    )
     return np.concatenate([d, phi / 10.0], axis=1)
 
 
@@ -88,9 +99,14 @@ class Surrogate:
         return np.asarray(self.coef)
 
     def to_json(self) -> str:
-        doc = {"format": FORMAT, "num_layers": self.num_layers, "dense_lnppl": self.dense_lnppl,
-               "features": "2L drop indicators (attn, mlp), then " + ", ".join(EXTRA),
-               "coef": [round(c, 6) for c in self.coef], **self.meta}  # fmt: skip
+        doc = {
+            "format": FORMAT,
+            "num_layers": self.num_layers,
+            "dense_lnppl": self.dense_lnppl,
+            "features": "2L drop indicators (attn, mlp), then " + ", ".join(EXTRA),
+            "coef": [round(c, 6) for c in self.coef],
+            **self.meta,
+        }
         return json.dumps(doc, indent=1) + "\n"
 
 
@@ -103,9 +119,11 @@ def load_surrogate(model_id: str = DEFAULT_MODEL_ID) -> Surrogate:
     """The shipped surrogate of `model_id` (cached in memory)."""
     p = surrogate_path(model_id)
     if not p.is_file():
-        raise RapError(f"no perplexity surrogate ships for {model_id}",
-                       fix="measure masks (python -m rap.importance.quality measure) and run "
-                           "python -m rap.agent.surrogate_fit")  # fmt: skip
+        raise RapError(
+            f"no perplexity surrogate ships for {model_id}",
+            fix="measure masks (python -m rap.importance.quality measure) and run "
+            "python -m rap.agent.surrogate_fit",
+        )
     doc = json.loads(p.read_text())
     if doc.get("format") != FORMAT:
         raise RapError(f"{p} has format {doc.get('format')!r}", expected=FORMAT)

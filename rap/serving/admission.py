@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rap.core import memory
+from rap.core.constants import MIB
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion, max_drops
 from rap.planning import MaskPlanner
@@ -136,12 +137,11 @@ class Admitter:
             peak_of(self.config, mask, shape, self.dtype)
             for mask in _floor_masks(self.model_id, self.num_layers, self.min_kept_fraction)
         )
-        mib = 1024 * 1024
         return Refusal(
             reason=(
                 f"not enough memory: a request of {shape.seq} tokens needs about "
-                f"{needed / mib:.1f} MiB with the fewest blocks allowed "
-                f"({self.min_kept_fraction:.0%} kept); the budget is {budget / mib:.1f} MiB"
+                f"{needed / MIB:.1f} MiB with the fewest blocks allowed "
+                f"({self.min_kept_fraction:.0%} kept); the budget is {budget / MIB:.1f} MiB"
             ),
             needed_bytes=needed,
         )

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
+from rap.core.constants import GIB
 from rap.serving.messages import Telemetry
 
 
 class ShareConfig(BaseModel):
     """Hysteresis and dwell for device-derived budgets."""
 
-    margin_bytes: int = Field(1 << 30, ge=0, description="Free memory never handed out.")
+    margin_bytes: int = Field(GIB, ge=0, description="Free memory never handed out.")
     hysteresis_bytes: int = Field(64 << 20, ge=0, description="Smaller changes are ignored.")
     dwell_s: float = Field(10.0, ge=0, description="Minimum time between a budget's rises.")
 

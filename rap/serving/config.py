@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rap.core.loading import load_config
+from rap.planning import SERVING_PLANNERS, build_policy, choose_policy
 from rap.serving.controller import ControllerConfig
 from rap.serving.engine import EngineConfig
 
@@ -74,7 +76,6 @@ class ServeAppConfig(BaseModel):
     @field_validator("planner")
     @classmethod
     def _known_planner(cls, value: str) -> str:
-        from rap.planning import SERVING_PLANNERS
 
         if value not in SERVING_PLANNERS:
             raise ValueError(
@@ -101,10 +102,9 @@ def controller_policy(cfg: ServeAppConfig) -> Any:
     """The controller's policy for a resolved config (`rap.planning.choose_policy`), loaded: what
     the controller deployment runs, and what `rap serve` and `build_app` load once before
     anything is deployed, so that a policy that cannot load is one error line up front."""
-    from rap.core.loading import load_config
-    from rap.planning import build_policy, choose_policy
 
     model_config, model_id = load_config(cfg.model)
     choice = choose_policy(cfg.policy, cfg.planner, model_id)
-    return build_policy(choice, model_config, model_id, cfg.dtype, cfg.planner,
-                        cfg.engine.min_kept_fraction)  # fmt: skip
+    return build_policy(
+        choice, model_config, model_id, cfg.dtype, cfg.planner, cfg.engine.min_kept_fraction
+    )

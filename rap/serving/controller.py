@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rap.core.constants import MIB
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
 from rap.planning import MaskPlanner
@@ -26,7 +27,6 @@ from rap.serving.budget import GpuShares, ShareConfig
 from rap.serving.messages import MaskPlan, PlanEntry, Telemetry
 
 log = logging.getLogger("rap.serving.controller")
-
 
 
 class ControllerConfig(BaseModel):
@@ -182,13 +182,10 @@ class Controller:
         self, prev: ReplicaView | None, tel: Telemetry, buckets: list[tuple[int, int]]
     ) -> str | None:
         if prev is None or prev.plan is None:
-            return f"first plan for {tel.replica} (budget {tel.budget_bytes / 2**20:.1f} MiB)"
+            return f"first plan for {tel.replica} (budget {tel.budget_bytes / MIB:.1f} MiB)"
         old = prev.telemetry
         if old.budget_bytes != tel.budget_bytes:
-            return (
-                f"budget changed {old.budget_bytes / 2**20:.1f} → "
-                f"{tel.budget_bytes / 2**20:.1f} MiB"
-            )
+            return f"budget changed {old.budget_bytes / MIB:.1f} → {tel.budget_bytes / MIB:.1f} MiB"
         new = [bk for bk in buckets if bk not in prev.buckets]
         if new:
             return f"new workload buckets {new}"

@@ -7,6 +7,7 @@ objects, their streamed chunks, and the error body `{"error": {message, type, pa
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -125,7 +126,6 @@ def chunk_body(
 
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event line pair."""
-    import json
 
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 

@@ -40,8 +40,10 @@ def readiness(loads: dict[str, ReplicaLoad]) -> tuple[int, dict[str, Any]]:
     (the router answers `/v1/models` before replicas have loaded their models)."""
     replicas = {n: "ready" if v.answered else "starting" for n, v in sorted(loads.items())}
     starting = "starting" in replicas.values()
-    return (503 if starting else 200), {"status": "starting" if starting else "ok",
-                                        "replicas": replicas}  # fmt: skip
+    return (503 if starting else 200), {
+        "status": "starting" if starting else "ok",
+        "replicas": replicas,
+    }
 
 
 def order(loads: dict[str, ReplicaLoad]) -> list[str]:

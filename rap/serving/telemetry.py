@@ -6,6 +6,7 @@ own bytes against the configured cap. `GenerateCall` is the router → replica r
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,7 +71,6 @@ def initial_budget_bytes(model: Any, budget_gib: float | None, cfg: Any) -> int:
 
 
 def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) -> Telemetry:
-    import time
 
     mask = engine.model.mask
     stats = engine.stats

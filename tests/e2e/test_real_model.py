@@ -90,8 +90,22 @@ def test_the_documented_gsi_command_answers_from_the_shipped_scores(tmp_path) ->
     resolve("smollm2")  # the converted model, shared with the fresh score cache below
     (tmp_path / "models").symlink_to(cache_dir() / "models")
     env = {**os.environ, "RAP_CACHE_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "rap.cli", "importance", "--method", "gsi", "--tokens", "8192",
-           "--batch-size", "1", "--screen-batches", "1", "--finalists", "3"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "rap.cli",
+        "importance",
+        "--method",
+        "gsi",
+        "--tokens",
+        "8192",
+        "--batch-size",
+        "1",
+        "--screen-batches",
+        "1",
+        "--finalists",
+        "3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(shipped with the package)" in proc.stdout, proc.stdout

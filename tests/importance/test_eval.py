@@ -67,10 +67,29 @@ def test_eval_command_on_a_tiny_model(tiny_dirs, tmp_path, monkeypatch, capsys) 
     imp = ["importance", "--model", model, "--method", "bi", "--tokens", "256", "--seq-len", "64"]
     assert main(imp) == 0  # attn-drop and mlp-drop read Block Influence from the cache
     out = tmp_path / "eval"
-    args = ["eval", "--model", model, "--budgets", "1.0,0.6", "--methods",
-            "random,attn-drop,mlp-drop", "--limit", "4", "--tasks", "piqa,winogrande,lambada",
-            "--ppl-tokens", "256", "--ppl-seq-len", "64", "--batch", "2", "--seq", "64",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "eval",
+        "--model",
+        model,
+        "--budgets",
+        "1.0,0.6",
+        "--methods",
+        "random,attn-drop,mlp-drop",
+        "--limit",
+        "4",
+        "--tasks",
+        "piqa,winogrande,lambada",
+        "--ppl-tokens",
+        "256",
+        "--ppl-seq-len",
+        "64",
+        "--batch",
+        "2",
+        "--seq",
+        "64",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["tasks"] == {"piqa": 4, "winogrande": 4, "lambada": 4}
@@ -117,9 +136,24 @@ def test_eval_help_lists_only_methods_it_runs(capsys) -> None:
 def test_eval_on_the_default_model(tmp_path, capsys) -> None:
     """A few items on the real model: the dense row is far better than a 40 % budget's."""
     out = tmp_path / "eval"
-    args = ["eval", "--budgets", "1.0,0.4", "--methods", "oneshot", "--limit", "2", "--tasks",
-            "piqa,lambada", "--ppl-tokens", "512", "--ppl-seq-len", "256", "--no-cache",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "eval",
+        "--budgets",
+        "1.0,0.4",
+        "--methods",
+        "oneshot",
+        "--limit",
+        "2",
+        "--tasks",
+        "piqa,lambada",
+        "--ppl-tokens",
+        "512",
+        "--ppl-seq-len",
+        "256",
+        "--no-cache",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows[0]["blocks_kept"] == 60 and 10 < rows[0]["ppl"] < 100

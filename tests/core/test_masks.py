@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 
 from rap.core.errors import MaskError
-from rap.core.masks import KeepMask, MaskVersion, parse_layer_list
+from rap.core.masks import (
+    KeepMask,
+    MaskVersion,
+    blocks_of,
+    keep_of,
+    key_for,
+    key_of,
+    parse_layer_list,
+)
 
 
 def test_parse_layer_list() -> None:
@@ -52,3 +60,17 @@ def test_check_for_and_versions() -> None:
         m.check_for("m", 4)
     assert MaskVersion(epoch=1, seq=0) > MaskVersion(epoch=0, seq=9)
     assert MaskVersion(epoch=2, seq=1) < MaskVersion(epoch=2, seq=3)
+
+
+def test_mask_keys_round_trip() -> None:
+    attn, mlp = (True, False, True), (False, True, True)
+    key = key_of(attn, mlp)
+    assert key == "a1,m0"
+    assert keep_of(key, 3) == (attn, mlp)
+    assert blocks_of(key) == [("attn", 1), ("mlp", 0)]
+    assert key_for([("mlp", 0), ("attn", 1)]) == key
+    assert key_of((True,) * 3, (True,) * 3) == ""
+    mask = KeepMask(model="m", attn=attn, mlp=mlp)
+    assert mask.key == key and KeepMask.from_key("m", 3, key) == mask
+    assert mask.without(("attn", 0)).key == "a0,a1,m0"
+    assert KeepMask.from_vector("m", mask.kept_vector()) == mask

@@ -22,8 +22,9 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(target: str, tmp_path) -> N
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         cmd = [sys.executable, "-m", "rap.cli", "serve", "--port", "8123"]
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 300
             while "controller: " not in log.read_text():  # the last start-up line

@@ -76,7 +76,9 @@ def test_budget_change_and_new_buckets_give_new_plans_with_reasons() -> None:
 
 def test_a_planner_that_does_not_name_itself_is_refused() -> None:
     """Every controller mask says which planner made it (controller:rap, ...)."""
-    unnamed = FnPlanner(lambda budget, b, s: plan(budget, b, s).model_copy(update={"source": "user"}))
+    unnamed = FnPlanner(
+        lambda budget, b, s: plan(budget, b, s).model_copy(update={"source": "user"})
+    )
     with pytest.raises(ValueError, match="controller:rap"):
         Controller(unnamed).report(tel(), now_s=1000.0)
 

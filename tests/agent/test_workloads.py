@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rap.agent import workloads
+from rap.agent import scenarios, workloads
 from rap.core import memory
 from rap.core.errors import RapError
 from tests.tiny import tiny_config
@@ -26,19 +26,19 @@ def test_same_seed_same_situations(cfg) -> None:
 
 
 def test_registry_splits_are_disjoint_and_named() -> None:
-    train, held_out = workloads.names("train"), workloads.names("eval")
+    train, held_out = scenarios.names("train"), scenarios.names("eval")
     assert train and held_out
     assert not set(train) & set(held_out)
-    assert set(train) | set(held_out) == set(workloads.names())
+    assert set(train) | set(held_out) == set(scenarios.names())
     with pytest.raises(RapError, match="unknown scenario"):
-        workloads.get("no-such-scenario")
+        scenarios.get("no-such-scenario")
     with pytest.raises(RapError, match="already registered"):
-        workloads.register(workloads.get("chat-steady"))
+        scenarios.register(scenarios.get("chat-steady"))
 
 
 def test_chat_lengths_are_heavy_tailed_and_clipped() -> None:
     rng = np.random.default_rng(0)
-    d = workloads.CHAT_PROMPT
+    d = scenarios.CHAT_PROMPT
     xs = np.array([d.sample(rng) for _ in range(4000)])
     assert xs.min() >= d.lo and xs.max() <= d.hi
     # log-normal with σ = 1: the 99th percentile is ~10× the median
@@ -46,7 +46,7 @@ def test_chat_lengths_are_heavy_tailed_and_clipped() -> None:
 
 
 def test_batches_respect_max_batch_and_fcfs() -> None:
-    sc = workloads.get("mixed-burst")
+    sc = scenarios.get("mixed-burst")
     starts = []
     for t, reqs in workloads.batches(sc, seed=1):
         assert 1 <= len(reqs) <= sc.max_batch
@@ -73,8 +73,8 @@ def test_admission_splits_batches_far_over_budget(cfg) -> None:
 
 
 @pytest.mark.parametrize("kind", ["steady", "steps", "ramp", "spikes"])
-def test_memory_traces_stay_in_their_range(kind: workloads.MemoryKind) -> None:
-    trace = workloads.MemoryTrace(kind, level=0.95, low=0.7, period_s=10.0, levels=(0.9, 0.8))
+def test_memory_traces_stay_in_their_range(kind: scenarios.MemoryKind) -> None:
+    trace = scenarios.MemoryTrace(kind, level=0.95, low=0.7, period_s=10.0, levels=(0.9, 0.8))
     t = np.arange(0.0, 200.0, 0.5)
     m = trace.fractions(t, np.random.default_rng(0))
     lo, hi = (0.8, 0.9) if kind == "steps" else (0.7, 0.95)
@@ -84,7 +84,7 @@ def test_memory_traces_stay_in_their_range(kind: workloads.MemoryKind) -> None:
 
 
 def test_steps_cycle_through_levels() -> None:
-    trace = workloads.MemoryTrace("steps", levels=(0.9, 0.8, 0.7), period_s=10.0)
+    trace = scenarios.MemoryTrace("steps", levels=(0.9, 0.8, 0.7), period_s=10.0)
     m = trace.fractions(np.array([0.0, 10.0, 20.0, 30.0]), np.random.default_rng(0))
     assert list(m) == pytest.approx([0.9, 0.8, 0.7, 0.9])
 

@@ -23,7 +23,7 @@ from rap.core.scores import (
 from rap.importance import calibration
 from rap.importance.nll import NllEvaluator
 from rap.importance.scorers import ScoreSettings, block_influence, get_scores, magnitude
-from rap.importance.search import exhaustive_gsi, gsi, one_shot, without
+from rap.importance.search import exhaustive_gsi, gsi, one_shot
 from tests.tiny import ARCHS
 
 
@@ -58,9 +58,9 @@ def test_runs_from_a_layer_equal_full_runs(arch, tiny_dirs) -> None:
     model = load_model(str(tiny_dirs[arch]))
     ev = NllEvaluator(model, _ids(model), batch_size=4)
     dense = model.dense_mask()
-    states, _ = ev.capture_all(without(dense, ("mlp", 0)))
+    states, _ = ev.capture_all(dense.without(("mlp", 0)))
     for layer in range(1, model.num_layers):
-        mask = without(dense, ("mlp", 0), ("attn", layer))
+        mask = dense.without(("mlp", 0), ("attn", layer))
         ref = NllEvaluator(model, _ids(model), batch_size=12).run(mask).total
         fast = ev.run(mask, layer, states, capture=True)
         assert math.isclose(fast.total, ref, rel_tol=1e-5), (layer, fast.total, ref)
@@ -91,7 +91,7 @@ def test_one_shot_is_the_first_gsi_step(tiny_dirs) -> None:
     ev = NllEvaluator(model, _ids(model), 4)
     shot = one_shot(ev)
     dense = model.dense_mask()
-    direct = NllEvaluator(model, _ids(model), 12).run(without(dense, ("attn", 2))).total
+    direct = NllEvaluator(model, _ids(model), 12).run(dense.without(("attn", 2))).total
     assert math.isclose(shot.nll[("attn", 2)], direct, rel_tol=1e-5)
     race = gsi(NllEvaluator(model, _ids(model), 4), screen_batches=1, finalists=2, first=shot)
     assert (race.steps[0].kind, race.steps[0].layer) == min(shot.nll, key=shot.nll.__getitem__)
@@ -113,7 +113,7 @@ def test_block_influence_matches_hidden_states(tiny_dirs) -> None:
 
     dense = model.dense_mask()
     assert math.isclose(layers[1], bi(dense, 1), rel_tol=1e-4)
-    assert math.isclose(attn[2], bi(without(dense, ("mlp", 2)), 2), rel_tol=1e-4)
+    assert math.isclose(attn[2], bi(dense.without(("mlp", 2)), 2), rel_tol=1e-4)
     assert attn != mlp and all(0.0 <= x <= 2.0 for x in (*attn, *mlp, *layers))
 
 
@@ -145,8 +145,10 @@ def test_shipped_scores_answer_when_model_text_method_and_tokens_match(
     monkeypatch.setattr(rap.importance.scorers, "compute_scores", _no_compute)
     scores, origin = get_scores(model, settings)
     assert origin == "shipped" and scores == computed
-    for other in (ScoreSettings(method="gsi", tokens=512, seq_len=32, screen_batches=1),
-                  ScoreSettings(method="gsi", tokens=256, seq_len=32, finalists=2)):  # fmt: skip
+    for other in (
+        ScoreSettings(method="gsi", tokens=512, seq_len=32, screen_batches=1),
+        ScoreSettings(method="gsi", tokens=256, seq_len=32, finalists=2),
+    ):
         with pytest.raises(AssertionError, match="computed"):
             get_scores(model, other)
     with pytest.raises(AssertionError, match="computed"):

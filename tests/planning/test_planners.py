@@ -11,17 +11,11 @@ import transformers as tf
 
 from rap.cli.main import main
 from rap.core import memory
+from rap.core.byte_table import byte_table, fits, predicted_bytes
 from rap.core.errors import BudgetError
 from rap.core.loading import DEFAULT_MODEL_ID
 from rap.core.scores import BlockScores, Removal, load_default_scores
-from rap.planning.planners import (
-    PLANNERS,
-    byte_table,
-    fits,
-    minimum_bytes,
-    plan_mask,
-    predicted_bytes,
-)
+from rap.planning.planners import PLANNERS, minimum_bytes, plan_mask
 from tests.tiny import tiny_config
 
 STATIC = [m for m in PLANNERS if m != "oracle"]
@@ -30,9 +24,15 @@ STATIC = [m for m in PLANNERS if m != "oracle"]
 def smollm2_config() -> tf.LlamaConfig:
     """The default model's shape (no weights needed to plan)."""
     return tf.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+    )
 
 
 def fake_scores(n: int, model: str = "m") -> BlockScores:
@@ -45,10 +45,18 @@ def fake_scores(n: int, model: str = "m") -> BlockScores:
     )
     order = tuple(Removal(kind=k, layer=i, ppl=10.0 + j) for j, (k, i) in enumerate(blocks))  # type: ignore[arg-type]
     return BlockScores(
-        model=model, model_digest="0" * 64, method="gsi", num_layers=n, dtype="float32",
-        calibration=None, attn=attn, mlp=mlp, unit="test", order=order,
+        model=model,
+        model_digest="0" * 64,
+        method="gsi",
+        num_layers=n,
+        dtype="float32",
+        calibration=None,
+        attn=attn,
+        mlp=mlp,
+        unit="test",
+        order=order,
         layers=[a + m for a, m in zip(attn, mlp, strict=True)],
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("method", STATIC)
@@ -87,8 +95,16 @@ def test_kinds_and_layers() -> None:
     attn = plan_mask("attn-drop", cfg, "m", budget, 4, 64, "float16", scores)
     assert all(attn.mlp) and not all(attn.attn)
     assert attn.dropped_attn == [1, 3]  # odd layers have the cheapest attention
-    mlp = plan_mask("mlp-drop", cfg, "m", memory.budget_bytes(cfg, 0.9, 1, 8, "float16"), 1, 8,
-                    "float16", scores)  # fmt: skip
+    mlp = plan_mask(
+        "mlp-drop",
+        cfg,
+        "m",
+        memory.budget_bytes(cfg, 0.9, 1, 8, "float16"),
+        1,
+        8,
+        "float16",
+        scores,
+    )
     assert all(mlp.attn) and mlp.dropped_mlp == [0]
     layers = plan_mask("shortgpt", cfg, "m", budget, 4, 64, "float16", scores)
     assert layers.dropped_attn == layers.dropped_mlp != []
@@ -105,11 +121,27 @@ def test_mem_greedy_frees_kv_when_kv_dominates() -> None:
     """Equal costs: the planner takes the most useful bytes, attention when KV is large."""
     cfg, n = smollm2_config(), 30
     flat = fake_scores(n).model_copy(update={"attn": (0.01,) * n, "mlp": (0.01,) * n})
-    long = plan_mask("mem-greedy", cfg, "m", memory.budget_bytes(cfg, 0.7, 8, 2048, "float16"),
-                     8, 2048, "float16", flat)  # fmt: skip
+    long = plan_mask(
+        "mem-greedy",
+        cfg,
+        "m",
+        memory.budget_bytes(cfg, 0.7, 8, 2048, "float16"),
+        8,
+        2048,
+        "float16",
+        flat,
+    )
     assert long.dropped_attn and not long.dropped_mlp
-    short = plan_mask("mem-greedy", cfg, "m", memory.budget_bytes(cfg, 0.7, 1, 64, "float16"),
-                      1, 64, "float16", flat)  # fmt: skip
+    short = plan_mask(
+        "mem-greedy",
+        cfg,
+        "m",
+        memory.budget_bytes(cfg, 0.7, 1, 64, "float16"),
+        1,
+        64,
+        "float16",
+        flat,
+    )
     assert short.dropped_mlp and not short.dropped_attn
 
 
@@ -127,8 +159,7 @@ def test_mem_greedy_rescores_near_the_budget() -> None:
     budget = table.dense() - 1  # one byte over: any block will do
     mask = plan_mask("mem-greedy", cfg, "m", budget, 1, 8, "float16", scores)
     assert mask.dropped_attn == [3] and mask.dropped_mlp == []
-    roomy = plan_mask("mem-greedy", cfg, "m", table.dense() - table.mlp[3], 1, 8, "float16",
-                      scores)  # fmt: skip
+    roomy = plan_mask("mem-greedy", cfg, "m", table.dense() - table.mlp[3], 1, 8, "float16", scores)
     assert roomy.dropped_mlp == [3] and roomy.dropped_attn == []
 
 
@@ -155,8 +186,9 @@ def test_quality_floor_and_activations() -> None:
         plan_mask("gsi", cfg, "m", half - 1, 2, 32, "float16", scores, min_kept_fraction=0.5)
     assert plan_mask("gsi", cfg, "m", half - 1, 2, 32, "float16", scores).kept_fraction < 0.5
     budget = memory.budget_bytes(cfg, 1.0, 2, 32, "float16")
-    with_act = plan_mask("gsi", cfg, "m", budget, 2, 32, "float16", scores,
-                         include_activations=True)  # fmt: skip
+    with_act = plan_mask(
+        "gsi", cfg, "m", budget, 2, 32, "float16", scores, include_activations=True
+    )
     assert not all(with_act.attn + with_act.mlp)  # the activations had to be made room for
     assert predicted_bytes(cfg, with_act, 2, 32, "float16", include_activations=True) <= budget
 
@@ -186,8 +218,24 @@ def test_plan_command(tiny_dirs, capsys) -> None:
     assert len(out["attn"]) == len(out["mlp"]) == 4
     assert out["predicted_bytes"] <= out["budget_bytes"] < out["dense_bytes"]
     assert math.isclose(out["budget_bytes"], 0.7 * out["dense_bytes"], abs_tol=1)
-    assert main(["plan", "--model", model, "--budget-gib", "0.000001", "--batch", "1", "--seq",
-                 "8", "--method", "random"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                model,
+                "--budget-gib",
+                "0.000001",
+                "--batch",
+                "1",
+                "--seq",
+                "8",
+                "--method",
+                "random",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "MiB" in err and "smallest mask" in err and len(err.splitlines()) == 1
 
@@ -243,7 +291,8 @@ def test_mem_greedy_is_the_same_in_every_process() -> None:
     import sys
 
     code = (
-        "from rap.planning.planners import plan_mask, byte_table; from rap.core.loading import load_config; "
+        "from rap.planning.planners import plan_mask; from rap.core.byte_table import byte_table; "
+        "from rap.core.loading import load_config; "
         "from rap.core.scores import find_scores; cfg, mid = load_config('smollm2'); "
         "s = find_scores(mid, 'gsi'); t = byte_table(cfg, 12, 2048, 'float16'); "
         "print([plan_mask('mem-greedy', cfg, mid, int(t.dense() * f / 100), 12, 2048, "

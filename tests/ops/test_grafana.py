@@ -27,12 +27,26 @@ from rap.ops.grafana import (
 )
 from rap.ops.panels import SERVE_METRICS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONSTRUCTORS = {"Gauge": "gauge", "Counter": "counter", "Histogram": "histogram"}
 PROMQL_WORDS = {
-    "sum", "max", "min", "avg", "count", "rate", "irate", "increase", "histogram_quantile",
-    "and", "or", "unless", "bool", "offset", "vector", "clamp_min",
-}  # fmt: skip
+    "sum",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "rate",
+    "irate",
+    "increase",
+    "histogram_quantile",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "vector",
+    "clamp_min",
+}
 
 
 def defined_metrics() -> dict[str, str]:

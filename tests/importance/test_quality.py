@@ -11,18 +11,9 @@ import pytest
 from rap.agent import surrogate_fit
 from rap.core.errors import RapError
 from rap.core.loading import load_model
+from rap.core.masks import key_for
 from rap.importance import quality
 from rap.planning import surrogate
-
-
-def test_mask_keys_round_trip() -> None:
-    attn, mlp = (True, False, True), (False, True, True)
-    key = quality.key_of(attn, mlp)
-    assert key == "a1,m0"
-    assert quality.keep_of(key, 3) == (attn, mlp)
-    assert quality.blocks_of(key) == [("attn", 1), ("mlp", 0)]
-    assert quality.key_for([("mlp", 0), ("attn", 1)]) == key
-    assert quality.key_of((True,) * 3, (True,) * 3) == ""
 
 
 def test_sampled_masks_are_seeded_and_include_every_single_drop() -> None:
@@ -53,10 +44,10 @@ def test_surrogate_recovers_a_compounding_truth_on_held_out_masks() -> None:
     n_layers = 6
     cost = rng.uniform(0.0, 0.5, 2 * n_layers)
     blocks = quality_blocks(n_layers)
-    keys = [quality.key_for([b]) for b in blocks]
+    keys = [key_for([b]) for b in blocks]
     while len(keys) < 200:
         pick = rng.permutation(len(blocks))[: int(rng.integers(2, 7))]
-        keys.append(quality.key_for(blocks[i] for i in pick))
+        keys.append(key_for(blocks[i] for i in pick))
     keys = list(dict.fromkeys(keys))
 
     def truth(key: str) -> float:

@@ -12,7 +12,7 @@ from rap.cli.main import main
 from rap.planning.policy_net import PolicyNet
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,8 +29,17 @@ def test_smoke_trains_and_exports_a_policy(
 ) -> None:
     out = tmp_path / algo
     monkeypatch.chdir(tmp_path)  # dqn writes to a relative --out (RLlib once took it for a URI)
-    code = main(["train", "--config", str(ROOT / "rllib_configs" / f"{algo}.py"), "--smoke",
-                 "--out", str(out) if algo == "ppo" else algo, "--json"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "rllib_configs" / f"{algo}.py"),
+            "--smoke",
+            "--out",
+            str(out) if algo == "ppo" else algo,
+            "--json",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algo"] == algo and summary["iterations"] == 2

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from rap.agent.env import ENV_ID, STOP, AdditiveQuality, ServingSimEnv, importance_ranks
-from rap.agent.workloads import Situation
+from rap.agent.env import ENV_ID, AdditiveQuality, ServingSimEnv
+from rap.agent.scenarios import Situation
 from rap.core.errors import RapError
+from rap.planning.features import STOP, importance_ranks
 from tests.tiny import tiny_config
 
 L = 4
@@ -19,9 +20,14 @@ N = 2 * L
 
 
 def make(**kw) -> ServingSimEnv:
-    config = {"hf_config": tiny_config("llama"), "importance": list(np.arange(N, 0.0, -1.0)),
-              "quality": AdditiveQuality(tuple(np.linspace(0.1, 0.8, N)), base=2.0),
-              "scenarios": ["chat-steady", "chat-steps"], "pool_size": 80, **kw}  # fmt: skip
+    config = {
+        "hf_config": tiny_config("llama"),
+        "importance": list(np.arange(N, 0.0, -1.0)),
+        "quality": AdditiveQuality(tuple(np.linspace(0.1, 0.8, N)), base=2.0),
+        "scenarios": ["chat-steady", "chat-steps"],
+        "pool_size": 80,
+        **kw,
+    }
     return ServingSimEnv(config)
 
 
@@ -35,9 +41,16 @@ def tight_situation(env: ServingSimEnv, blocks_needed: int) -> Situation:
 
 def test_check_env_passes_and_id_is_registered() -> None:
     assert ENV_ID in gym.registry
-    env = gym.make(ENV_ID, config={"hf_config": tiny_config("llama"), "quality": "additive",
-                                   "importance": list(range(N)), "scenarios": ["chat-steady"],
-                                   "pool_size": 60})  # fmt: skip
+    env = gym.make(
+        ENV_ID,
+        config={
+            "hf_config": tiny_config("llama"),
+            "quality": "additive",
+            "importance": list(range(N)),
+            "scenarios": ["chat-steady"],
+            "pool_size": 60,
+        },
+    )
     check_env(env.unwrapped)
     obs, _ = env.reset(seed=1)
     assert env.observation_space.contains(obs)
@@ -123,8 +136,9 @@ def test_fitting_a_huge_deficit_beats_stopping_over_budget() -> None:
     """A controller bucket (8 × 2,048, prompt activations) under a budget that only ~all drops
     meet: the shipped surrogate prices such masks at 100+ nats, and before q was capped at ln V
     STOP (−penalty) scored higher, so the trained policy stopped and fell back."""
-    env = ServingSimEnv({"model": "smollm2", "scores": "oneshot", "scenarios": ["bucket-grid"],
-                         "pool_size": 20})  # fmt: skip
+    env = ServingSimEnv(
+        {"model": "smollm2", "scores": "oneshot", "scenarios": ["bucket-grid"], "pool_size": 20}
+    )
     base, sizes = env.observer.table(8, 2048, 2048)
     keep = np.argsort(sizes)[: env.observer.n - env.observer.max_drops]
     budget = int(base + sizes[keep].sum() + 8 * 2**20)

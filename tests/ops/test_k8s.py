@@ -12,38 +12,82 @@ from typing import Any
 import pytest
 import yaml
 
-from rap import k8s
+from rap.ops import k8s
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted([*ROOT.glob("k8s/*.yaml"), *ROOT.glob("k8s/grafana/*.yaml")])
 
 # Field names of the ray.io/v1 CRDs (KubeRay's generated API reference; v1.7 keeps them all).
 # The API server validates strictly: a misspelt or invented field fails `kubectl apply`.
 CLUSTER_SPEC = {
-    "upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions",
-    "headServiceAnnotations", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
-    "headGroupSpec", "rayVersion", "workerGroupSpecs",
-}  # fmt: skip
+    "upgradeStrategy",
+    "authOptions",
+    "suspend",
+    "managedBy",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "rayVersion",
+    "workerGroupSpecs",
+}
 HEAD_GROUP = {
-    "template", "headService", "enableIngress", "resources", "labels", "rayStartParams",
+    "template",
+    "headService",
+    "enableIngress",
+    "resources",
+    "labels",
+    "rayStartParams",
     "serviceType",
-}  # fmt: skip
+}
 WORKER_GROUP = {
-    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
-    "resources", "labels", "rayStartParams", "template", "scaleStrategy", "numOfHosts",
-}  # fmt: skip
+    "suspend",
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "idleTimeoutSeconds",
+    "resources",
+    "labels",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "numOfHosts",
+}
 SERVICE_SPEC = {
-    "rayClusterDeletionDelaySeconds", "serviceUnhealthySecondThreshold",
-    "deploymentUnhealthySecondThreshold", "serveService", "upgradeStrategy", "managedBy",
-    "serveConfigV2", "rayClusterConfig", "excludeHeadPodFromServeSvc",
-}  # fmt: skip
+    "rayClusterDeletionDelaySeconds",
+    "serviceUnhealthySecondThreshold",
+    "deploymentUnhealthySecondThreshold",
+    "serveService",
+    "upgradeStrategy",
+    "managedBy",
+    "serveConfigV2",
+    "rayClusterConfig",
+    "excludeHeadPodFromServeSvc",
+}
 JOB_SPEC = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate",
-    "metadata", "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy",
-    "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources",
-    "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
-    "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend",
-}  # fmt: skip
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "preRunningDeadlineSeconds",
+    "shutdownAfterJobFinishes",
+    "suspend",
+}
 # The subset of core/v1 Pod and Container fields these manifests may use.
 POD_SPEC = {"containers", "volumes", "tolerations", "nodeSelector", "affinity"}
 CONTAINER = {"name", "image", "imagePullPolicy", "ports", "env", "resources", "volumeMounts"}

@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rap.core.scores
+import rap.planning.features
+import rap.planning.heuristic
+import rap.planning.planners
 from rap.agent.env import Observer
+from rap.core import byte_table
 from rap.core.errors import BudgetError, RapError
 from rap.core.scores import BlockScores
 from rap.planning.policy import RapPolicy
@@ -22,10 +25,20 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(autouse=True)
 def tiny_scores(monkeypatch: pytest.MonkeyPatch) -> None:
-    scores = BlockScores(model=MODEL, model_digest="0" * 64, method="bi", num_layers=L,
-                         dtype="float32", calibration=None, attn=(0.1, 0.2, 0.3, 0.4),
-                         mlp=(0.5, 0.6, 0.7, 0.8), unit="test")  # fmt: skip
-    monkeypatch.setattr(rap.core.scores, "find_scores", lambda model_id, kind: scores)
+    scores = BlockScores(
+        model=MODEL,
+        model_digest="0" * 64,
+        method="bi",
+        num_layers=L,
+        dtype="float32",
+        calibration=None,
+        attn=(0.1, 0.2, 0.3, 0.4),
+        mlp=(0.5, 0.6, 0.7, 0.8),
+        unit="test",
+    )
+    # Every module that looks stored scores up by name (planning reads them at call time).
+    for module in (rap.planning.features, rap.planning.heuristic, rap.planning.planners):
+        monkeypatch.setattr(module, "find_scores", lambda model_id, kind: scores)
 
 
 def net_preferring(order: list[int], obs_dim: int, model: str = MODEL) -> PolicyNet:
@@ -60,8 +73,9 @@ def test_own_masks_fit_and_follow_the_network(cfg) -> None:
     policy = RapPolicy(net_preferring([0, 1, 2, 3, 4, 5, 6, 7, 8], dim), cfg, MODEL, "float16")
     budget, b, s, p = tight(cfg, 2)
     mask = policy.plan(budget, b, s, p)
-    assert byte_table.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
-                         prefill_tokens=p)  # fmt: skip
+    assert byte_table.fits(
+        cfg, mask, budget, b, s, "float16", include_activations=True, prefill_tokens=p
+    )
     assert not mask.mlp[3]  # action 8 = block 7 = MLP of layer 3, the net's favourite
     assert policy.decisions == 1 and policy.fallbacks == 0
 
@@ -71,8 +85,9 @@ def test_stop_is_withheld_while_over_budget_so_a_stop_loving_net_still_fits(cfg)
     policy = RapPolicy(net_preferring([8, 7, 0], dim), cfg, MODEL, "float16")  # STOP first
     budget, b, s, p = tight(cfg, 2)
     mask = policy.plan(budget, b, s, p)
-    assert byte_table.fits(cfg, mask, budget, b, s, "float16", include_activations=True,
-                         prefill_tokens=p)  # fmt: skip
+    assert byte_table.fits(
+        cfg, mask, budget, b, s, "float16", include_activations=True, prefill_tokens=p
+    )
     assert not mask.mlp[2] and policy.fallbacks == 0  # its next choice (action 7) was taken
 
 
@@ -151,10 +166,15 @@ def test_training_scores_in_the_export_win_over_stored_ones(cfg) -> None:
 def test_export_round_trip_and_load(cfg, tmp_path: Path) -> None:
     dim = Observer(cfg, "float16", np.arange(N), 0.0).dim
     rng = np.random.default_rng(0)
-    net = PolicyNet([rng.normal(size=(16, dim)).astype(np.float32),
-                     rng.normal(size=(1 + N, 16)).astype(np.float32)],
-                    [np.zeros(16, np.float32), np.zeros(1 + N, np.float32)],
-                    ["relu", "linear"], {"model": MODEL, "scores": "bi"})  # fmt: skip
+    net = PolicyNet(
+        [
+            rng.normal(size=(16, dim)).astype(np.float32),
+            rng.normal(size=(1 + N, 16)).astype(np.float32),
+        ],
+        [np.zeros(16, np.float32), np.zeros(1 + N, np.float32)],
+        ["relu", "linear"],
+        {"model": MODEL, "scores": "bi"},
+    )
     net.save(tmp_path / "policy")
     again = PolicyNet.load(tmp_path / "policy")
     x = rng.normal(size=(5, dim)).astype(np.float32)
@@ -172,22 +192,45 @@ def test_default_policy_plans_for_the_default_model(capsys: pytest.CaptureFixtur
     held-out situations, with at most 1 % of its decisions falling back."""
     import json
 
-    from rap.agent import workloads
+    from rap.agent import scenarios, workloads
     from rap.cli.main import main
     from rap.core.loading import load_config
 
-    assert main(["plan", "--method", "rap", "--budget-frac", "0.9", "--batch", "8", "--seq",
-                 "2048", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "plan",
+                "--method",
+                "rap",
+                "--budget-frac",
+                "0.9",
+                "--batch",
+                "8",
+                "--seq",
+                "2048",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["method"] == "rap" and report["predicted_bytes"] <= report["budget_bytes"]
     config, model_id = load_config("smollm2")
     policy = RapPolicy.load(None, config, model_id, "float16")
-    for name in workloads.names("eval"):
-        for s in workloads.situations(name, config, "float16", workloads.EVAL_SEED_BASE, 40):
+    for name in scenarios.names("eval"):
+        for s in workloads.situations(name, config, "float16", scenarios.EVAL_SEED_BASE, 40):
             try:
                 mask = policy.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
             except BudgetError:
                 continue
-            assert byte_table.fits(config, mask, s.budget_bytes, s.batch, s.seq, "float16",
-                                 include_activations=True, prefill_tokens=s.prefill)  # fmt: skip
+            assert byte_table.fits(
+                config,
+                mask,
+                s.budget_bytes,
+                s.batch,
+                s.seq,
+                "float16",
+                include_activations=True,
+                prefill_tokens=s.prefill,
+            )
     assert policy.decisions > 50 and policy.fallback_rate <= 0.01

@@ -1,0 +1,164 @@
+"""`rap plan`: a keep-mask that fits a memory budget, from any planner or the RAP policy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rap.cli.common import set_threads
+from rap.core import byte_table, memory
+from rap.core.constants import DTYPES, GIB, MIB
+from rap.core.errors import RapError
+from rap.core.loading import DEFAULT_MODEL, load_config, load_model
+from rap.core.scores import BlockScores
+from rap.importance.calibration import (
+    calibration_chunks,
+)
+from rap.planning import planners
+from rap.planning.planners import PLANNERS
+from rap.planning.policy import RapPolicy
+
+
+def _budget(args: argparse.Namespace, config: Any) -> int:
+
+    if args.batch < 1 or args.seq < 1:
+        raise RapError(f"batch {args.batch} × seq {args.seq} is empty", expected="both ≥ 1")
+    if args.budget_gib is not None:
+        if args.budget_gib <= 0:
+            raise RapError(f"--budget-gib {args.budget_gib} is not positive")
+        return int(args.budget_gib * GIB)
+    if not 0.0 < args.budget_frac <= 1.0:
+        raise RapError(f"--budget-frac {args.budget_frac} is outside (0, 1]", expected="0 < F ≤ 1")
+    return memory.budget_bytes(config, args.budget_frac, args.batch, args.seq, args.dtype)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+
+    config, model_id = load_config(args.model)
+    budget = _budget(args, config)
+    scores = BlockScores.from_file(args.scores) if args.scores else None
+    kw = {"include_activations": args.include_activations, "prefill_tokens": args.prefill_tokens}
+    report: dict[str, Any] = {"method": args.method}
+    if args.method == "oracle":
+        mask, extra = _oracle(args, budget, **kw)
+        report.update(extra)
+    elif (
+        args.method == "rap"
+    ):  # the trained agent (rap.planning.policy.RapPolicy); activations counted
+        agent = RapPolicy.load(args.policy, config, model_id, args.dtype, args.min_kept_fraction)
+        mask = agent.plan(budget, args.batch, args.seq, args.prefill_tokens)
+        args.include_activations = kw["include_activations"] = True  # what the agent plans for
+        report.update(policy=args.policy or "default", fallback=agent.last_fallback or None)
+    else:
+        mask = planners.plan_mask(
+            args.method,
+            config,
+            model_id,
+            budget,
+            args.batch,
+            args.seq,
+            args.dtype,
+            scores,
+            min_kept_fraction=args.min_kept_fraction,
+            seed=args.seed,
+            **kw,
+        )
+    dense = memory.dense_mask(config)
+    used = byte_table.predicted_bytes(config, mask, args.batch, args.seq, args.dtype, **kw)
+    report.update(
+        model=model_id,
+        attn=list(mask.attn),
+        mlp=list(mask.mlp),
+        mask=mask.model_dump(mode="json"),
+        budget_bytes=budget,
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+        weight_bytes=memory.weight_bytes(config, mask, args.dtype),
+        kv_bytes=memory.kv_bytes(config, mask, args.batch, args.seq, args.dtype),
+        predicted_bytes=used,
+        dense_bytes=byte_table.predicted_bytes(
+            config, dense, args.batch, args.seq, args.dtype, **kw
+        ),
+        activations_counted=args.include_activations,
+    )
+    if args.out:
+        Path(args.out).write_text(mask.to_json())
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_plan(args, mask, report)
+    return 0
+
+
+def _print_plan(args: argparse.Namespace, mask: Any, report: dict[str, Any]) -> None:
+    n, used, budget = mask.num_layers, report["predicted_bytes"], report["budget_bytes"]
+    print(
+        f"{args.method} plan for {report['model']} at batch {args.batch} × {args.seq} "
+        f"({args.dtype})"
+    )
+    print(f"drop attn   {','.join(map(str, mask.dropped_attn)) or '-'}")
+    print(f"drop mlp    {','.join(map(str, mask.dropped_mlp)) or '-'}")
+    print(f"kept        {sum(mask.attn)}/{n} attention, {sum(mask.mlp)}/{n} MLP blocks")
+    print(
+        f"memory      {used / MIB:,.2f} MiB predicted of a {budget / MIB:,.2f} MiB budget "
+        f"(weights {report['weight_bytes'] / MIB:,.2f}, KV {report['kv_bytes'] / MIB:,.2f}; "
+        f"dense {report['dense_bytes'] / MIB:,.2f})"
+    )
+    if "evaluations" in report:
+        print(f"oracle      ppl {report['ppl']:.3f} after {report['evaluations']} evaluations")
+
+
+def _oracle(args: argparse.Namespace, budget: int, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    from rap.importance.oracle import oracle_mask  # lazy: heavy (torch, transformers)
+
+    set_threads(args.threads)
+    model = load_model(args.model)
+    ids, text = calibration_chunks(model.tokenizer, args.seq_len, args.tokens, model.dims.vocab)
+    plan = oracle_mask(
+        model,
+        ids,
+        budget,
+        args.batch,
+        args.seq,
+        args.dtype,
+        beam=args.beam,
+        min_kept_fraction=args.min_kept_fraction,
+        **kw,
+    )
+    return plan.mask, {"ppl": plan.ppl, "evaluations": plan.evaluations, "calibration": text.key}
+
+
+def add_commands(sub: Any) -> None:
+    """Register `plan` on the main parser's subparsers."""
+
+    plan = sub.add_parser("plan", help="a keep-mask that fits a memory budget")
+    plan.add_argument("--model", default=DEFAULT_MODEL, help="name, folder or hub id")
+    size = plan.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget-frac", type=float, help="fraction of dense weights + KV at B, S")
+    size.add_argument("--budget-gib", type=float, help="absolute budget in GiB")
+    plan.add_argument("--batch", type=int, required=True)
+    plan.add_argument("--seq", type=int, required=True, help="tokens per sequence (all of it)")
+    plan.add_argument("--method", required=True, choices=(*PLANNERS, "rap"))
+    plan.add_argument("--policy", help="rap: an exported policy folder (default: the shipped one)")
+    plan.add_argument("--dtype", default="float16", choices=DTYPES, help="serving dtype")
+    plan.add_argument("--scores", help="a BlockScores JSON (default: shipped or cached scores)")
+    plan.add_argument(
+        "--min-kept-fraction",
+        type=float,
+        default=0.0,
+        help="quality floor: fewest blocks kept, as a share of all (default 0.0, no floor; "
+        "serving's default is 0.5: pass 0.5 to plan as a replica would)",
+    )
+    plan.add_argument("--include-activations", action="store_true", help="count activations")
+    plan.add_argument("--prefill-tokens", type=int, help="prompt tokens for activations")
+    plan.add_argument("--seed", type=int, default=0, help="random planner's seed")
+    plan.add_argument("--tokens", type=int, default=1024, help="oracle: calibration tokens")
+    plan.add_argument("--seq-len", type=int, default=256, help="oracle: tokens per chunk")
+    plan.add_argument("--beam", type=int, default=4, help="oracle: beam width")
+    plan.add_argument("--threads", type=int, help="oracle: torch CPU threads")
+    plan.add_argument("--out", help="write the KeepMask JSON here (for rap generate --mask)")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
