@@ -8,7 +8,6 @@ deployments (replica-0, ...), so the router and operators can address each by a 
 
 import asyncio
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,18 +19,18 @@ from rap.core.constants import GIB
 from rap.core.loading import load_config
 from rap.serving.config import ServeAppConfig
 from rap.serving.messages import BudgetChange, MaskPush
-from rap.serving.openai_api import ChatRequest, CompletionRequest, Relay, error_body
+from rap.serving.openai_api import (
+    ChatRequest,
+    CompletionRequest,
+    HTTPError,
+    Relay,
+    bearer_token,
+    error_body,
+    validation_error_body,
+)
 from rap.serving.routing import ReplicaLoad, kept_fraction, order, readiness, watch
 
 app = FastAPI(title="RAP Serve")
-
-
-@dataclass
-class HTTPError(Exception):
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    headers: dict[str, str] | None = None
 
 
 @app.exception_handler(HTTPError)
@@ -41,16 +40,11 @@ async def _http_error(_: Request, exc: HTTPError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return JSONResponse(
-        error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param), 400
-    )
+    return JSONResponse(validation_error_body(exc.errors()), 400)
 
 
 def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:] if auth.lower().startswith("bearer ") else None
+    return bearer_token(request.headers.get("authorization", ""))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -59,7 +53,6 @@ class Router:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self, app_config: dict[str, Any], controller: Any, replicas: dict[str, Any]
     ) -> None:
-
         cfg = ServeAppConfig.model_validate(app_config)
         self.served_name = cfg.served_name or load_config(cfg.model)[1]
         self.controller, self.replicas = controller, replicas

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +57,29 @@ class ChatRequest(_Request):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass
+class HTTPError(Exception):
+    """An answer other than 200, in OpenAI's error shape (the ingress turns it into a response)."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    headers: dict[str, str] | None = None
+
+
+def validation_error_body(errors: Any) -> dict:
+    """OpenAI's 400 body for a request that failed validation (FastAPI would answer 422 with
+    its own shape): the first error, naming the field."""
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param)
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    return authorization[7:] if authorization.lower().startswith("bearer ") else None
 
 
 def new_id(prefix: str) -> str:
