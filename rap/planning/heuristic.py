@@ -13,7 +13,7 @@ from typing import Any
 
 from rap.core.errors import RapError
 from rap.core.masks import KeepMask
-from rap.core.scores import find_scores
+from rap.core.scores import METHODS, find_scores
 from rap.planning.planners import SCORES_FOR, plan_mask
 
 
@@ -37,7 +37,7 @@ class HeuristicPolicy:
         if self.scores is not None or self.method not in SCORES_FOR:
             return
         preferred = SCORES_FOR[self.method]
-        kinds = [preferred] + [k for k in ("gsi", "oneshot", "bi", "magnitude") if k != preferred]
+        kinds = [preferred] + [k for k in METHODS if k != preferred]
         for kind in kinds:
             try:
                 self.scores = find_scores(self.model_id, kind)
