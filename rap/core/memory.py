@@ -86,6 +86,29 @@ def kv_bytes_per_token(config: Any, dtype: Any) -> int:
     return 2 * d.kv_heads * d.head_dim * dtype_bytes(dtype)
 
 
+def kv_page_bytes(config: Any, dtype: Any, page_tokens: int) -> int:
+    """One KV page of one attention layer: keys and values of `page_tokens` tokens,
+    2 · n_kv · d · b · P."""
+    return kv_bytes_per_token(config, dtype) * page_tokens
+
+
+def kv_pool_bytes(config: Any, mask: MaskLike, dtype: Any, page_tokens: int, pages: int) -> int:
+    """A page pool of `pages` pages per kept attention layer:
+    Σ_kept attn layers  pages · kv_page_bytes(P)."""
+    return sum(mask.attn) * pages * kv_page_bytes(config, dtype, page_tokens)
+
+
+def kv_row_pages(window: int | None, tokens: int, page_tokens: int, chunk: int) -> int:
+    """Pages one row of `tokens` tokens can hold at once in a layer: ⌈S / P⌉ for full
+    attention; with a window W the pages behind it are handed back after each step, and during
+    a step of up to `chunk` new tokens a row holds at most W − 1 + chunk tokens beyond a page
+    boundary: min(⌈S / P⌉, ⌈(W − 1 + chunk) / P⌉ + 1)."""
+    full = -(-tokens // page_tokens)
+    if window is None:
+        return full
+    return min(full, -(-(window - 1 + chunk) // page_tokens) + 1)
+
+
 def activation_bytes(
     config: Any, batch: int, seq: int, dtype: Any, scores_materialized: bool = False
 ) -> int:

@@ -12,8 +12,9 @@ for a running generation to finish.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,12 +216,19 @@ class PrunableModel:
                 )
             finally:
                 self.active_cache = None
-            eos_ids = self._eos_ids() if stop_at_eos else set()
+            eos_ids = self.eos_ids() if stop_at_eos else set()
             rows = [_trim(row, eos_ids) for row in out[:, width:].tolist()]
             kv = cache.kv_bytes() if cache is not None else 0
             return Generation(token_ids=rows, mask=mask, kv_bytes=kv)
 
-    def _eos_ids(self) -> set[int]:
+    @contextlib.contextmanager
+    def holding_mask(self) -> Iterator[KeepMask]:
+        """The current mask, held for the block: `apply` waits until it ends (one engine step
+        runs under one mask)."""
+        with self._lock:
+            yield self.mask
+
+    def eos_ids(self) -> set[int]:
         eos = getattr(self.config, "eos_token_id", None)
         return {eos} if isinstance(eos, int) else set(eos or [])
 
@@ -249,7 +257,7 @@ class PrunableModel:
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=0 if stop_at_eos else max_new_tokens,
                 pad_token_id=pad,
-                eos_token_id=sorted(self._eos_ids()) if stop_at_eos else None,
+                eos_token_id=sorted(self.eos_ids()) if stop_at_eos else None,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList(stopping_criteria),
             )

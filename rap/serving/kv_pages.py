@@ -1,0 +1,127 @@
+"""KV cache in fixed-size pages, owned per (request, attention layer).
+
+Each kept attention layer has one slab of `capacity` pages for keys and one for values:
+
+    K_l, V_l : [capacity, page_tokens, n_kv, d]    bytes = 2 · capacity · page_tokens · n_kv · d · b
+
+(`rap.core.memory.kv_page_bytes` per page and layer; the pool's bytes are exactly
+layers × capacity × that, `PagePool.nbytes`). A request owns a list of pages per layer; token
+t of a row lives at page t // page_tokens (counted from the row's first kept page), slot
+t % page_tokens. A sliding-window layer hands back the pages its row can no longer attend to.
+A layer whose attention block is dropped has no slab at all. Pages are allocated as rows grow
+and freed the moment a row leaves, so the bytes in use follow the running rows step by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rap.core.errors import RapError
+
+
+class PoolExhaustedError(RapError):
+    """No free page in a layer's slab: the scheduler reserves pages so this never reaches a
+    client; seeing it means the reservation rule was broken."""
+
+
+@dataclass
+class RowPages:
+    """One row's pages in one layer: tokens [start, length) are held, in `pages` in order."""
+
+    pages: list[int] = field(default_factory=list)
+    start: int = 0
+    """Position of the first token the first page holds (sliding windows drop older pages)."""
+    length: int = 0
+    """Tokens written so far (positions 0 .. length − 1 exist or existed)."""
+
+
+class PagePool:
+    """K/V slabs for the attention layers that are kept, with a free list per layer."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        capacity: int,
+        page_tokens: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if capacity < 1 or page_tokens < 1:
+            raise RapError(
+                f"a page pool of {capacity} pages of {page_tokens} tokens",
+                expected="at least one page of at least one token",
+            )
+        self.page_tokens = page_tokens
+        self.capacity = capacity
+        shape = (capacity, page_tokens, kv_heads, head_dim)
+        self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
+        self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
+        # Lowest page first: a freed page is reused before untouched ones.
+        self._free = {layer: list(range(capacity - 1, -1, -1)) for layer in layers}
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slabs hold (what the memory model predicts)."""
+        slabs = [*self.keys.values(), *self.values.values()]
+        return sum(t.untyped_storage().nbytes() for t in slabs)
+
+    def free_pages(self, layer: int) -> int:
+        return len(self._free[layer])
+
+    def used_pages(self) -> int:
+        return sum(self.capacity - len(f) for f in self._free.values())
+
+    def alloc(self, layer: int) -> int:
+        free = self._free[layer]
+        if not free:
+            raise PoolExhaustedError(
+                f"attention layer {layer} has no free KV page ({self.capacity} in use)",
+                expected="admission to reserve pages before rows grow",
+            )
+        return free.pop()
+
+    def release(self, layer: int, pages: list[int]) -> None:
+        self._free[layer].extend(reversed(pages))
+
+    # -- rows ------------------------------------------------------------------------------
+    def write(self, layer: int, row: RowPages, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append `key`/`value` ([tokens, n_kv, d]) at the end of `row` in `layer`."""
+        done, n = 0, key.shape[0]
+        while done < n:
+            slot = (row.length - row.start) % self.page_tokens
+            if slot == 0 and row.length - row.start == len(row.pages) * self.page_tokens:
+                row.pages.append(self.alloc(layer))
+            page = row.pages[-1]
+            take = min(self.page_tokens - slot, n - done)
+            self.keys[layer][page, slot : slot + take] = key[done : done + take]
+            self.values[layer][page, slot : slot + take] = value[done : done + take]
+            row.length += take
+            done += take
+
+    def read(self, layer: int, row: RowPages) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [row.start, row.length), each [tokens, n_kv, d]."""
+        n = row.length - row.start
+        idx = torch.tensor(row.pages, dtype=torch.long, device=self.keys[layer].device)
+        k = self.keys[layer].index_select(0, idx).flatten(0, 1)[:n]
+        v = self.values[layer].index_select(0, idx).flatten(0, 1)[:n]
+        return k, v
+
+    def trim_window(self, layer: int, row: RowPages, keep_from: int) -> None:
+        """Hand back the pages that hold only positions below `keep_from` (a sliding window)."""
+        while row.pages and row.start + self.page_tokens <= keep_from:
+            self.release(layer, [row.pages.pop(0)])
+            row.start += self.page_tokens
+
+    def drop(self, rows: dict[int, RowPages]) -> None:
+        """Free every page a request holds (it finished, stopped or was cancelled)."""
+        for layer, row in rows.items():
+            self.release(layer, row.pages)
+            row.pages = []

@@ -1,0 +1,342 @@
+"""Per-step scheduling over KV pages: the core of the replica's engine (no asyncio, no Ray).
+
+Invariant: every step runs one batched forward (`rap.serving.paged_attention`) for all running
+rows — one new token for each decoding row, a chunk of the prompt for prefilling rows — and no
+row holds more KV pages than it reserved when it was admitted.
+
+    admit:   FIFO, while fewer than `max_running` rows run and every kept attention layer still
+             has the pages the head request reserves: for a row of S = prompt + max_tokens
+             tokens, `rap.core.memory.kv_row_pages(W_l, S, P, chunk)` pages in layer l. A row
+             that could never fit an empty pool is refused (503); one that waits longer than
+             `max_wait_s` gets a 503 with Retry-After.
+    compose: every decoding row gives 1 token; prefilling rows then share the rest of the
+             step's token budget (`max_step_tokens`) in admission order, so a long prompt never
+             stalls running rows for more than one step.
+    run:     one forward; the logits of each row's last token decide its next token (greedy,
+             or sampled with its own temperature, top_p and seed), so rows with different
+             sampling settings share steps.
+    finish:  a row leaves at its end-of-sequence token, a stop string (`TextStream`),
+             `max_tokens`, or `cancel`; its pages are freed in that step.
+
+Events go to each row's `sink`: {"type": "start"}, {"type": "token", "text"}, then exactly one
+{"type": "done", "finish_reason", "completion_tokens", "token_ids"} or {"type": "error",
+"status", "message"}.
+An error in one step (the forward raising) fails the rows of that step; the scheduler goes on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from rap.core import memory
+from rap.serving.kv_pages import PagePool, RowPages
+from rap.serving.paged_attention import PagedKV, RowStep, paged
+from rap.serving.text_stream import TextStream
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+class SchedulerConfig(BaseModel):
+    """How a replica schedules its steps."""
+
+    max_running: int = Field(8, ge=1, description="Rows decoding or prefilling at once.")
+    max_step_tokens: int = Field(
+        256, ge=1, description="New tokens in one step (decodes + prefill chunks)."
+    )
+    page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
+    max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
+
+
+@dataclass
+class Request:
+    """What a client asked for, as token ids."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Row:
+    """A request inside the scheduler."""
+
+    id: int
+    request: Request
+    sink: Sink
+    text: TextStream
+    arrived_s: float
+    pages: dict[int, RowPages] = field(default_factory=dict)
+    reserved: dict[int, int] = field(default_factory=dict)
+    held: int = 0
+    """Tokens written to the KV cache (prompt first, then generated)."""
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.generated
+
+    @property
+    def prefilling(self) -> bool:
+        return self.held < len(self.request.prompt_ids)
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    forwards: int = 0
+    tokens: int = 0
+    prefill_tokens: int = 0
+
+
+class Scheduler:
+    """Rows waiting and running over one `PagePool` (module doc)."""
+
+    def __init__(self, model: Any, pool: PagePool, config: SchedulerConfig) -> None:
+        self.model = model
+        self.pool = pool
+        self.config = config
+        self.windows = model.dims.windows
+        self.eos = model.eos_ids()
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []
+        self.stats = StepStats()
+        self._lock = threading.Lock()
+        self._cancelled: set[int] = set()
+        self._next_id = 0
+
+    # -- from any thread ---------------------------------------------------------------------
+    def add(self, request: Request, sink: Sink) -> int:
+        """Queue a request; returns its id (for `cancel`)."""
+        with self._lock:
+            self._next_id += 1
+            text = TextStream(self.model.decode, request.stop)
+            row = Row(self._next_id, request, sink, text, time.monotonic())
+            if request.temperature > 0:
+                row.generator = torch.Generator().manual_seed(
+                    request.seed if request.seed is not None else int(time.time_ns() % 2**63)
+                )
+            self.waiting.append(row)
+            return row.id
+
+    def cancel(self, row_id: int) -> None:
+        """Stop a request (its client went away): it leaves at the next step, pages freed."""
+        with self._lock:
+            self._cancelled.add(row_id)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit, compose, run one forward, hand out tokens, free what finished (module doc)."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            return
+        rows, ids, positions = self._compose()
+        kv = PagedKV(self.pool, [step for _, step in rows], self.windows)
+        try:
+            logits = self._forward(ids, positions, kv, rows)
+        except Exception as exc:  # one step's failure fails its rows, never the scheduler
+            for row, _ in rows:
+                self._end(
+                    row,
+                    {
+                        "type": "error",
+                        "status": 500,
+                        "message": f"generation failed: {type(exc).__name__}: {exc}",
+                    },
+                )
+            return
+        kv.finish_step()
+        self.stats.steps += 1
+        for (row, step), row_logits in zip(rows, logits, strict=True):
+            row.held += step.count
+            if row_logits is not None:
+                self._next_token(row, row_logits)
+
+    def _forward(
+        self,
+        ids: list[int],
+        positions: list[int],
+        kv: PagedKV,
+        rows: list[tuple[Row, RowStep]],
+    ) -> list[torch.Tensor | None]:
+        """One batched forward; the logits at each row's last token when it needs a token."""
+        want = [
+            (i, s.offset + s.count - 1)
+            for i, (r, s) in enumerate(rows)
+            if s.first_pos + s.count >= len(r.request.prompt_ids)
+        ]
+        device = self.model.device
+        keep = torch.tensor([j for _, j in want], dtype=torch.long, device=device)
+        with torch.inference_mode(), self.model.holding_mask(), paged(self.model.hf):
+            out = self.model.hf(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=torch.tensor([positions], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                past_key_values=kv,
+                use_cache=True,
+                rap_kv=kv,
+                logits_to_keep=keep,
+            )
+        self.stats.forwards += 1
+        self.stats.tokens += len(ids)
+        result: list[torch.Tensor | None] = [None] * len(rows)
+        for k, (i, _) in enumerate(want):
+            result[i] = out.logits[0, k].float()
+        return result
+
+    def _compose(self) -> tuple[list[tuple[Row, RowStep]], list[int], list[int]]:
+        """Decoding rows one token each, then prompt chunks within the step's token budget."""
+        budget = self.config.max_step_tokens
+        order = sorted(self.running, key=lambda r: r.prefilling)  # decodes first, stable
+        rows: list[tuple[Row, RowStep]] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        for row in order:
+            if row.prefilling:
+                n = min(len(row.request.prompt_ids) - row.held, budget)
+                if n <= 0:
+                    continue
+            else:
+                n = 1
+            tokens = row.tokens[row.held : row.held + n]
+            rows.append((row, RowStep(row.pages, len(ids), n, row.held)))
+            ids += tokens
+            positions += range(row.held, row.held + n)
+            budget -= n
+            if row.prefilling:
+                self.stats.prefill_tokens += n
+        return rows, ids, positions
+
+    def _next_token(self, row: Row, logits: torch.Tensor) -> None:
+        req = row.request
+        token = _sample(logits, req.temperature, req.top_p, row.generator)
+        if token in self.eos:
+            self._end(row, self._done(row, "stop", counted=1))
+            return
+        row.generated.append(token)
+        text = row.text.push(token)
+        if text:
+            row.sink({"type": "token", "text": text})
+        if row.text.stopped:
+            self._end(row, self._done(row, "stop"))
+        elif len(row.generated) >= req.max_tokens:
+            tail = row.text.flush()
+            if tail:
+                row.sink({"type": "token", "text": tail})
+            self._end(row, self._done(row, "length"))
+
+    def _done(self, row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
+        return {
+            "type": "done",
+            "finish_reason": reason,
+            "completion_tokens": len(row.generated) + counted,
+            "token_ids": list(row.generated),
+        }
+
+    def _end(self, row: Row, event: dict[str, Any]) -> None:
+        """The row leaves: its pages go back to the pool this step."""
+        self.pool.drop(row.pages)
+        if row in self.running:
+            self.running.remove(row)
+        row.sink(event)
+
+    # -- admission ---------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        for row in [r for r in self.running if r.id in cancelled]:
+            self._end(row, self._done(row, "cancelled"))
+        for row in [r for r in self.waiting if r.id in cancelled]:
+            self.waiting.remove(row)
+            row.sink(self._done(row, "cancelled"))
+
+    def reservation(self, request: Request) -> dict[int, int]:
+        """Pages per kept attention layer a request reserves at admission (module doc)."""
+        tokens = len(request.prompt_ids) + request.max_tokens
+        chunk = self.config.max_step_tokens
+        return {
+            layer: memory.kv_row_pages(self.windows[layer], tokens, self.pool.page_tokens, chunk)
+            for layer in self.pool.layers
+        }
+
+    def _reserved(self) -> dict[int, int]:
+        used = dict.fromkeys(self.pool.layers, 0)
+        for row in self.running:
+            for layer, n in row.reserved.items():
+                used[layer] += n
+        return used
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for row in [r for r in self.waiting if now - r.arrived_s > self.config.max_wait_s]:
+                self.waiting.remove(row)
+                row.sink(self._busy("no KV pages came free in time"))
+            used = self._reserved()
+            while self.waiting and len(self.running) < self.config.max_running:
+                row = self.waiting[0]
+                need = self.reservation(row.request)
+                if any(n > self.pool.capacity for n in need.values()):
+                    self.waiting.popleft()
+                    row.sink(self._too_big(need))
+                    continue
+                if any(used[layer] + n > self.pool.capacity for layer, n in need.items()):
+                    break  # FIFO: the head waits for pages; nobody overtakes it
+                self.waiting.popleft()
+                row.reserved = need
+                for layer, n in need.items():
+                    used[layer] += n
+                self.running.append(row)
+                row.sink({"type": "start", "prompt_tokens": len(row.request.prompt_ids)})
+
+    def _busy(self, why: str) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "status": 503,
+            "message": f"the replica is busy: {why}",
+            "retry_after": self.config.retry_after_s,
+        }
+
+    def _too_big(self, need: dict[int, int]) -> dict[str, Any]:
+        most = max(need.values())
+        return {
+            "type": "error",
+            "status": 503,
+            "retry_after": self.config.retry_after_s,
+            "message": f"not enough memory: the request needs {most} KV pages of "
+            f"{self.pool.page_tokens} tokens per layer; the replica's pool has "
+            f"{self.pool.capacity}",
+        }
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Greedy at temperature 0; else sampled from softmax(logits / T) within the top-p mass."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
