@@ -26,7 +26,7 @@ from rap.core import memory
 from rap.core.arch import ArchSpec, Dims, dims_of, spec_for
 from rap.core.cache import MaskedCache
 from rap.core.errors import MaskBusyError, MaskError, RapError
-from rap.core.masks import KeepMask
+from rap.core.masks import KeepMask, layer_blocks
 from rap.core.weights import BlockStore, SafetensorsSource, live_weight_bytes
 
 
@@ -110,7 +110,12 @@ class PrunableModel:
 
     def apply(self, mask: KeepMask, timeout_s: float | None = None) -> MaskChange:
         """Make `mask` current: release dropped blocks, reload kept ones. Waits for a running
-        generation (its mask holds to its last token); `MaskBusyError` after `timeout_s`."""
+        generation (its mask holds to its last token); `MaskBusyError` after `timeout_s`.
+
+        Every drop comes before any restore, so the weights never exceed the larger of the two
+        masks. If a restore fails, the blocks restored so far are dropped again and `self.mask`
+        becomes the blocks that really run (the old mask minus the new drops), then the error
+        propagates."""
         mask.check_for(self.model_id, self.num_layers)
         if mask.version < self.mask.version:
             raise MaskError(
@@ -124,18 +129,35 @@ class PrunableModel:
             )
         try:
             change = MaskChange()
-            for kind, keep in (("attn", mask.attn), ("mlp", mask.mlp)):
-                for layer, kept in enumerate(keep):
-                    if kept and (kind, layer) in self._aside:
-                        change.restored_bytes += self._restore_block(kind, layer)
-                        change.restored.append((kind, layer))
-                    elif not kept and (kind, layer) not in self._aside:
-                        change.released_bytes += self._drop_block(kind, layer)
-                        change.dropped.append((kind, layer))
+            for block in layer_blocks(self.num_layers):
+                if not mask.keeps(block) and block not in self._aside:
+                    change.released_bytes += self._drop_block(*block)
+                    change.dropped.append(block)
+            for block in layer_blocks(self.num_layers):
+                if mask.keeps(block) and block in self._aside:
+                    try:
+                        change.restored_bytes += self._restore_block(*block)
+                    except BaseException:
+                        self._roll_back(change, mask)
+                        raise
+                    change.restored.append(block)
             self.mask = mask
             return change
         finally:
             self._lock.release()
+
+    def _roll_back(self, change: MaskChange, mask: KeepMask) -> None:
+        """A restore failed: drop what this change restored, report the blocks that run."""
+        for block in change.restored:
+            self._drop_block(*block)
+        kept = [block not in self._aside for block in layer_blocks(self.num_layers)]
+        self.mask = KeepMask(
+            model=self.model_id,
+            version=mask.version,
+            source=mask.source,
+            attn=tuple(kept[0::2]),
+            mlp=tuple(kept[1::2]),
+        )
 
     def restore(self) -> MaskChange:
         """Back to the dense model (a user mask at the current version)."""
