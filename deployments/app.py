@@ -19,8 +19,8 @@ from rap.serving.config import ServeAppConfig, controller_policy
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the config (resolving device and dtype once), load the controller's policy once
     (so that one that cannot load fails here, with one error, not inside a deployment), and
-    bind the deployments."""
-
+    bind the deployments. A replica takes as many requests as its engine runs and queues, so
+    the engine's own queue bound (a 503 with Retry-After) is what a flood meets."""
     cfg = ServeAppConfig.model_validate(args).resolved()
     controller_policy(cfg)
     raw = cfg.model_dump(mode="json")
@@ -29,6 +29,7 @@ def build_app(args: dict[str, Any]) -> Application:
         r.name: LLMReplica.options(  # type: ignore[attr-defined]
             name=r.name,
             ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+            max_ongoing_requests=cfg.engine.max_batch_size + cfg.engine.max_waiting + 1,
         ).bind(raw, r.name, controller)
         for r in cfg.replicas
     }

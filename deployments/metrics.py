@@ -19,8 +19,11 @@ class ReplicaMetrics:
         g = metrics.Gauge
         self.budget = g("rap_budget_bytes", description="Bytes the model may hold now.")
         self.weights = g("rap_weight_bytes", description="Weight bytes resident (measured).")
-        self.kv_reserved = g("rap_kv_reserved_bytes", description="KV bytes reserved at admission.")
-        self.kv_in_use = g("rap_kv_in_use_bytes", description="KV bytes the running batch holds.")
+        self.kv_reserved = g("rap_kv_reserved_bytes", description="Bytes of the KV page pool.")
+        self.kv_in_use = g("rap_kv_in_use_bytes", description="Bytes of the KV pages rows hold.")
+        self.pages_in_use = g("rap_kv_pages_in_use", description="KV pages rows hold.")
+        self.pages_free = g("rap_kv_pages_free", description="KV pages free.")
+        self.running = g("rap_queue_running", description="Rows running (decoding or prefilling).")
         self.device_used = g(
             "rap_device_used_bytes", description="Device memory used (NVML, all processes)."
         )
@@ -34,8 +37,10 @@ class ReplicaMetrics:
         self.over_budget = g(
             "rap_over_budget_bytes", description="High-water mark of own bytes above the budget."
         )
-        self.batches = metrics.Counter(
-            "rap_batches_total", description="Batches run, by mask source.", tag_keys=("source",)
+        self.steps = metrics.Counter(
+            "rap_steps_total",
+            description="Engine steps (one forward each), by mask source.",
+            tag_keys=("source",),
         )
         self.refused = metrics.Counter(
             "rap_admissions_refused_total",
@@ -45,8 +50,8 @@ class ReplicaMetrics:
         self.tokens = metrics.Counter("rap_generated_tokens_total", description="Tokens generated.")
         # A gauge, not a counter: a counter never incremented exports no series at all.
         self.fallbacks = g(
-            "rap_local_fallback_batches",
-            description="Batches run on a pruned local fallback mask since the replica started.",
+            "rap_local_fallback_steps",
+            description="Steps run on a pruned local fallback mask since the replica started.",
         )
         h = metrics.Histogram
         self.ttft = h(

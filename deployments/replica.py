@@ -133,8 +133,8 @@ class LLMReplica:
     # -- telemetry ------------------------------------------------------------------------
     def _snapshot(self):  # type: ignore[no-untyped-def]
         now = time.monotonic()
-        rate = (self.engine.stats.tokens - self._last_tokens) / max(now - self._last_t, 1e-6)
-        self._last_tokens, self._last_t = self.engine.stats.tokens, now
+        rate = (self.engine.tokens - self._last_tokens) / max(now - self._last_t, 1e-6)
+        self._last_tokens, self._last_t = self.engine.tokens, now
         tel = snapshot(self.name, self.engine, device_memory(self.model, self.engine), rate)
         self._record(tel)
         return tel
@@ -153,6 +153,9 @@ class LLMReplica:
         m.mask_seq.set(tel.mask_version.seq)
         m.mask_epoch.set(tel.mask_version.epoch)
         m.waiting.set(tel.queue.waiting)
+        m.running.set(tel.queue.running)
+        m.pages_in_use.set(tel.kv_pages_in_use)
+        m.pages_free.set(tel.kv_pages_free)
         m.tokens_per_s.set(tel.tokens_per_s)
         m.over_budget.set(tel.over_budget_bytes)
 
@@ -177,18 +180,20 @@ class LLMReplica:
     def _count_batches(self) -> None:
         s = self.engine.stats
         for source, seen in (
-            ("controller", s.batches_on_controller_mask),
-            ("local", s.batches - s.batches_on_controller_mask),
+            ("controller", s.steps_on_controller_mask),
+            ("local", s.steps - s.steps_on_controller_mask),
         ):
             new = seen - self._counted.get(source, 0)
             if new > 0:
-                self.metrics.batches.inc(new, tags={"source": source})
+                self.metrics.steps.inc(new, tags={"source": source})
                 self._counted[source] = seen
-        new_tokens = s.tokens - self._counted.get("tokens", 0)
+        new_tokens = self.engine.tokens - self._counted.get("tokens", 0)
         if new_tokens > 0:
             self.metrics.tokens.inc(new_tokens)
-            self._counted["tokens"] = s.tokens
+            self._counted["tokens"] = self.engine.tokens
 
     def check_health(self) -> None:
         if self._reporter.done() and self._reporter.exception() is not None:
             raise RuntimeError(f"telemetry loop died: {self._reporter.exception()}")
+        if not self.engine.alive:
+            raise RuntimeError(f"the engine's step loop died (last error: {self.engine.error})")

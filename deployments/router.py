@@ -138,10 +138,12 @@ class Router:
         raise AssertionError("unreachable: the loop returns on its last attempt")
 
     async def _tracked(self, name: str, events: Any) -> Any:
+        """Relay a replica's events; a client that goes away cancels the request there."""
         try:
             async for event in events:
                 yield event
         finally:
+            events.cancel()  # a no-op once the stream ended
             self.loads[name].inflight -= 1
 
     def _check_key(self, request: Request) -> None:

@@ -131,6 +131,14 @@ def activation_bytes(
     return batch * seq * per_token + scores + logits
 
 
+def step_activation_bytes(config: Any, step_tokens: int, rows: int, dtype: Any) -> int:
+    """The transient set of one engine step: `step_tokens` tokens of several rows flattened
+    into one sequence, with logits at one position per row: activations(1, T) (one position's
+    logits) + (rows − 1) · 2 · V · 4 for the other rows' logits."""
+    extra_logits = 2 * max(rows - 1, 0) * dims_of(config).vocab * LOGITS_BYTES_PER_ELEMENT
+    return activation_bytes(config, 1, step_tokens, dtype) + extra_logits
+
+
 def kv_growth_bytes(config: Any, mask: MaskLike, batch: int, seq: int, dtype: Any) -> int:
     """The largest single layer's KV: a dynamic cache grows by concatenation, so while one layer
     appends a token its old and new key/value tensors are both alive for a moment."""

@@ -78,14 +78,26 @@ def _memory_row() -> Row:
         [
             Panel(
                 "Budget vs weights vs KV",
-                "Per replica: the budget, the weight bytes resident and the KV bytes reserved at "
-                "admission. Weights + KV stay under the budget (invariant 2).",
+                "Per replica: the budget, the weight bytes resident, the KV page pool it holds and "
+                "the pages rows use. Weights + pool stay under the budget (invariant 2).",
                 "bytes",
                 [
                     _gauge("ray_rap_budget_bytes", "budget"),
                     _gauge("ray_rap_weight_bytes", "weights"),
-                    _gauge("ray_rap_kv_reserved_bytes", "KV reserved"),
+                    _gauge("ray_rap_kv_reserved_bytes", "KV pool"),
                     _gauge("ray_rap_kv_in_use_bytes", "KV in use"),
+                ],
+            ),
+            Panel(
+                "KV pages and rows",
+                "Per replica: KV pages rows hold and pages free (over all kept attention "
+                "layers), and the rows running and waiting.",
+                "short",
+                [
+                    _gauge("ray_rap_kv_pages_in_use", "pages in use"),
+                    _gauge("ray_rap_kv_pages_free", "pages free"),
+                    _gauge("ray_rap_queue_running", "running"),
+                    _gauge("ray_rap_queue_waiting", "waiting"),
                 ],
             ),
             Panel(
@@ -187,8 +199,8 @@ def _controller_row() -> Row:
 
 
 def _admission_row() -> Row:
-    on_controller = f'ray_rap_batches_total{{source="controller",{REPLICA}}}'
-    every = f"ray_rap_batches_total{{{REPLICA}}}"
+    on_controller = f'ray_rap_steps_total{{source="controller",{REPLICA}}}'
+    every = f"ray_rap_steps_total{{{REPLICA}}}"
     share = f"sum(rate({on_controller}[{WINDOW}])) / sum(rate({every}[{WINDOW}]))"
     return Row(
         "Admission",
@@ -200,21 +212,21 @@ def _admission_row() -> Row:
                 [Target(_rate("ray_rap_admissions_refused_total", "reason"), "{{reason}}")],
             ),
             Panel(
-                "Batches by mask source",
-                "Batches per second run on a controller plan's mask or a local fallback.",
+                "Steps by mask source",
+                "Engine steps per second run on a controller plan's mask or a local fallback.",
                 "ops",
-                [Target(_rate("ray_rap_batches_total", "source"), "{{source}}")],
+                [Target(_rate("ray_rap_steps_total", "source"), "{{source}}")],
                 stack=True,
             ),
             Panel(
-                "Local fallback batches",
-                "Batches run on a pruned mask the replica planned itself, since it started.",
+                "Local fallback steps",
+                "Steps run on a pruned mask the replica planned itself, since it started.",
                 "short",
-                [_gauge("ray_rap_local_fallback_batches", "fallbacks")],
+                [_gauge("ray_rap_local_fallback_steps", "fallbacks")],
             ),
             Panel(
-                "Share of batches on controller masks",
-                "Controller-planned batches over all batches: low means plans miss the workload.",
+                "Share of steps on controller masks",
+                "Steps on controller-planned masks over all steps: low means plans miss the load.",
                 "percentunit",
                 [Target(share, "controller share")],
             ),

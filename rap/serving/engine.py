@@ -1,39 +1,72 @@
-"""The replica's engine: a request queue, real batching, admission, and token streams.
+"""The replica's engine: per-step scheduling in a worker thread, token streams on asyncio.
 
-Requests wait in a FIFO. One batch runs at a time in a worker thread (a blocking `generate()` on
-the event loop would freeze telemetry and streams); tokens reach each request's asyncio queue as
-they are produced. A batch runs under one mask from prefill to its last token (invariant 1);
-plans, budgets and masks that change meanwhile apply from the next batch. Every admitted request
-gets exactly one `done` or `error` event: nothing accepted is dropped silently.
+Invariant: the model's own bytes — weights of the mask that runs + the KV page pool + one step's
+activations — fit the budget whenever a row is admitted; a mask or budget change pauses
+admissions, lets the running rows finish, then frees the pool, switches the mask (drops before
+restores) and builds the pool anew (the interim rule until masks change under running rows).
+
+The mask and the pool come from the budget (`Engine._choose`): the controller's plan entry for
+the bucket (`max_batch_size` rows × `target_seq` tokens), else the dense model, else the local
+planner's mask, never below the quality floor; the pool takes what the budget leaves:
+
+    pages per kept attention layer = ⌊(budget − weights(mask) − step activations)
+                                      / (kept attention layers · kv_page_bytes(P))⌋
+
+The scheduler (`rap.serving.scheduler`) does the rest: admission by page reservation, chunked
+prefill, one forward per step, cancellation, stop strings. A blocking forward on the event loop
+would freeze telemetry and streams, so steps run in a thread of their own and each request's
+events reach its asyncio queue through `call_soon_threadsafe`. An error outside one request's
+work (a planner failing) is logged and counted; the loop goes on, and a dead loop shows in
+`error` (the replica's health check).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rap.core import memory
+from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
 from rap.planning import MaskPlanner
-from rap.serving.admission import Admission, Admitter, Refusal
+from rap.serving.kv_pages import PagePool
 from rap.serving.messages import MaskPlan
-from rap.serving.streaming import RowState, RowStreamer, StopWhenRowsDone
+from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
+
+log = logging.getLogger("rap.serving.engine")
 
 
 class EngineConfig(BaseModel):
-    """How a replica batches and admits work."""
+    """How a replica schedules and admits work."""
 
-    max_batch_size: int = Field(8, ge=1, description="Most rows in one batch.")
-    batch_wait_s: float = Field(0.05, ge=0, description="Window to gather a batch once idle.")
+    max_batch_size: int = Field(8, ge=1, description="Most rows running at once.")
+    max_step_tokens: int = Field(256, ge=1, description="New tokens in one step.")
+    page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
+    target_seq: int = Field(
+        1024, ge=1, description="Tokens per row the pool is sized for at a full batch."
+    )
     min_kept_fraction: float = Field(
         0.5, ge=0, le=1, description="Quality floor: fewest blocks kept, as a share of all."
     )
-    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a memory 503.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
+    max_wait_s: float = Field(30.0, gt=0, description="Longest wait for KV pages before a 503.")
     max_waiting: int = Field(256, ge=1, description="Queue length above which requests get 503.")
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_running=self.max_batch_size,
+            max_step_tokens=self.max_step_tokens,
+            page_tokens=self.page_tokens,
+            max_wait_s=self.max_wait_s,
+            retry_after_s=self.retry_after_s,
+        )
 
 
 class EngineError(Exception):
@@ -57,55 +90,47 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
-
-    def sampling_key(self) -> tuple[float, float]:
-        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
-
-
-@dataclass
-class _Pending:
-    request: GenRequest
-    queue: asyncio.Queue[dict[str, Any]]
+    seed: int | None = None
 
 
 @dataclass
 class EngineStats:
-    batches: int = 0
-    batches_on_controller_mask: int = 0
+    steps: int = 0
+    steps_on_controller_mask: int = 0
     local_fallbacks: int = 0
-    refused: collections.Counter[str] = field(default_factory=collections.Counter)
-    tokens: int = 0
+    """Steps run on a pruned mask the replica planned itself."""
+    switches: int = 0
+    planner_errors: int = 0
     over_budget_bytes: int = 0
-    kv_reserved_bytes: int = 0
-    running: int = 0
     recent_shapes: collections.deque[tuple[int, int]] = field(
         default_factory=lambda: collections.deque(maxlen=32)
     )
 
 
 class Engine:
-    """Batches requests for one PrunableModel under a memory budget."""
+    """Runs one PrunableModel for many requests under a memory budget (module doc)."""
 
     def __init__(
         self, model: Any, config: EngineConfig, budget_bytes: int, planner: MaskPlanner | None
     ) -> None:
-        self.model = model
-        self.config = config
+        self.model, self.config, self.planner = model, config, planner
         self.budget_bytes = budget_bytes
         self.budget_from_device = False  # set by the replica when NVML shares decide it
         self.plan: MaskPlan | None = None
         self.stats = EngineStats()
-        self.admitter = Admitter(
-            model.config, model.model_id, model.dtype, planner, config.min_kept_fraction
-        )
+        self.error: BaseException | None = None
         self.context_len = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
-        self._waiting: collections.deque[_Pending] = collections.deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._target = self._choose()
+        mask, pages = self._target
+        model.apply(mask)
+        self.scheduler = Scheduler(model, self._pool(mask, pages), config.scheduler())
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="rap-engine", daemon=True)
+        self._thread.start()
 
     # -- requests -------------------------------------------------------------------------
     def check(self, request: GenRequest) -> None:
-        """Refuse what can never run here (400), before it is queued."""
+        """Refuse what can never run here (400) or cannot wait here (503), before queueing."""
         total = len(request.prompt_ids) + request.max_tokens
         if not request.prompt_ids:
             raise EngineError(400, "the prompt is empty")
@@ -116,159 +141,233 @@ class Engine:
                 f"{total} exceeds the model's context of {self.context_len} tokens",
                 reason="context_length",
             )
-        if len(self._waiting) >= self.config.max_waiting:
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineError(503, "the queue is full", self.config.retry_after_s, "queue_full")
 
     async def submit(self, request: GenRequest) -> AsyncIterator[dict[str, Any]]:
-        """Queue a request; yield its events: start, token..., then done or error."""
+        """Queue a request; yield its events: start, token..., then done or error. A consumer
+        that stops early (a client gone, Serve cancelling) cancels the request."""
         self.check(request)
-        pending = _Pending(request, asyncio.Queue())
-        self._waiting.append(pending)
-        self._ensure_loop()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        req = Request(
+            list(request.prompt_ids),
+            request.max_tokens,
+            request.temperature,
+            request.top_p,
+            list(request.stop),
+            request.seed,
+        )
+
+        def sink(event: dict[str, Any]) -> None:  # from the engine's thread
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        row_id = self.scheduler.add(req, sink)
         self._wake.set()
-        while True:
-            event = await pending.queue.get()
-            yield event
-            if event["type"] in ("done", "error"):
-                return
+        ended = False
+        try:
+            while not ended:
+                event = await queue.get()
+                ended = event["type"] in ("done", "error")
+                yield event
+        finally:
+            if not ended:
+                self.cancel(row_id)
+
+    def cancel(self, row_id: int) -> None:
+        self.scheduler.cancel(row_id)
+        self._wake.set()
 
     # -- plans and budgets ------------------------------------------------------------------
     def set_plan(self, plan: MaskPlan) -> bool:
-        """Take a newer plan (older or equal versions are ignored); it governs the next batch."""
+        """Take a newer plan (older or equal versions are ignored)."""
         if self.plan is not None and not self.plan.version < plan.version:
             return False
         self.plan = plan
         if plan.budget_bytes is not None:
             self.budget_bytes = plan.budget_bytes
-        self._ensure_loop()
-        self._wake.set()
+        self._retarget()
         return True
 
     def set_budget(self, budget_bytes: int) -> None:
         """An operator's budget: it overrides the device-derived one from now on."""
         self.budget_bytes = budget_bytes
         self.budget_from_device = False
-        self._ensure_loop()  # an idle replica shrinks at once, before any request comes
-        self._wake.set()
+        self._retarget()
 
     def version(self) -> MaskVersion:
         current = self.model.mask.version
         return max(current, self.plan.version) if self.plan else current
 
-    # -- the loop -------------------------------------------------------------------------
-    def _ensure_loop(self) -> None:
+    def _retarget(self) -> None:
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # called outside an event loop (tests): the first submit starts it
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._loop())
+            self._target = self._choose()
+        except Exception as exc:  # a planner failing must not take the replica down
+            self.stats.planner_errors += 1
+            log.warning("keeping the current mask: planning failed (%s)", exc)
+        self._wake.set()
 
-    async def _loop(self) -> None:
-        # Invariant: one batch at a time, each under the mask admission chose for it; the model's
-        # own bytes (weights + reserved KV) never exceed the budget at any admission.
+    def _choose(self) -> tuple[KeepMask, int]:
+        """(mask, pages per layer) for the current plan and budget (module doc): the
+        controller's mask for the bucket if its pool holds a row of `target_seq` tokens, else
+        the dense model if its pool holds the whole batch, else the local planner's mask for the
+        bucket, for one such row, or for one page (planning for smaller loads reaches smaller
+        masks), else the dense model if one row fits; never below the quality floor."""
+        b, s = self.config.max_batch_size, self.config.target_seq
+        floor = self.config.min_kept_fraction
+        entry = self.plan.entry_for(b, s) if self.plan else None
+        dense = self._dense()
+        locals_ = [self._local(b_, s_) for b_, s_ in ((b, s), (1, s), (1, self.config.page_tokens))]
+        choices = [(entry.mask if entry else None, 1), (dense, b), *((m, 1) for m in locals_)]
+        for mask, rows in [*choices, (dense, 1)]:
+            if mask is not None and mask.kept_fraction >= floor and self._rows(mask) >= rows:
+                return mask, self._pages(mask)
+        # Not even one row fits: the allowed mask with the fewest weight bytes, so that at least
+        # the weights stay in budget; requests that need more pages get a 503 saying so.
+        allowed = [m for m, _ in choices if m is not None and m.kept_fraction >= floor]
+        cfg, dt = self.model.config, self.model.dtype
+        mask = min([*allowed, dense], key=lambda m: memory.weight_bytes(cfg, m, dt))
+        return mask, self._pages(mask)
+
+    def _local(self, batch: int, seq: int) -> KeepMask | None:
+        if self.planner is None:
+            return None
+        try:
+            planned = self.planner.plan(self.budget_bytes, batch, seq, self.config.max_step_tokens)
+        except BudgetError:
+            return None
+        return planned.model_copy(update={"source": "local", "version": self.version()})
+
+    def _rows(self, mask: KeepMask) -> int:
+        """Rows of `target_seq` tokens the pool left by `mask` holds."""
+        c = self.config
+        kept = [w for w, k in zip(self.model.dims.windows, mask.attn, strict=True) if k]
+        if not kept:
+            return c.max_batch_size  # no attention kept: rows hold no pages
+        per_row = max(
+            memory.kv_row_pages(w, c.target_seq, c.page_tokens, c.max_step_tokens) for w in kept
+        )
+        return self._pages(mask) // per_row
+
+    def _dense(self) -> KeepMask:
+        return KeepMask.dense(
+            self.model.model_id, self.model.num_layers, source="local", version=self.version()
+        )
+
+    def _step_activations(self) -> int:
+        c = self.config
+        return memory.step_activation_bytes(
+            self.model.config, c.max_step_tokens, c.max_batch_size, self.model.dtype
+        )
+
+    def _pages(self, mask: KeepMask) -> int:
+        """Pages per kept attention layer the budget leaves after weights and a step."""
+        cfg, dt, c = self.model.config, self.model.dtype, self.config
+        spare = self.budget_bytes - memory.weight_bytes(cfg, mask, dt) - self._step_activations()
+        page = max(sum(mask.attn), 1) * memory.kv_page_bytes(cfg, dt, c.page_tokens)
+        return max(spare // page, 0)
+
+    def _pool(self, mask: KeepMask | None, pages: int) -> PagePool:
+        """Slabs for the mask's kept attention layers (none for None: between two pools)."""
+        kept = [i for i, k in enumerate(mask.attn) if k] if mask is not None else []
+        d = self.model.dims
+        return PagePool(
+            kept,
+            pages,
+            self.config.page_tokens,
+            d.kv_heads,
+            d.head_dim,
+            self.model.dtype,
+            self.model.device,
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _work(self) -> None:
         while True:
-            if not self._waiting:
+            try:
+                self._wake.wait(timeout=None if self.scheduler.idle else 0.0)
                 self._wake.clear()
-                await self._fit_idle_model()
-                await self._wake.wait()
-                continue
-            await asyncio.sleep(self.config.batch_wait_s)
-            group = self._next_group()
-            decision = self.admitter.admit(
-                [len(p.request.prompt_ids) for p in group],
-                [p.request.max_tokens for p in group],
-                self.plan,
-                self.budget_bytes,
-                self.version(),
-            )
-            if isinstance(decision, Refusal):
-                self._refuse(group[0], decision)
-                continue
-            rows = group[: decision.rows]
-            for p in rows:
-                self._waiting.remove(p)
-            await self._run(rows, decision)
+                self._maybe_switch()
+                if not self.scheduler.running and not self.scheduler.waiting:
+                    continue
+                self.scheduler.step()
+                self._record_step()
+            except Exception as exc:  # outside any one request's work: fail fast, keep serving
+                self.error = exc
+                log.exception("engine step failed; the loop goes on")
+                self._wake.set()
 
-    def _next_group(self) -> list[_Pending]:
-        """FIFO head and the following requests that share its sampling settings."""
-        key = self._waiting[0].request.sampling_key()
-        same = [p for p in self._waiting if p.request.sampling_key() == key]
-        return same[: self.config.max_batch_size]
-
-    def _refuse(self, pending: _Pending, refusal: Refusal) -> None:
-        self._waiting.remove(pending)
-        self.stats.refused["memory"] += 1
-        pending.queue.put_nowait(
-            {
-                "type": "error",
-                "status": 503,
-                "message": refusal.reason,
-                "retry_after": self.config.retry_after_s,
-            }
-        )
-
-    async def _fit_idle_model(self) -> None:
-        """When idle and over a (new) budget, shrink now: a co-tenant is waiting for the bytes."""
-        if self.model.weight_bytes() <= self.budget_bytes:
+    def _maybe_switch(self) -> None:
+        mask, pages = self._target
+        current = self.scheduler.pool
+        if mask == self.model.mask and pages == current.capacity:
+            self.scheduler.admitting = True
             return
-        decision = self.admitter.admit([1], [1], self.plan, self.budget_bytes, self.version())
-        if isinstance(decision, Admission):
-            await asyncio.to_thread(self._apply, decision.mask)
+        self.scheduler.admitting = False
+        if self.scheduler.running:
+            return  # the interim rule: running rows finish under the mask they started with
+        self.scheduler.pool = self._pool(None, 0)  # the old slabs go before the new mask
+        del current
+        self.model.apply(mask)
+        self.scheduler.pool = self._pool(mask, pages)
+        self.scheduler.admitting = True
+        self.stats.switches += 1
+        pool = self.scheduler.pool
+        step = self._step_activations() if pool.capacity else 0  # no pages: no step can run
+        own = self.model.weight_bytes() + pool.nbytes + step
+        self.stats.over_budget_bytes = max(self.stats.over_budget_bytes, own - self.budget_bytes)
+        log.info("switched to %s with %d KV pages per layer", mask.fingerprint(), pages)
 
-    def _apply(self, mask: KeepMask) -> None:
-        if mask != self.model.mask:
-            self.model.apply(mask)
+    def _record_step(self) -> None:
+        s, sched = self.stats, self.scheduler
+        s.steps += 1
+        mask = self.model.mask
+        if mask.from_controller:
+            s.steps_on_controller_mask += 1
+        elif mask.kept_fraction < 1.0:
+            s.local_fallbacks += 1
+        if sched.stats.longest:
+            s.recent_shapes.append((len(sched.running) or 1, sched.stats.longest))
+            sched.stats.longest = 0
 
-    async def _run(self, rows: list[_Pending], decision: Admission) -> None:
-        loop = asyncio.get_running_loop()
-        states = [RowState(p.request, p.queue, loop, self.model, self.stats) for p in rows]
-        self.stats.running = len(rows)
-        self.stats.kv_reserved_bytes = decision.kv_reserved_bytes
-        try:
-            await asyncio.to_thread(self._apply, decision.mask)
-            own = self.model.weight_bytes() + decision.kv_reserved_bytes
-            self.stats.over_budget_bytes = max(
-                self.stats.over_budget_bytes, own - self.budget_bytes
-            )
-            self._count(decision, states)  # before any row can finish
-            fingerprint = decision.mask.fingerprint()
-            for s in states:
-                s.start(fingerprint)
-            await asyncio.to_thread(self._generate, states)
-        except Exception as exc:  # a failed batch must still answer every row
-            for s in states:
-                s.fail(500, f"generation failed: {type(exc).__name__}: {exc}")
-        finally:
-            self.stats.running = 0
-            self.stats.kv_reserved_bytes = 0
-
-    def _generate(self, states: list[RowState]) -> None:
-        head = states[0].request
-        sampling = (
-            {"do_sample": True, "temperature": head.temperature, "top_p": head.top_p}
-            if head.temperature > 0
-            else {}
-        )
-        self.model.generate_ids(
-            [s.request.prompt_ids for s in states],
-            max(s.request.max_tokens for s in states),
-            streamer=RowStreamer(states),
-            stopping_criteria=[StopWhenRowsDone(states)],
-            sampling=sampling,
-        )
-        for s in states:
-            s.finish()
-
-    def _count(self, decision: Admission, states: list[RowState]) -> None:
-        self.stats.batches += 1
-        if decision.mask.from_controller:
-            self.stats.batches_on_controller_mask += 1
-        elif decision.mask.kept_fraction < 1.0:
-            self.stats.local_fallbacks += 1
-        longest = max(len(s.request.prompt_ids) + s.request.max_tokens for s in states)
-        self.stats.recent_shapes.append((len(states), longest))
+    # -- what telemetry reads ----------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """Whether the step loop runs (the replica's health check)."""
+        return self._thread.is_alive()
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def tokens(self) -> int:
+        return self.scheduler.stats.generated
+
+    def kv_bytes_held(self) -> int:
+        return self.scheduler.pool.nbytes
+
+    def kv_bytes_in_use(self) -> int:
+        pool = self.scheduler.pool
+        page = memory.kv_page_bytes(self.model.config, self.model.dtype, pool.page_tokens)
+        return pool.used_pages() * page
+
+
+def engine_peak_bytes(
+    model: Any, config: EngineConfig, mask: KeepMask, batch: int, seq: int
+) -> int:
+    """What the engine holds to run `batch` rows of `seq` tokens under `mask`: weights + a pool
+    of `batch` rows' pages (`rap.core.memory.kv_row_pages` in the layer that needs most) +
+    one step's activations (`rap.core.memory.step_activation_bytes`)."""
+    cfg, dt = model.config, model.dtype
+    per_row = max(
+        memory.kv_row_pages(w, seq, config.page_tokens, config.max_step_tokens)
+        for w in model.dims.windows
+    )
+    pool = memory.kv_pool_bytes(cfg, mask, dt, config.page_tokens, batch * per_row)
+    step = memory.step_activation_bytes(cfg, config.max_step_tokens, config.max_batch_size, dt)
+    return memory.weight_bytes(cfg, mask, dt) + pool + step

@@ -50,10 +50,10 @@ class PagePool:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        if capacity < 1 or page_tokens < 1:
+        if capacity < 0 or page_tokens < 1:
             raise RapError(
                 f"a page pool of {capacity} pages of {page_tokens} tokens",
-                expected="at least one page of at least one token",
+                expected="0 or more pages of at least one token",
             )
         self.page_tokens = page_tokens
         self.capacity = capacity
@@ -75,6 +75,9 @@ class PagePool:
 
     def free_pages(self, layer: int) -> int:
         return len(self._free[layer])
+
+    def free_total(self) -> int:
+        return sum(len(f) for f in self._free.values())
 
     def used_pages(self) -> int:
         return sum(self.capacity - len(f) for f in self._free.values())

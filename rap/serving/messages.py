@@ -52,20 +52,22 @@ class Telemetry(_Message):
         False, description="True when the controller derives the budget from NVML (shared GPU)."
     )
     weight_bytes: int = Field(ge=0, description="Weight bytes resident (measured).")
-    kv_bytes_in_use: int = Field(0, ge=0, description="KV bytes the running batch holds now.")
-    kv_bytes_reserved: int = Field(0, ge=0, description="KV bytes reserved at admission.")
+    kv_bytes_in_use: int = Field(0, ge=0, description="Bytes of the KV pages rows hold now.")
+    kv_bytes_reserved: int = Field(0, ge=0, description="Bytes of the KV page pool (held).")
+    kv_pages_in_use: int = Field(0, ge=0, description="KV pages rows hold, over all layers.")
+    kv_pages_free: int = Field(0, ge=0, description="KV pages free, over all layers.")
     queue: QueueState = Field(default_factory=QueueState)
     mask_version: MaskVersion = Field(default_factory=MaskVersion)
     mask_source: str = "user"
     num_layers: int = Field(0, ge=0, description="Layers of the model (an attn and an MLP each).")
     attn_kept: int = Field(0, ge=0)
     mlp_kept: int = Field(0, ge=0)
-    local_fallbacks: int = Field(0, ge=0, description="Batches run on a local fallback mask.")
-    batches: int = Field(0, ge=0, description="Batches run since start.")
-    batches_on_controller_mask: int = Field(0, ge=0)
+    local_fallbacks: int = Field(0, ge=0, description="Steps run on a local fallback mask.")
+    steps: int = Field(0, ge=0, description="Engine steps (one forward each) since start.")
+    steps_on_controller_mask: int = Field(0, ge=0)
     tokens_per_s: float = Field(0.0, ge=0.0, description="Generated tokens/s, last period.")
     over_budget_bytes: int = Field(
-        0, ge=0, description="High-water mark of (weights + reserved KV − budget) at admissions."
+        0, ge=0, description="High-water mark of (weights + KV pool + step − budget) at switches."
     )
 
 

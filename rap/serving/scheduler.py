@@ -98,7 +98,12 @@ class StepStats:
     steps: int = 0
     forwards: int = 0
     tokens: int = 0
+    """Tokens through the model (prompt chunks and decodes)."""
+    generated: int = 0
     prefill_tokens: int = 0
+    admitted: int = 0
+    longest: int = 0
+    """Longest row (prompt + max_tokens) admitted since the engine last read it."""
 
 
 class Scheduler:
@@ -116,6 +121,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._cancelled: set[int] = set()
         self._next_id = 0
+        self.admitting = True
+        """False while the engine switches masks: running rows finish, nobody new starts."""
 
     # -- from any thread ---------------------------------------------------------------------
     def add(self, request: Request, sink: Sink) -> int:
@@ -227,6 +234,7 @@ class Scheduler:
     def _next_token(self, row: Row, logits: torch.Tensor) -> None:
         req = row.request
         token = _sample(logits, req.temperature, req.top_p, row.generator)
+        self.stats.generated += 1
         if token in self.eos:
             self._end(row, self._done(row, "stop", counted=1))
             return
@@ -290,9 +298,11 @@ class Scheduler:
         with self._lock:
             for row in [r for r in self.waiting if now - r.arrived_s > self.config.max_wait_s]:
                 self.waiting.remove(row)
-                row.sink(self._busy("no KV pages came free in time"))
+                row.sink(
+                    self._busy(f"no KV pages (memory) came free in {self.config.max_wait_s} s")
+                )
             used = self._reserved()
-            while self.waiting and len(self.running) < self.config.max_running:
+            while self.admitting and self.waiting and len(self.running) < self.config.max_running:
                 row = self.waiting[0]
                 need = self.reservation(row.request)
                 if any(n > self.pool.capacity for n in need.values()):
@@ -306,7 +316,16 @@ class Scheduler:
                 for layer, n in need.items():
                     used[layer] += n
                 self.running.append(row)
-                row.sink({"type": "start", "prompt_tokens": len(row.request.prompt_ids)})
+                self.stats.admitted += 1
+                total = len(row.request.prompt_ids) + row.request.max_tokens
+                self.stats.longest = max(self.stats.longest, total)
+                row.sink(
+                    {
+                        "type": "start",
+                        "prompt_tokens": len(row.request.prompt_ids),
+                        "fingerprint": self.model.mask.fingerprint(),
+                    }
+                )
 
     def _busy(self, why: str) -> dict[str, Any]:
         return {

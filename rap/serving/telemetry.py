@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rap.core import memory
 from rap.core.constants import GIB
+from rap.serving.engine import engine_peak_bytes
 from rap.serving.messages import DeviceMemory, QueueState, Telemetry
 from rap.serving.openai_api import MAX_TOKENS_LIMIT
 
@@ -53,21 +53,21 @@ def nvml_memory(device_index: int = 0) -> DeviceMemory:
 def device_memory(model: Any, engine: Any) -> DeviceMemory:
     if model.device.type == "cuda":
         return nvml_memory(model.device.index or 0)
-    own = model.weight_bytes() + engine.stats.kv_reserved_bytes
+    own = model.weight_bytes() + engine.kv_bytes_held()
     cap = engine.budget_bytes
     return DeviceMemory(kind="cpu", total_bytes=cap, used_bytes=own, free_bytes=max(cap - own, 0))
 
 
 def initial_budget_bytes(model: Any, budget_gib: float | None, cfg: Any) -> int:
-    """A configured budget; else NVML free + own weights − margin on a GPU; else, on a CPU, the
-    dense model's peak at the engine's largest batch and 1,024 tokens (no pruning to start)."""
+    """A configured budget; else NVML free + own weights − margin on a GPU; else, on a CPU, what
+    the dense model needs for a full batch of `target_seq`-token rows (no pruning to start)."""
     if budget_gib is not None:
         return int(budget_gib * GIB)
     if model.device.type == "cuda":
         free = nvml_memory(model.device.index or 0).free_bytes
         return max(0, free + model.weight_bytes() - int(cfg.gpu_margin_gib * GIB))
-    batch = cfg.engine.max_batch_size
-    return memory.peak_bytes(model.config, model.dense_mask(), batch, 1024, model.dtype)
+    e = cfg.engine
+    return engine_peak_bytes(model, e, model.dense_mask(), e.max_batch_size, e.target_seq)
 
 
 def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) -> Telemetry:
@@ -82,11 +82,13 @@ def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) 
         budget_bytes=engine.budget_bytes,
         budget_from_device=engine.budget_from_device,
         weight_bytes=engine.model.weight_bytes(),
-        kv_bytes_reserved=stats.kv_reserved_bytes,
-        kv_bytes_in_use=engine.model.kv_bytes_in_use(),
+        kv_bytes_reserved=engine.kv_bytes_held(),
+        kv_bytes_in_use=engine.kv_bytes_in_use(),
+        kv_pages_in_use=engine.scheduler.pool.used_pages(),
+        kv_pages_free=engine.scheduler.pool.free_total(),
         queue=QueueState(
             waiting=engine.waiting,
-            running=stats.running,
+            running=engine.running,
             recent_batch_sizes=[b for b, _ in shapes],
             recent_longest_seqs=[s for _, s in shapes],
         ),
@@ -96,8 +98,8 @@ def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) 
         attn_kept=sum(mask.attn),
         mlp_kept=sum(mask.mlp),
         local_fallbacks=stats.local_fallbacks,
-        batches=stats.batches,
-        batches_on_controller_mask=stats.batches_on_controller_mask,
+        steps=stats.steps,
+        steps_on_controller_mask=stats.steps_on_controller_mask,
         tokens_per_s=max(tokens_per_s, 0.0),
         over_budget_bytes=max(stats.over_budget_bytes, 0),
     )

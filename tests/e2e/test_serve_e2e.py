@@ -44,7 +44,7 @@ def server():
             {"name": "replica-0", "budget_gib": 0.6, "num_cpus": 0.5},
             {"name": "replica-1", "budget_gib": 0.45, "num_cpus": 0.5},
         ],
-        "engine": {"max_batch_size": 8, "batch_wait_s": 0.1},
+        "engine": {"max_batch_size": 4, "target_seq": 256},
         "telemetry_period_s": 0.3,
     }
     serve.run(build_app(config), name="rap", route_prefix="/")
@@ -171,20 +171,26 @@ def test_a_lowered_budget_is_served_on_the_rap_policys_masks(server) -> None:
     after = state(server)["controller"]["policy"]
     assert after["decisions"] > before["decisions"], (before, after)
     assert after["fallbacks"] == before["fallbacks"] == 0, after
-    reps = wait_for(lambda: (r := state(server)["replicas"])["replica-0"]["mlp_kept"] < 30 and r)
+
+    def replica0_on_rap() -> dict | None:
+        reps = state(server)["replicas"]
+        t = reps["replica-0"]
+        on_rap = t["mask_source"] == "controller:rap" and t["attn_kept"] + t["mlp_kept"] < 60
+        return reps if on_rap else None
+
+    reps = wait_for(replica0_on_rap)  # the replica switches when its running rows are done
     tel = reps["replica-0"]
-    assert tel["mask_source"] == "controller:rap"
     assert tel["weight_bytes"] <= tel["budget_bytes"] == int(0.36 * 2**30)
     # Routing: load ties (one request at a time) go to the replica whose mask keeps the most.
     kept = {n: t["attn_kept"] + t["mlp_kept"] for n, t in reps.items()}
     assert kept["replica-0"] < kept["replica-1"], kept
     time.sleep(2.0)  # the router polls telemetry every period (0.3 s here)
-    batches = {n: t["batches"] for n, t in state(server)["replicas"].items()}
+    batches = {n: t["steps"] for n, t in state(server)["replicas"].items()}
     for i in range(4):
         c.completions.create(model=MODEL, prompt=f"One at a time {i}", max_tokens=4)
-    now = {n: t["batches"] for n, t in state(server)["replicas"].items()}
+    now = {n: t["steps"] for n, t in state(server)["replicas"].items()}
     assert now["replica-0"] == batches["replica-0"], (batches, now)
-    assert now["replica-1"] == batches["replica-1"] + 4, (batches, now)
+    assert now["replica-1"] > batches["replica-1"], (batches, now)  # steps, several a request
     # Back to the module's starting point: replica-0 regrows to dense at its next batches (a
     # grow applies to new work); concurrent requests reach it although it keeps fewer blocks.
     status, _, _ = call(server, "/admin/budget", {"replica": "replica-0", "gib": 0.6}, ADMIN)

@@ -1,28 +1,22 @@
-"""The replica's engine without Ray: batching, streaming, admission and plans."""
+"""The replica's engine without Ray: streams, budgets and masks, cancellation, a loop that
+survives (rap.serving.engine, over rap.serving.scheduler)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 import rap
 from rap.core import memory
 from rap.core.masks import KeepMask, MaskVersion
-from rap.serving.engine import Engine, EngineConfig, GenRequest
+from rap.serving.engine import Engine, EngineConfig, EngineError, GenRequest
 from rap.serving.messages import MaskPlan, PlanEntry
 from tests.tiny import FnPlanner, save_tiny, save_tokenizer
 
-PROMPTS = [
-    [5, 9, 14],
-    [7, 8, 9, 10, 11, 12, 13, 20, 21],
-    [30],
-    [40, 41, 42, 43, 44, 45],
-    [50, 51],
-    [60, 61, 62, 63],
-    [70, 71, 72, 73, 74, 75, 76],
-    [80, 81, 82, 83, 84],
-]
+PROMPTS = [[5, 9, 14], [7, 8, 9, 10, 11, 12, 13, 20, 21], [30], [40, 41, 42, 43, 44, 45]]
+CONFIG = EngineConfig(page_tokens=4, max_step_tokens=8, target_seq=64)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +27,14 @@ def served_dir(tmp_path_factory):
     return folder
 
 
-def drop_everything_but(model, attn: int, mlp: int) -> KeepMask:
-    """A planner stand-in: keep the first `attn` attention and `mlp` MLP blocks."""
+def keep_first(model, attn: int, mlp: int, **kw) -> KeepMask:
+    """A mask keeping the first `attn` attention and `mlp` MLP blocks."""
     n = model.num_layers
     return KeepMask(
         model=model.model_id,
         attn=tuple(i < attn for i in range(n)),
         mlp=tuple(i < mlp for i in range(n)),
+        **kw,
     )
 
 
@@ -54,125 +49,130 @@ def run(engine: Engine, prompts, max_tokens: int = 10) -> list[list[dict]]:
     return asyncio.run(main())
 
 
-def ids_of(model, events: list[dict]) -> str:
-    return "".join(e["text"] for e in events if e["type"] == "token")
+def roomy(model) -> int:
+    """A budget that holds the dense model and a pool for the whole batch."""
+    return 4 * memory.weight_bytes(model.config, model.dense_mask(), model.dtype) + 10**7
 
 
-@pytest.mark.parametrize("drop_attn0", [False, True])
-def test_eight_prompts_batch_and_match_unbatched(served_dir, drop_attn0: bool) -> None:
+def test_concurrent_requests_stream_what_greedy_generate_gives(served_dir) -> None:
     model = rap.load_model(str(served_dir), device="cpu")
-    if drop_attn0:
-        model.apply(KeepMask.from_drops(model.model_id, model.num_layers, drop_attn="0"))
-    engine = Engine(model, EngineConfig(batch_wait_s=0.1), 10**10, None)
-    engine.plan = None
-    if drop_attn0:  # keep the mask: a plan for every bucket
-        engine.set_plan(
-            MaskPlan(
-                replica="r",
-                version=MaskVersion(seq=1),
-                entries=[PlanEntry(max_batch=64, max_seq=10**6, mask=model.mask)],
-            )
-        )
+    eos = model.eos_ids()
+    rows = [model.generate_ids([p], 10).token_ids[0] for p in PROMPTS]
+    want = [
+        model.decode([t for t in r[: next((i for i, t in enumerate(r) if t in eos), len(r))]])
+        for r in rows
+    ]
+    engine = Engine(model, CONFIG, roomy(model), None)
     results = run(engine, PROMPTS)
-    assert engine.stats.batches <= 2
-    for prompt, events in zip(PROMPTS, results, strict=True):
-        alone = model.generate_ids([prompt], 10).token_ids[0]
-        assert ids_of(model, events) == model.decode(alone)
-        assert events[0]["type"] == "start" and events[-1]["type"] == "done"
-        assert events[-1]["completion_tokens"] == len(alone)
+    for events, text in zip(results, want, strict=True):
+        assert events[0]["type"] == "start" and events[0]["fingerprint"].startswith("rap-")
+        assert events[-1]["type"] == "done"
+        streamed = "".join(e["text"] for e in events if e["type"] == "token")
+        assert streamed == text
+    assert engine.scheduler.stats.forwards < sum(len(p) for p in PROMPTS) + 40  # shared steps
 
 
-def test_first_token_arrives_while_the_batch_runs(served_dir) -> None:
+def test_a_consumer_that_stops_cancels_its_request_and_frees_its_pages(served_dir) -> None:
+    """What Serve does when a client hangs up: the generator is closed at its next await."""
     model = rap.load_model(str(served_dir), device="cpu")
-    engine = Engine(model, EngineConfig(), 10**10, None)
-    seen_running = []
+    engine = Engine(model, CONFIG, roomy(model), None)
 
     async def main():
-        async for event in engine.submit(GenRequest([5, 6, 7], 40)):
-            if event["type"] == "token" and not seen_running:
-                seen_running.append(engine.stats.running)
+        stream = engine.submit(GenRequest([5, 6, 7], 200))
+        assert (await stream.__anext__())["type"] == "start"
+        await stream.__anext__()  # a token
+        await stream.aclose()  # the client is gone
+        for _ in range(100):
+            if engine.scheduler.idle:
+                break
+            await asyncio.sleep(0.02)
 
     asyncio.run(main())
-    assert seen_running == [1]  # the batch was still generating when the first token came
+    assert engine.scheduler.idle and engine.scheduler.pool.used_pages() == 0
+    assert engine.tokens < 200
 
 
-def test_budget_below_dense_uses_a_fitting_local_mask(served_dir) -> None:
+def test_a_budget_drop_pauses_admissions_then_switches_without_overshooting(served_dir) -> None:
     model = rap.load_model(str(served_dir), device="cpu")
-    dense_peak = memory.peak_bytes(model.config, model.mask, 1, 13, model.dtype, 3)
-    small = drop_everything_but(model, 4, 1)
-    budget = memory.peak_bytes(model.config, small, 1, 13, model.dtype, 3)
-    assert budget < dense_peak
-    engine = Engine(
-        model,
-        EngineConfig(min_kept_fraction=0.5),
-        budget,
-        FnPlanner(lambda b, B, S: drop_everything_but(model, 4, 1)),
+    small = keep_first(model, 4, 2, source="controller:rap", version=MaskVersion(epoch=1))
+    engine = Engine(model, CONFIG, roomy(model), FnPlanner(lambda b, B, S: small))
+    assert model.mask.kept_fraction == 1.0
+    budget = memory.weight_bytes(model.config, small, model.dtype) + 200_000
+    plan = MaskPlan(
+        replica="r",
+        version=MaskVersion(epoch=1),
+        budget_bytes=budget,
+        entries=[PlanEntry(max_batch=64, max_seq=4096, mask=small)],
     )
-    (events,) = run(engine, [[5, 6, 7]])
-    assert events[-1]["type"] == "done"
-    assert model.mask.attn == small.attn and model.mask.mlp == small.mlp
-    assert engine.stats.local_fallbacks == 1 and engine.stats.over_budget_bytes <= 0
-
-
-def test_oversized_batch_is_split(served_dir) -> None:
-    model = rap.load_model(str(served_dir), device="cpu")
-    one = memory.peak_bytes(model.config, model.mask, 1, 19, model.dtype, 9)
-    engine = Engine(model, EngineConfig(batch_wait_s=0.1), one, None)
-    results = run(engine, PROMPTS[:3])
-    assert all(r[-1]["type"] == "done" for r in results)
-    assert engine.stats.batches == 3  # each prompt alone: the budget holds one at a time
-    assert engine.stats.over_budget_bytes <= 0
-
-
-def test_below_the_floor_is_refused_with_a_reason(served_dir) -> None:
-    model = rap.load_model(str(served_dir), device="cpu")
-    engine = Engine(
-        model,
-        EngineConfig(min_kept_fraction=0.75),
-        1000,
-        FnPlanner(lambda b, B, S: drop_everything_but(model, 1, 0)),
-    )
-    (events,) = run(engine, [[5, 6, 7]])
-    assert events == [events[0]] and events[0]["type"] == "error"
-    assert events[0]["status"] == 503 and "not enough memory" in events[0]["message"]
-    assert events[0]["retry_after"] == 2 and model.mask.kept_fraction == 1.0
-
-
-def test_a_plan_governs_the_next_batch_and_budget_drop_shrinks_idle_model(served_dir) -> None:
-    model = rap.load_model(str(served_dir), device="cpu")
-    engine = Engine(
-        model, EngineConfig(), 10**10, FnPlanner(lambda b, B, S: drop_everything_but(model, 4, 2))
-    )
-    small = drop_everything_but(model, 3, 3).model_copy(
-        update={"version": MaskVersion(epoch=1), "source": "controller:rap"}
-    )
-    assert engine.set_plan(
-        MaskPlan(
-            replica="r",
-            version=MaskVersion(epoch=1),
-            entries=[PlanEntry(max_batch=8, max_seq=4096, mask=small)],
-        )
-    )
+    assert engine.set_plan(plan)
     assert not engine.set_plan(MaskPlan(replica="r", version=MaskVersion(epoch=0, seq=9)))
     (events,) = run(engine, [[5, 6, 7]])
-    assert model.mask == small and events[0]["fingerprint"] == small.fingerprint()
-    assert "controller:rap" in events[0]["fingerprint"]
-    assert engine.stats.batches_on_controller_mask == 1
-
-    async def shrink():
-        engine.plan = None
-        engine.set_budget(model.predicted_weight_bytes(drop_everything_but(model, 4, 2)) + 10**5)
-        await engine._fit_idle_model()
-
-    asyncio.run(shrink())
-    assert model.weight_bytes() <= engine.budget_bytes
+    assert model.mask == small and "controller:rap" in events[0]["fingerprint"]
+    own = model.weight_bytes() + engine.kv_bytes_held()
+    assert own <= engine.budget_bytes and engine.stats.over_budget_bytes <= 0
+    assert engine.stats.steps_on_controller_mask == engine.stats.steps > 0
 
 
-def test_requests_that_can_never_run_are_400(served_dir) -> None:
+def test_below_the_floor_nothing_runs_and_requests_get_503_with_the_reason(served_dir) -> None:
     model = rap.load_model(str(served_dir), device="cpu")
-    engine = Engine(model, EngineConfig(), 10**10, None)
-    from rap.serving.engine import EngineError
+    config = CONFIG.model_copy(update={"min_kept_fraction": 0.75})
+    tiny_budget = memory.weight_bytes(model.config, keep_first(model, 1, 0), model.dtype)
+    engine = Engine(model, config, tiny_budget, FnPlanner(lambda b, B, S: keep_first(model, 1, 0)))
+    (events,) = run(engine, [[5, 6, 7]])
+    assert events[-1]["type"] == "error" and events[-1]["status"] == 503
+    assert "not enough memory" in events[-1]["message"] and events[-1]["retry_after"] == 2
+    assert model.mask.kept_fraction >= 0.75
 
+
+def test_a_planner_error_keeps_the_loop_and_the_mask(served_dir) -> None:
+    model = rap.load_model(str(served_dir), device="cpu")
+
+    def broken(b, B, S):
+        raise RuntimeError("planner bug")
+
+    engine = Engine(model, CONFIG, roomy(model), None)
+    engine.planner = FnPlanner(broken)
+    engine.set_budget(roomy(model) // 2)  # re-plans: the planner raises
+    assert engine.stats.planner_errors == 1
+    (events,) = run(engine, [[5, 6, 7]])
+    assert events[-1]["type"] == "done" and engine.error is None
+
+
+def test_context_and_a_full_queue_are_refused_before_queueing(served_dir) -> None:
+    model = rap.load_model(str(served_dir), device="cpu")
+    engine = Engine(model, CONFIG.model_copy(update={"max_waiting": 1}), roomy(model), None)
     with pytest.raises(EngineError, match="exceeds the model's context of 256") as exc:
         engine.check(GenRequest([5] * 250, 10))
     assert exc.value.status == 400
+    engine.scheduler.admitting = False  # hold the queue still
+    engine.scheduler.add(engine_request := _request([5, 6]), lambda e: None)
+    with pytest.raises(EngineError, match="queue is full") as exc:
+        engine.check(GenRequest([5, 6], 4))
+    assert exc.value.status == 503 and exc.value.reason == "queue_full"
+    assert engine_request.max_tokens == 4
+
+
+def _request(prompt: list[int]):
+    from rap.serving.scheduler import Request
+
+    return Request(prompt, 4)
+
+
+def test_steps_run_off_the_event_loop(served_dir) -> None:
+    """While a long request decodes, the event loop keeps ticking."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    engine = Engine(model, CONFIG, roomy(model), None)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def main():
+        await asyncio.gather(collect(engine, [5, 6, 7], 60), ticker())
+
+    asyncio.run(main())
+    assert ticks >= 15
