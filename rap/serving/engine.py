@@ -5,9 +5,10 @@ activations — fit the budget whenever a row is admitted; a mask or budget chan
 admissions, lets the running rows finish, then frees the pool, switches the mask (drops before
 restores) and builds the pool anew (the interim rule until masks change under running rows).
 
-The mask and the pool come from the budget (`Engine._choose`): the controller's plan entry for
-the bucket (`max_batch_size` rows × `target_seq` tokens), else the dense model, else the local
-planner's mask, never below the quality floor; the pool takes what the budget leaves:
+The mask and the pool come from the budget (`Engine._choose`): the dense model while it holds a
+full batch (`max_batch_size` rows × `target_seq` tokens), else the controller's plan entry for
+that bucket, else the local planner's mask, never below the quality floor; the pool takes what
+the budget leaves:
 
     pages per kept attention layer = ⌊(budget − weights(mask) − step activations)
                                       / (kept attention layers · kv_page_bytes(P))⌋
@@ -208,17 +209,18 @@ class Engine:
         self._wake.set()
 
     def _choose(self) -> tuple[KeepMask, int]:
-        """(mask, pages per layer) for the current plan and budget (module doc): the
-        controller's mask for the bucket if its pool holds a row of `target_seq` tokens, else
-        the dense model if its pool holds the whole batch, else the local planner's mask for the
-        bucket, for one such row, or for one page (planning for smaller loads reaches smaller
-        masks), else the dense model if one row fits; never below the quality floor."""
+        """(mask, pages per layer) for the current plan and budget (module doc): the dense
+        model if its pool holds the whole batch (nothing is pruned while memory allows), else
+        the controller's mask for the bucket if its pool holds a row of `target_seq` tokens,
+        else the local planner's mask for the bucket, for one such row, or for one page
+        (planning for smaller loads reaches smaller masks), else the dense model if one row
+        fits; never below the quality floor."""
         b, s = self.config.max_batch_size, self.config.target_seq
         floor = self.config.min_kept_fraction
         entry = self.plan.entry_for(b, s) if self.plan else None
-        dense = self._dense()
+        dense = entry.mask if entry and entry.mask.kept_fraction == 1.0 else self._dense()
         locals_ = [self._local(b_, s_) for b_, s_ in ((b, s), (1, s), (1, self.config.page_tokens))]
-        choices = [(entry.mask if entry else None, 1), (dense, b), *((m, 1) for m in locals_)]
+        choices = [(dense, b), (entry.mask if entry else None, 1), *((m, 1) for m in locals_)]
         for mask, rows in [*choices, (dense, 1)]:
             if mask is not None and mask.kept_fraction >= floor and self._rows(mask) >= rows:
                 return mask, self._pages(mask)

@@ -47,4 +47,4 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(target: str, tmp_path) -> N
     assert "SIGTERM received" not in text  # Ray's abort handler did not run
     assert "graceful_shutdown failed" not in text  # Ray's noise on every stop, filtered
     assert "controller policy: RapPolicy (shipped default" in text
-    assert "metrics: http://127.0.0.1:" in text and "-controller:rap-keep" in text
+    assert "metrics: http://127.0.0.1:" in text and "[rap-" in text
