@@ -30,6 +30,7 @@ def build_app(args: dict[str, Any]) -> Application:
             name=r.name,
             ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
             max_ongoing_requests=cfg.engine.max_batch_size + cfg.engine.max_waiting + 1,
+            max_queued_requests=cfg.engine.max_waiting,
         ).bind(raw, r.name, controller)
         for r in cfg.replicas
     }

@@ -71,7 +71,9 @@ class LLMReplica:
                     reason="unknown_model",
                 )
             ids = self.model.encode(req.messages or req.prompt, chat=False)
-            request = GenRequest(ids, req.max_tokens, req.temperature, req.top_p, req.stop)
+            request = GenRequest(
+                ids, req.max_tokens, req.temperature, req.top_p, req.stop, req.seed
+            )
             self.engine.check(request)
         except EngineError as exc:
             self.metrics.refused.inc(tags={"reason": exc.reason})

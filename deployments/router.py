@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from rap.core.constants import GIB
 from rap.core.loading import load_config
@@ -24,7 +25,8 @@ from rap.serving.openai_api import (
     CompletionRequest,
     HTTPError,
     Relay,
-    bearer_token,
+    check_admin_token,
+    check_api_key,
     error_body,
     validation_error_body,
 )
@@ -41,10 +43,6 @@ async def _http_error(_: Request, exc: HTTPError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(validation_error_body(exc.errors()), 400)
-
-
-def _bearer(request: Request) -> str | None:
-    return bearer_token(request.headers.get("authorization", ""))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -94,15 +92,9 @@ class Router:
                 "model_not_found",
             )
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or 16
-        stop = getattr(body, "stop", None)
-        call = {
-            "model": body.model,
-            **prompt,
-            "max_tokens": max_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "stop": [stop] if isinstance(stop, str) else list(stop or []),
-        }
+        sampling = {k: getattr(body, k) for k in ("temperature", "top_p", "seed")}
+        call = {"model": body.model, **prompt, "max_tokens": max_tokens, **sampling}
+        call["stop"] = body.stop_list()
         name, events, first = await self._start(call)
         if first["type"] == "error":
             self.loads[name].inflight -= 1
@@ -128,7 +120,15 @@ class Router:
         for attempt, name in enumerate(ranked[:2]):
             self.loads[name].inflight += 1
             events = self.replicas[name].options(stream=True).generate.remote(call)
-            first = await events.__anext__()
+            try:
+                first = await events.__anext__()
+            except BackPressureError:  # the replica's Serve queue is full: a 503 like its own
+                first = {
+                    "type": "error",
+                    "status": 503,
+                    "retry_after": 2,
+                    "message": f"{name} is busy: its queue is full",
+                }
             memory_503 = first["type"] == "error" and first["status"] == 503
             if memory_503 and attempt == 0 and len(ranked) > 1:
                 self.loads[name].inflight -= 1
@@ -147,21 +147,11 @@ class Router:
             self.loads[name].inflight -= 1
 
     def _check_key(self, request: Request) -> None:
-        if self.api_key is not None and _bearer(request) != self.api_key:
-            raise HTTPError(
-                401, "Incorrect or missing API key (Authorization: Bearer <key>)", "invalid_api_key"
-            )
+        check_api_key(self.api_key, request.headers.get("authorization", ""))
 
     # -- admin endpoints ------------------------------------------------------------------
     def _check_admin(self, request: Request) -> None:
-        if self.admin_token is None:
-            raise HTTPError(
-                403,
-                "admin endpoints are off: set the admin token's environment "
-                "variable (RAP_ADMIN_TOKEN by default) to enable them",
-            )
-        if _bearer(request) != self.admin_token:
-            raise HTTPError(401, "incorrect or missing admin token", "invalid_admin_token")
+        check_admin_token(self.admin_token, request.headers.get("authorization", ""))
 
     def _replica(self, name: str) -> Any:
         if name not in self.replicas:

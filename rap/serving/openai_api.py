@@ -7,13 +7,14 @@ objects, their streamed chunks, and the error body `{"error": {message, type, pa
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -30,6 +31,19 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     seed: int | None = None
     user: str | None = None
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 sequences where generation stops (not returned)."
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(value)}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(_Request):
@@ -80,6 +94,28 @@ def validation_error_body(errors: Any) -> dict:
 def bearer_token(authorization: str) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, else None."""
     return authorization[7:] if authorization.lower().startswith("bearer ") else None
+
+
+def check_api_key(expected: str | None, authorization: str) -> None:
+    """401 unless no key is configured or the header carries it (compared in constant time)."""
+    token = bearer_token(authorization)
+    if expected is not None and not (token and hmac.compare_digest(token, expected)):
+        raise HTTPError(
+            401, "Incorrect or missing API key (Authorization: Bearer <key>)", "invalid_api_key"
+        )
+
+
+def check_admin_token(expected: str | None, authorization: str) -> None:
+    """403 when no admin token is configured (admin off); 401 unless the header carries it."""
+    if expected is None:
+        raise HTTPError(
+            403,
+            "admin endpoints are off: set the admin token's environment "
+            "variable (RAP_ADMIN_TOKEN by default) to enable them",
+        )
+    token = bearer_token(authorization)
+    if not (token and hmac.compare_digest(token, expected)):
+        raise HTTPError(401, "incorrect or missing admin token", "invalid_admin_token")
 
 
 def new_id(prefix: str) -> str:

@@ -31,6 +31,7 @@ class GenerateCall(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(None, description="Sampling seed: the same seed repeats a sample.")
 
 
 def nvml_memory(device_index: int = 0) -> DeviceMemory:

@@ -357,3 +357,42 @@ def test_admin_endpoints_are_off_without_a_token(server, tmp_path_factory) -> No
         assert status == 200 and body["data"][0]["id"] == folder.name
     finally:
         serve.delete("off")
+
+
+def test_stop_sequences_end_the_text_before_them_streamed_or_not(server) -> None:
+    """`stop` was silently dropped for every HTTP request."""
+    c = client(server)
+    ask = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+    base = c.completions.create(**ask).choices[0].text
+    words = base.split()
+    assert len(words) >= 3, base
+    stop = words[len(words) // 2]
+    cut = c.completions.create(**ask, stop=[stop]).choices[0]
+    assert cut.text == base[: base.find(stop)] and cut.finish_reason == "stop", (base, stop)
+    parts = [
+        ch.choices[0].text
+        for ch in c.completions.create(**ask, stop=stop, stream=True)
+        if ch.choices
+    ]
+    assert "".join(parts) == cut.text and stop not in "".join(parts)
+
+
+def test_a_client_that_hangs_up_frees_its_row_at_once(server) -> None:
+    """Closing the socket through Serve's proxy cancels the request in the engine."""
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "stream": True}
+    req = urllib.request.Request(server + "/v1/completions", data=json.dumps(body).encode())
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {KEY}")
+    resp = urllib.request.urlopen(req, timeout=120)
+    for _ in range(3):
+        assert resp.readline()  # streaming has begun
+    resp.close()  # the client is gone
+
+    def idle() -> bool:
+        reps = state(server)["replicas"].values()
+        return all(t["queue"]["running"] == 0 and t["kv_pages_in_use"] == 0 for t in reps)
+
+    started = time.monotonic()
+    wait_for(idle, timeout_s=60)
+    # 400 tokens take ~20 s here; a cancelled row stops within a few steps.
+    assert time.monotonic() - started < 15
