@@ -11,12 +11,15 @@ the default model in float32 with 2 torch threads, EOS ignored (equal work every
             that holds every request (the engine under serving, without Ray)
   hf-cb     transformers' continuous batching (`init_continuous_batching`, per-request
             max_new_tokens, the same 8 rows and 256-token steps where it has the settings)
-  static-8  `generate()` in static batches of 8 (the old engine's core: a batch runs until its
-            longest row ends; useful tokens counted)
+  old-engine  the static-batch engine v2 replaced, run as it served (`Engine.submit`, batches of
+            8 gathered in its 50 ms window, each run to its longest row) from a git worktree of
+            the last commit that has it (`OLD_ENGINE_COMMIT`), in a subprocess
+            (`bench/old_engine_driver.py`); the model load is outside the timings
+  static-8  `generate()` in static batches of 8 (the old engine's core; offline only)
 
-Offline: all prompts at once, useful tokens/s. Online (v2 and static-8): Poisson arrivals at each
-rate of `--rates`; time to first token and per output token, p50/p99, and the highest rate whose
-TTFT p99 stays under `--ttft-slo-s`. Each system `--repeats` times, interleaved; medians.
+Offline: all prompts at once, useful tokens/s. Online (v2 and old-engine): Poisson arrivals at
+each rate of `--rates`; time to first token and per output token, p50/p99, and the highest rate
+whose TTFT p99 stays under `--ttft-slo-s`. Each system `--repeats` times, interleaved; medians.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +43,8 @@ from rap.serving.kv_pages import PagePool
 from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
 
 PROMPTS = Path(__file__).parent / "data" / "engine_prompts.json"
+OLD_ENGINE_COMMIT = "0bb08d7e765302fedf3db86b990eae2c0062edf7"  # its parent deleted the engine
+OLD_ENGINE_TREE = Path("/tmp/rap-old-engine")
 
 
 def make_prompts(model: Any) -> None:
@@ -110,6 +117,49 @@ def offline_hf_cb(model: Any, rows: list[dict]) -> float:
     return rate
 
 
+def old_engine(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs run by `old_engine_driver.py` with `rap` from the old commit's worktree."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (OLD_ENGINE_TREE / ".git").exists():
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(repo),
+                "worktree",
+                "add",
+                "--detach",
+                "-f",
+                str(OLD_ENGINE_TREE),
+                OLD_ENGINE_COMMIT,
+            ],
+            check=True,
+            capture_output=True,
+        )
+    out = subprocess.run(
+        [sys.executable, str(repo / "bench" / "old_engine_driver.py")],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": str(OLD_ENGINE_TREE), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the old engine failed:\n{out.stderr[-3000:]}")
+    results: list[dict[str, Any]] = json.loads(out.stdout)
+    return results
+
+
+def offline_old(_: Any, rows: list[dict]) -> float:
+    rate: float = old_engine([{"mode": "offline", "rows": rows}])[0]["tokens_per_s"]
+    return rate
+
+
+def online_old(_: Any, rows: list[dict], rate: float, seed: int) -> dict[str, float]:
+    job = {"mode": "online", "rows": rows, "rate": rate, "seed": seed}
+    return _latencies(old_engine([job])[0]["marks"])
+
+
 def online_v2(model: Any, rows: list[dict], rate: float, seed: int) -> dict[str, float]:
     sched = scheduler(model)
     stop = threading.Event()
@@ -144,56 +194,6 @@ def online_v2(model: Any, rows: list[dict], rate: float, seed: int) -> dict[str,
     return _latencies(marks)
 
 
-def online_static(model: Any, rows: list[dict], rate: float, seed: int) -> dict[str, float]:
-    """The old engine's behaviour: a batch of whatever waits (≤ 8) runs to its longest row;
-    arrivals during a batch wait for the next one. Its tokens stream as they come."""
-    rng = random.Random(seed)
-    arrivals, t = [], time.perf_counter()
-    for r in rows:
-        t += rng.expovariate(rate)
-        arrivals.append((t, r))
-    marks: list[dict[str, float]] = []
-    i = 0
-    while i < len(arrivals):
-        now = time.perf_counter()
-        if arrivals[i][0] > now:
-            time.sleep(arrivals[i][0] - now)
-        batch: list[tuple[float, dict]] = []
-        while i < len(arrivals) and arrivals[i][0] <= time.perf_counter() and len(batch) < 8:
-            batch.append(arrivals[i])
-            i += 1
-        firsts: list[float | None] = [None] * len(batch)
-        model.generate_ids(
-            [r["prompt_ids"] for _, r in batch],
-            max(r["max_tokens"] for _, r in batch),
-            streamer=_FirstToken(firsts),
-            stop_at_eos=False,
-        )
-        end = time.perf_counter()
-        for k, (sent, r) in enumerate(batch):
-            marks.append(
-                {"sent": sent, "first": firsts[k] or end, "end": end, "n": r["max_tokens"]}
-            )
-    return _latencies(marks)
-
-
-class _FirstToken:
-    """A generate() streamer that notes when every row got its first token."""
-
-    def __init__(self, firsts: list[float | None]) -> None:
-        self.firsts, self.seen = firsts, False
-
-    def put(self, value: Any) -> None:
-        if not self.seen:  # the first call carries the prompts
-            self.seen = True
-            return
-        now = time.perf_counter()
-        self.firsts[:] = [f or now for f in self.firsts]
-
-    def end(self) -> None:
-        pass
-
-
 def _latencies(marks: list[dict[str, float]]) -> dict[str, float]:
     ttft = [m["first"] - m["sent"] for m in marks]
     tpot = [(m["end"] - m["first"]) / max(m["n"] - 1, 1) for m in marks]
@@ -222,7 +222,12 @@ def main() -> None:
         return
     rows = json.loads(PROMPTS.read_text())["rows"]
     offline_v2(model, rows[:2])  # warm-up
-    systems = {"v2": offline_v2, "hf-cb": offline_hf_cb, "static-8": offline_static}
+    systems = {
+        "v2": offline_v2,
+        "hf-cb": offline_hf_cb,
+        "old-engine": offline_old,
+        "static-8": offline_static,
+    }
     offline: dict[str, list[float]] = {name: [] for name in systems}
     for rep in range(args.repeats):
         for name, run in systems.items():
@@ -235,9 +240,12 @@ def main() -> None:
     }
     online_rows = rows[: args.online_requests]
     for rate in [float(x) for x in args.rates.split(",")]:
-        for name, trial in (("v2", online_v2), ("static-8", online_static)):
-            runs = [trial(model, online_rows, rate, seed) for seed in range(args.repeats)]
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        runs: dict[str, list[dict[str, float]]] = {"v2": [], "old-engine": []}
+        for seed in range(args.repeats):  # interleaved
+            runs["v2"].append(online_v2(model, online_rows, rate, seed))
+            runs["old-engine"].append(online_old(model, online_rows, rate, seed))
+        for name, by_seed in runs.items():
+            med = {k: statistics.median(r[k] for r in by_seed) for k in by_seed[0]}
             result["online"].setdefault(name, {})[str(rate)] = med
             print(
                 f"online {name} at {rate}/s: TTFT p50 {med['ttft_p50_s']:.2f} s, p99 "
@@ -254,8 +262,8 @@ def main() -> None:
     result["settings"] = vars(args) | {"out": str(args.out) if args.out else None}
     off = result["offline_tokens_per_s"]
     print(
-        f"offline: v2 {off['v2']:.1f}, hf-cb {off['hf-cb']:.1f}, static-8 {off['static-8']:.1f} "
-        f"tokens/s (v2 / hf-cb = {off['v2'] / off['hf-cb']:.2f})"
+        f"offline: v2 {off['v2']:.1f}, hf-cb {off['hf-cb']:.1f}, old-engine {off['old-engine']:.1f}"
+        f", static-8 {off['static-8']:.1f} tokens/s (v2 / hf-cb = {off['v2'] / off['hf-cb']:.2f})"
     )
     print(f"sustained rate with TTFT p99 ≤ {args.ttft_slo_s} s: {result['sustained_rate']}")
     if args.out:
