@@ -8,10 +8,11 @@ rap/ops/grafana.py; nothing here imports Ray.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
+from rap.cli.common import read_secret
+from rap.core.errors import RapError
 from rap.ops.grafana import DASHBOARD_UID, export, push
 
 
@@ -25,12 +26,17 @@ def add_commands(sub: Any) -> None:
     export.add_argument("--namespace", default=None, help="ConfigMap namespace (default: none)")
     export.set_defaults(func=cmd_grafana_export)
 
-    push = gsub.add_parser("push", help="create or overwrite the dashboard in a Grafana")
+    # allow_abbrev=False: a removed `--token T` must not pass as `--token-file T` (see serve.py).
+    push = gsub.add_parser(
+        "push", help="create or overwrite the dashboard in a Grafana", allow_abbrev=False
+    )
     push.add_argument("--url", required=True, help="Grafana's base URL, e.g. http://grafana:3000")
     push.add_argument(
-        "--token",
-        default=os.environ.get("GRAFANA_TOKEN"),
-        help="service account token (default: $GRAFANA_TOKEN)",
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the service account token (default: $GRAFANA_TOKEN; never a flag's "
+        "value, which `ps` shows)",
     )
     push.add_argument("--folder-uid", default=None, help="folder to put it in (default: General)")
     push.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout in seconds")
@@ -46,7 +52,10 @@ def cmd_grafana_export(args: argparse.Namespace) -> int:
 
 def cmd_grafana_push(args: argparse.Namespace) -> int:
 
-    out = push(args.url, args.token or "", args.folder_uid, args.timeout)
+    token = read_secret(args.token_file, "GRAFANA_TOKEN", "Grafana token")
+    if not token:  # here, not in push(): the fix names this command's flag
+        raise RapError("no Grafana token", fix="set GRAFANA_TOKEN or pass --token-file")
+    out = push(args.url, token, args.folder_uid, args.timeout)
     where = f"{args.url.rstrip('/')}{out.get('url', '/d/' + DASHBOARD_UID)}"
     print(f"dashboard {out.get('uid', DASHBOARD_UID)} version {out.get('version', '?')}: {where}")
     return 0

@@ -11,23 +11,30 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from rap.cli.common import read_secret
 from rap.core.constants import GIB
 from rap.core.errors import RapError
 from rap.core.loading import DEFAULT_MODEL, resolve
 
 
 def add_commands(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="start Ray and the RAP Serve app; keep serving")
+    # allow_abbrev=False: else argparse would take a removed `--api-key K` (or `--token T`) as
+    # `--api-key-file K` and echo the secret K in its "cannot read" error.
+    serve = sub.add_parser(
+        "serve", help="start Ray and the RAP Serve app; keep serving", allow_abbrev=False
+    )
     serve.add_argument("--model", default=DEFAULT_MODEL)
     serve.add_argument("--replicas", type=int, default=2, help="number of model replicas")
     serve.add_argument(
@@ -51,8 +58,21 @@ def add_commands(sub: Any) -> None:
         help="the controller's planner: 'default' (the shipped RAP policy for the default model, "
         "else the heuristic), a folder exported by `rap train`, or 'none' (heuristic mem-greedy)",
     )
-    serve.add_argument("--api-key", default=None, help="require this key on /v1 (as vLLM does)")
-    serve.add_argument("--admin-token", default=None, help="default: a random token, printed")
+    # Secrets come from the environment or a file, never a flag's value: `ps` shows those.
+    serve.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="require the key in this file on /v1, as vLLM's --api-key does (default: "
+        "$RAP_API_KEY; neither: no key needed)",
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        default=None,
+        metavar="PATH",
+        help="the admin token, in this file (default: $RAP_ADMIN_TOKEN; neither: a random one, "
+        "written to ~/.cache/rap/admin-token, readable by you only)",
+    )
     serve.add_argument(
         "--exit-after-first",
         action="store_true",
@@ -62,10 +82,15 @@ def add_commands(sub: Any) -> None:
 
     budget = sub.add_parser("budget", help="operator actions on budgets")
     bsub = budget.add_subparsers(dest="action", required=True)
-    bset = bsub.add_parser("set", help="change a replica's budget at run time")
+    bset = bsub.add_parser("set", help="change a replica's budget at run time", allow_abbrev=False)
     bset.add_argument("--replica", required=True)
     bset.add_argument("--gib", type=float, required=True)
-    bset.add_argument("--token", default=os.environ.get("RAP_ADMIN_TOKEN"))
+    bset.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the admin token (default: $RAP_ADMIN_TOKEN)",
+    )
     bset.add_argument("--url", default="http://127.0.0.1:8000")
     bset.set_defaults(func=cmd_budget_set)
 
@@ -92,11 +117,14 @@ def http_json(
 
 
 def cmd_budget_set(args: argparse.Namespace) -> int:
-    if not args.token:
-        raise RapError("no admin token", fix="pass --token or set RAP_ADMIN_TOKEN")
-    out = http_json(
-        f"{args.url}/admin/budget", {"replica": args.replica, "gib": args.gib}, args.token
-    )
+    token = read_secret(args.token_file, "RAP_ADMIN_TOKEN", "admin token")
+    if not token:
+        raise RapError(
+            "no admin token",
+            fix="set RAP_ADMIN_TOKEN or pass --token-file "
+            "(rap serve writes one and prints its path)",
+        )
+    out = http_json(f"{args.url}/admin/budget", {"replica": args.replica, "gib": args.gib}, token)
     print(f"{out['replica']}: budget {out['budget_bytes'] / GIB:.3f} GiB")
     return 0
 
@@ -130,16 +158,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     resolve(args.model)  # convert the default model once, before replicas race to do it
     policy = controller_policy(config.resolved())  # one error line now, before Ray starts
     print(f"controller policy: {_policy_line(policy.describe())}", flush=True)
-    token = args.admin_token or secrets.token_urlsafe(16)
+    # After the checks above, so a rejected start writes no token file; before Ray starts.
+    api_key = read_secret(args.api_key_file, config.api_key_env, "API key")
+    token, token_lines = _admin_token(args.admin_token_file, config.admin_token_env)
     os.environ[config.admin_token_env] = token  # inherited by Ray's workers
-    if args.api_key:
-        os.environ[config.api_key_env] = args.api_key
+    if api_key:
+        os.environ[config.api_key_env] = api_key
     url = f"http://{args.host}:{args.port}"
     metrics_port = args.metrics_port or _free_port()
     try:
         _start(config, args, metrics_port)
-        first = _first_request(url, args.api_key)
-        _report(url, token, first, args.api_key is not None, metrics_port)
+        first = _first_request(url, api_key)
+        _report(url, token, token_lines, first, api_key is not None, metrics_port)
         while not args.exit_after_first:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -161,11 +191,58 @@ def _validated(args: argparse.Namespace) -> Any:
         raise RapError(f"invalid serve configuration: {msg}") from None
 
 
-def _report(url: str, token: str, first: dict[str, Any], keyed: bool, metrics_port: int) -> None:
+def admin_token_path() -> Path:
+    """Where `rap serve` keeps a token it generated: $XDG_CACHE_HOME/rap/admin-token, else
+    ~/.cache/rap/admin-token (the XDG spec ignores a relative XDG_CACHE_HOME)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"
+    return base / "rap" / "admin-token"
+
+
+def write_admin_token(token: str) -> Path:
+    """Write `token` to admin_token_path(), readable by its owner only; return the path."""
+    path = admin_token_path()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 (never briefly wider); fchmod narrows a file left by an older run.
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(token + "\n")
+    except OSError as exc:
+        raise RapError(
+            f"cannot write the admin token to {path} ({exc.strerror})",
+            fix="set RAP_ADMIN_TOKEN or pass --admin-token-file, or set XDG_CACHE_HOME",
+        ) from None
+    return path
+
+
+def _admin_token(path: str | None, env: str) -> tuple[str, tuple[str, str]]:
+    """The admin token, and what `rap serve` prints about it: where it is, and the `rap budget
+    set` flag that finds it (neither line holds the token, so a pasted log leaks nothing)."""
+    token = read_secret(path, env, "admin token")
+    if token and path:
+        full = os.path.abspath(path)  # the hint may be pasted in another folder
+        return token, (f"from {full}", f" --token-file {shlex.quote(full)}")
+    if token:  # a shell comment, so the line still pastes as it is
+        return token, (f"from ${env}", f"  # the token from ${env}")
+    token = secrets.token_urlsafe(16)
+    written = str(write_admin_token(token))
+    return token, (f"in {written} (readable by you only)", f" --token-file {shlex.quote(written)}")
+
+
+def _report(
+    url: str,
+    token: str,
+    token_lines: tuple[str, str],
+    first: dict[str, Any],
+    keyed: bool,
+    metrics_port: int,
+) -> None:
     """What a user needs once the app answers: where, a first answer, how to call it, how to act
-    on it, where its metrics are, and which policy plans."""
+    on it, where its metrics are, and which policy plans. No secret is printed."""
     print(f"RAP Serve is up at {url}  (OpenAI-compatible: {url}/v1)")
-    print(f"admin token: {token}")
+    print(f"admin token: {token_lines[0]}")
     print(
         "first request: POST /v1/chat/completions "
         '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
@@ -178,9 +255,9 @@ def _report(url: str, token: str, first: dict[str, Any], keyed: bool, metrics_po
     print(
         f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
         f'-d \'{{"model": "{first["model"]}", "prompt": "Once upon a time"}}\''
-        + ("  (with RAP_API_KEY set to the key you passed)" if keyed else "")
+        + ("  (with RAP_API_KEY set to the API key)" if keyed else "")
     )
-    print(f"operator: rap budget set --replica replica-0 --gib 0.4 --token {token}")
+    print(f"operator: rap budget set --replica replica-0 --gib 0.4{token_lines[1]}")
     print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (Prometheus; docs/metrics.md)")
     print(f"controller: {_controller_line(url, token)}")
 

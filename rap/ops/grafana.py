@@ -222,7 +222,7 @@ def push(
     if not re.match(r"^https?://[^/\s]+", url):
         raise GrafanaError(f"--url {url!r} is not an HTTP URL", expected="e.g. http://grafana:3000")
     if not token:
-        raise GrafanaError("no Grafana token", fix="pass --token or set GRAFANA_TOKEN")
+        raise GrafanaError("no Grafana token", fix="set GRAFANA_TOKEN or pass --token-file")
     body: dict[str, Any] = {
         "dashboard": {**dashboard(), "id": None},  # id None + uid: create, or overwrite by uid
         "overwrite": True,

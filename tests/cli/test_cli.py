@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from rap.cli.main import main
+from rap.cli import serve as serve_cli
+from rap.cli.common import read_secret
+from rap.cli.main import build_parser, main
+from rap.cli.serve import _admin_token, write_admin_token
 from rap.core import memory
+from rap.core.errors import RapError
 from tests.tiny import tiny_config
 
 
@@ -79,3 +85,105 @@ def test_entry_point_exit_status(tmp_path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# -- secrets: from the environment or a file, never a flag's value (`ps` shows flags) ---------
+def _options(*words: str) -> set[str]:
+    """Every option string of the subcommand `rap WORDS...`."""
+    import argparse
+
+    parser: argparse.ArgumentParser = build_parser()
+    for word in words:
+        [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = action.choices[word]
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize(
+    ("words", "gone", "kept"),
+    [
+        (("serve",), {"--api-key", "--admin-token"}, {"--api-key-file", "--admin-token-file"}),
+        (("budget", "set"), {"--token"}, {"--token-file"}),
+        (("grafana", "push"), {"--token"}, {"--token-file"}),
+    ],
+)
+def test_no_secret_is_a_flag_value(words, gone, kept) -> None:
+    options = _options(*words)
+    assert not gone & options and kept <= options
+    with pytest.raises(SystemExit):  # argparse rejects the old flag (no prefix match either)
+        build_parser().parse_args([*words, gone.pop(), "secret"])
+
+
+def test_read_secret_file_then_env(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RAP_TEST_SECRET", "from-env")
+    secret = tmp_path / "secret"
+    secret.write_text("  from-file \n")
+    assert read_secret(str(secret), "RAP_TEST_SECRET", "test secret") == "from-file"
+    assert read_secret(None, "RAP_TEST_SECRET", "test secret") == "from-env"
+    monkeypatch.setenv("RAP_TEST_SECRET", "")
+    assert read_secret(None, "RAP_TEST_SECRET", "test secret") is None
+    monkeypatch.delenv("RAP_TEST_SECRET")
+    assert read_secret(None, "RAP_TEST_SECRET", "test secret") is None
+
+
+def test_read_secret_missing_or_empty_file_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RAP_TEST_SECRET", "from-env")  # a named file never falls back to it
+    missing = tmp_path / "missing"
+    with pytest.raises(RapError) as err:
+        read_secret(str(missing), "RAP_TEST_SECRET", "test secret")
+    assert f"cannot read the test secret file {missing}" in str(err.value)
+    assert "set RAP_TEST_SECRET instead" in str(err.value)
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    with pytest.raises(RapError) as err:
+        read_secret(str(empty), "RAP_TEST_SECRET", "test secret")
+    assert f"the test secret file {empty} is empty" in str(err.value)
+
+
+def test_generated_admin_token_file_is_0600(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = write_admin_token("tok-1")
+    assert path == tmp_path / "cache" / "rap" / "admin-token"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) & 0o077 == 0
+    os.chmod(path, 0o644)  # a file left readable by others is narrowed on the next write
+    assert write_admin_token("tok-2") == path and path.read_text().strip() == "tok-2"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_serve_prints_the_token_path_not_the_token(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("RAP_ADMIN_TOKEN", raising=False)
+    token, (where, flag) = _admin_token(None, "RAP_ADMIN_TOKEN")
+    path = tmp_path / "rap" / "admin-token"
+    assert path.read_text().strip() == token and len(token) >= 16
+    assert where == f"in {path} (readable by you only)" and flag == f" --token-file {path}"
+    assert token not in where + flag
+    monkeypatch.setenv("RAP_ADMIN_TOKEN", "env-token")
+    token, (where, flag) = _admin_token(None, "RAP_ADMIN_TOKEN")
+    assert token == "env-token" and "env-token" not in where + flag
+
+
+def test_budget_set_without_a_token_is_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("RAP_ADMIN_TOKEN", raising=False)
+    assert main(["budget", "set", "--replica", "replica-0", "--gib", "0.4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "no admin token; set RAP_ADMIN_TOKEN or pass --token-file" in err
+
+
+def test_budget_set_reads_its_token_file(tmp_path, monkeypatch, capsys) -> None:
+    """The file's token, not the environment's, goes to the server."""
+    seen: list[str | None] = []
+
+    def fake_http_json(url: str, body: dict, token: str | None) -> dict:
+        seen.append(token)
+        return {"replica": body["replica"], "budget_bytes": int(body["gib"] * 2**30)}
+
+    monkeypatch.setenv("RAP_ADMIN_TOKEN", "env-token")
+    monkeypatch.setattr(serve_cli, "http_json", fake_http_json)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("file-token\n")
+    args = ["budget", "set", "--replica", "r", "--gib", "1", "--token-file", str(token_file)]
+    assert main(args) == 0 and seen == ["file-token"]
+    assert "r: budget 1.000 GiB" in capsys.readouterr().out

@@ -244,9 +244,14 @@ def grafana(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server.server_close()
 
 
-def test_push_posts_the_documented_body_with_a_bearer_token(grafana: str, capsys) -> None:
-    rc = main(["grafana", "push", "--url", grafana, "--token", "good-token", "--folder-uid", "ops"])
-    assert rc == 0
+def test_push_posts_the_documented_body_with_a_bearer_token(
+    grafana: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("GRAFANA_TOKEN", "env-token")  # the file wins over the environment
+    token_file = tmp_path / "grafana-token"
+    token_file.write_text("good-token\n")
+    args = ["--url", grafana, "--token-file", str(token_file), "--folder-uid", "ops"]
+    assert main(["grafana", "push", *args]) == 0
     [req] = FakeGrafana.seen
     assert req["path"] == "/api/dashboards/db"
     assert req["auth"] == "Bearer good-token"
@@ -257,8 +262,9 @@ def test_push_posts_the_documented_body_with_a_bearer_token(grafana: str, capsys
     assert f"{grafana}/d/{DASHBOARD_UID}/rap-serve" in capsys.readouterr().out
 
 
-def test_push_without_folder_goes_to_general(grafana: str) -> None:
-    assert main(["grafana", "push", "--url", grafana, "--token", "good-token"]) == 0
+def test_push_without_folder_goes_to_general(grafana: str, monkeypatch) -> None:
+    monkeypatch.setenv("GRAFANA_TOKEN", "good-token")
+    assert main(["grafana", "push", "--url", grafana]) == 0
     assert "folderUid" not in FakeGrafana.seen[0]["body"]
 
 
@@ -268,23 +274,30 @@ def one_line_error(capsys) -> str:
     return err
 
 
-def test_wrong_token_is_one_clean_line(grafana: str, capsys) -> None:
-    assert main(["grafana", "push", "--url", grafana, "--token", "wrong"]) == 2
+def test_wrong_token_is_one_clean_line(grafana: str, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("GRAFANA_TOKEN", "wrong")
+    assert main(["grafana", "push", "--url", grafana]) == 2
     assert "401" in one_line_error(capsys)
     assert FakeGrafana.seen[0]["auth"] == "Bearer wrong"
 
 
-def test_unreachable_or_malformed_url_is_one_clean_line(capsys, monkeypatch) -> None:
+def test_unreachable_or_malformed_url_is_one_clean_line(capsys, monkeypatch, tmp_path) -> None:
     import socket
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("GRAFANA_TOKEN", "t")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["grafana", "push", "--url", f"http://127.0.0.1:{port}", "--token", "t"]) == 2
+    assert main(["grafana", "push", "--url", f"http://127.0.0.1:{port}"]) == 2
     assert "no Grafana answered" in one_line_error(capsys)
-    assert main(["grafana", "push", "--url", "grafana:3000", "--token", "t"]) == 2
+    assert main(["grafana", "push", "--url", "grafana:3000"]) == 2
     assert "not an HTTP URL" in one_line_error(capsys)
-    monkeypatch.delenv("GRAFANA_TOKEN", raising=False)
-    assert main(["grafana", "push", "--url", "http://127.0.0.1:1", "--token", ""]) == 2
-    assert "no Grafana token" in one_line_error(capsys)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert main(["grafana", "push", "--url", "http://127.0.0.1:1", "--token-file", str(empty)]) == 2
+    assert f"the Grafana token file {empty} is empty" in one_line_error(capsys)
+    monkeypatch.delenv("GRAFANA_TOKEN")
+    assert main(["grafana", "push", "--url", "http://127.0.0.1:1"]) == 2
+    err = one_line_error(capsys)
+    assert "no Grafana token" in err and "--token-file" in err
