@@ -7,6 +7,8 @@ replica tag there names the controller. Glossary: docs/metrics.md.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray.serve import metrics
 
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
@@ -48,6 +50,12 @@ class ReplicaMetrics:
             tag_keys=("reason",),
         )
         self.tokens = metrics.Counter("rap_generated_tokens_total", description="Tokens generated.")
+        self.errors = metrics.Counter(
+            "rap_replica_errors_total",
+            description="Errors the replica contained and served on, by kind (device_memory: "
+            "NVML failing; plan: a malformed plan; telemetry: the reporter).",
+            tag_keys=("kind",),
+        )
         # A gauge, not a counter: a counter never incremented exports no series at all.
         self.fallbacks = g(
             "rap_local_fallback_steps",
@@ -69,6 +77,26 @@ class ReplicaMetrics:
             description="End-to-end request latency.",
             boundaries=LATENCY_BOUNDARIES_S,
         )
+
+    def record(self, tel: Any) -> None:
+        """Set the gauges from a `Telemetry` snapshot."""
+        self.budget.set(tel.budget_bytes)
+        self.weights.set(tel.weight_bytes)
+        self.kv_reserved.set(tel.kv_bytes_reserved)
+        self.kv_in_use.set(tel.kv_bytes_in_use)
+        self.device_used.set(tel.device.used_bytes)
+        self.device_free.set(tel.device.free_bytes)
+        self.fallbacks.set(tel.local_fallbacks)
+        self.attn_kept.set(tel.attn_kept)
+        self.mlp_kept.set(tel.mlp_kept)
+        self.mask_seq.set(tel.mask_version.seq)
+        self.mask_epoch.set(tel.mask_version.epoch)
+        self.waiting.set(tel.queue.waiting)
+        self.running.set(tel.queue.running)
+        self.pages_in_use.set(tel.kv_pages_in_use)
+        self.pages_free.set(tel.kv_pages_free)
+        self.tokens_per_s.set(tel.tokens_per_s)
+        self.over_budget.set(tel.over_budget_bytes)
 
 
 class ControllerMetrics:

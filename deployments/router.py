@@ -1,9 +1,12 @@
 """Router: the HTTP ingress. OpenAI-compatible endpoints, admin endpoints, replica choice.
 
-It validates requests (400 with OpenAI's error body, never FastAPI's 422), checks the API key and
-the admin token, sends each request to the least-loaded replica (ties: the one whose mask keeps
+Before any body is read, `rap.serving.http_guard` checks the API key or admin token, the
+per-client rate limit and the body's size; every error has OpenAI's shape (400, never FastAPI's
+422). The router sends each request to the least-loaded replica (ties: the one whose mask keeps
 the most, `rap.serving.routing`) and retries a memory 503 once on another. Replicas are separate
 deployments (replica-0, ...), so the router and operators can address each by a stable name.
+`/openapi.json` is served (behind the API key when one is set); `/docs` and `/redoc` are not
+(their pages load scripts from a CDN that an offline cluster cannot reach).
 """
 
 import asyncio
@@ -11,7 +14,6 @@ import os
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -19,30 +21,14 @@ from ray.serve.exceptions import BackPressureError
 from rap.core.constants import GIB
 from rap.core.loading import load_config
 from rap.serving.config import ServeAppConfig
+from rap.serving.http_guard import Guard, install, request_timeout_s
 from rap.serving.messages import BudgetChange, MaskPush
-from rap.serving.openai_api import (
-    ChatRequest,
-    CompletionRequest,
-    HTTPError,
-    Relay,
-    check_admin_token,
-    check_api_key,
-    error_body,
-    validation_error_body,
-)
+from rap.serving.openai_api import ChatRequest, CompletionRequest, HTTPError, Relay
 from rap.serving.routing import ReplicaLoad, kept_fraction, order, readiness, watch
 
-app = FastAPI(title="RAP Serve")
-
-
-@app.exception_handler(HTTPError)
-async def _http_error(_: Request, exc: HTTPError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type), exc.status, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(validation_error_body(exc.errors()), 400)
+app = FastAPI(title="RAP Serve", docs_url=None, redoc_url=None)
+guard = Guard()  # filled in by the Router when it starts (one Router per process)
+install(app, guard)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -55,8 +41,9 @@ class Router:
         self.served_name = cfg.served_name or load_config(cfg.model)[1]
         self.controller, self.replicas = controller, replicas
         self.loads = {name: ReplicaLoad() for name in replicas}
-        self.api_key = os.environ.get(cfg.api_key_env) or None
-        self.admin_token = os.environ.get(cfg.admin_token_env) or None
+        guard.config, self.http = cfg.http, cfg.http
+        guard.api_key = os.environ.get(cfg.api_key_env) or None
+        guard.admin_token = os.environ.get(cfg.admin_token_env) or None
         fetch = lambda n: replicas[n].telemetry.remote()  # noqa: E731
         self._watcher = asyncio.get_running_loop().create_task(
             watch(self.loads, fetch, cfg.telemetry_period_s)
@@ -64,37 +51,37 @@ class Router:
 
     # -- OpenAI endpoints -----------------------------------------------------------------
     @app.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._check_key(request)
+    async def models(self) -> dict[str, Any]:
         card = {"id": self.served_name, "object": "model", "created": 0, "owned_by": "rap-serve"}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
-        self._check_key(request)
         try:
             prompt = body.prompt_text()
         except ValueError as exc:
             raise HTTPError(400, str(exc)) from None
-        return await self._serve(body, {"prompt": prompt}, chat=False)
+        return await self._serve(body, {"prompt": prompt}, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request) -> Any:
-        self._check_key(request)
+        most = self.http.max_messages
+        if len(body.messages) > most:
+            raise HTTPError(400, f"at most {most} messages, got {len(body.messages)}")
         messages = [m.model_dump() for m in body.messages]
-        return await self._serve(body, {"messages": messages}, chat=True)
+        return await self._serve(body, {"messages": messages}, request, chat=True)
 
-    async def _serve(self, body: Any, prompt: dict[str, Any], chat: bool) -> Any:
+    async def _serve(self, body: Any, prompt: dict[str, Any], request: Request, chat: bool) -> Any:
         if body.model != self.served_name:
             raise HTTPError(
                 404,
                 f"The model `{body.model}` does not exist; this server serves `{self.served_name}`",
-                "model_not_found",
+                code="model_not_found",
             )
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or 16
         sampling = {k: getattr(body, k) for k in ("temperature", "top_p", "seed")}
-        call = {"model": body.model, **prompt, "max_tokens": max_tokens, **sampling}
+        call = {"model": body.model, **prompt, "max_tokens": body.max_new_tokens(), **sampling}
         call["stop"] = body.stop_list()
+        call["timeout_s"] = request_timeout_s(request.headers.get("x-request-timeout"), self.http)
         name, events, first = await self._start(call)
         if first["type"] == "error":
             self.loads[name].inflight -= 1
@@ -104,9 +91,9 @@ class Router:
                 first["message"],
                 "server_error" if first["status"] >= 500 else "invalid_request_error",
                 {"Retry-After": str(retry)} if retry else None,
+                code=first.get("code"),
             )
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        relay = Relay(self.served_name, chat, include_usage)
+        relay = Relay(self.served_name, chat, body.include_usage())
         relay.started(first)
         tracked = self._tracked(name, events)
         if body.stream:
@@ -146,34 +133,32 @@ class Router:
             events.cancel()  # a no-op once the stream ended
             self.loads[name].inflight -= 1
 
-    def _check_key(self, request: Request) -> None:
-        check_api_key(self.api_key, request.headers.get("authorization", ""))
-
-    # -- admin endpoints ------------------------------------------------------------------
-    def _check_admin(self, request: Request) -> None:
-        check_admin_token(self.admin_token, request.headers.get("authorization", ""))
-
+    # -- admin endpoints (the guard has checked the admin token) ----------------------------
     def _replica(self, name: str) -> Any:
         if name not in self.replicas:
             raise HTTPError(404, f"no replica {name!r}; replicas: {sorted(self.replicas)}")
         return self.replicas[name]
 
     @app.post("/admin/budget")
-    async def set_budget(self, body: BudgetChange, request: Request) -> dict[str, Any]:
-        self._check_admin(request)
+    async def set_budget(self, body: BudgetChange) -> dict[str, Any]:
         return await self._replica(body.replica).set_budget.remote(int(body.gib * GIB))
 
     @app.post("/admin/mask")
-    async def push_mask(self, body: MaskPush, request: Request) -> dict[str, Any]:
-        self._check_admin(request)
+    async def push_mask(self, body: MaskPush) -> dict[str, Any]:
+        """The mask becomes the replica's ceiling until DELETE /admin/mask releases it."""
         out = await self._replica(body.replica).push_mask.remote(body.mask)
         if "error" in out:
             raise HTTPError(400, out["error"])
         return out
 
+    @app.delete("/admin/mask")
+    async def release_mask(self, replica: str) -> dict[str, Any]:
+        """DELETE /admin/mask?replica=NAME: plans and budgets alone decide again."""
+        out: dict[str, Any] = await self._replica(replica).push_mask.remote(None)
+        return out
+
     @app.get("/admin/state")
-    async def state(self, request: Request) -> dict[str, Any]:
-        self._check_admin(request)
+    async def state(self) -> dict[str, Any]:
         names = sorted(self.replicas)
         tels = await asyncio.gather(*(self.replicas[n].telemetry.remote() for n in names))
         for n, tel in zip(names, tels, strict=True):

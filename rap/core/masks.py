@@ -159,6 +159,12 @@ class KeepMask(BaseModel):
             (attn if kind == "attn" else mlp)[layer] = False
         return self.model_copy(update={"attn": tuple(attn), "mlp": tuple(mlp)})
 
+    def within(self, ceiling: KeepMask) -> KeepMask:
+        """This mask with every block `ceiling` drops dropped as well (an operator's pushed mask
+        caps what any plan may keep); labelled `user` when the ceiling removed something."""
+        extra = [b for b in layer_blocks(self.num_layers) if self.keeps(b) and not ceiling.keeps(b)]
+        return self.without(*extra).model_copy(update={"source": "user"}) if extra else self
+
     def kept_blocks(self) -> list[Block]:
         """Blocks this mask keeps, attention before MLP within a layer, layers in order."""
         return [b for b in layer_blocks(self.num_layers) if self.keeps(b)]

@@ -236,6 +236,13 @@ def _admission_row() -> Row:
                 "short",
                 [_gauge("ray_rap_queue_waiting", "waiting")],
             ),
+            Panel(
+                "Contained errors",
+                "Errors a replica contained and served on (device_memory: NVML failing; plan: "
+                "a malformed plan; telemetry: the reporter), per second.",
+                "ops",
+                [Target(_rate("ray_rap_replica_errors_total", "kind"), "{{kind}}")],
+            ),
         ],
     )
 

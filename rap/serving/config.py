@@ -16,6 +16,7 @@ from rap.core.loading import load_config
 from rap.planning import SERVING_PLANNERS, build_policy, choose_policy
 from rap.serving.controller import ControllerConfig
 from rap.serving.engine import EngineConfig
+from rap.serving.http_guard import HttpConfig
 
 
 class ReplicaConfig(BaseModel):
@@ -52,6 +53,13 @@ class ServeAppConfig(BaseModel):
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On shutdown or redeploy, how long running requests may take to finish "
+        "(Serve's graceful_shutdown_timeout_s for every deployment); new ones go elsewhere.",
+    )
     planner: str = Field(
         "mem-greedy",
         description="Stored-score planner for replicas' local fallback, and the controller's "

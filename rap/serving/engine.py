@@ -59,6 +59,14 @@ class EngineConfig(BaseModel):
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait for KV pages before a 503.")
     max_waiting: int = Field(256, ge=1, description="Queue length above which requests get 503.")
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens of a chat request that names none. None: up to the context as "
+        "far as the KV pool holds one row (OpenAI's default is the context); such a row "
+        "reserves its pages at admission (invariant 2), so a server that takes many of them "
+        "at once sets a number here.",
+    )
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(
@@ -92,6 +100,8 @@ class GenRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    deadline_s: float | None = None
+    """`time.monotonic()` after which the request ends (504), waiting or running."""
 
 
 @dataclass
@@ -118,6 +128,8 @@ class Engine:
         self.budget_bytes = budget_bytes
         self.budget_from_device = False  # set by the replica when NVML shares decide it
         self.plan: MaskPlan | None = None
+        self.ceiling: KeepMask | None = None
+        """An operator's pushed mask: no block it drops runs until it is released."""
         self.stats = EngineStats()
         self.error: BaseException | None = None
         self.context_len = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
@@ -158,6 +170,7 @@ class Engine:
             request.top_p,
             list(request.stop),
             request.seed,
+            deadline_s=request.deadline_s,
         )
 
         def sink(event: dict[str, Any]) -> None:  # from the engine's thread
@@ -190,6 +203,18 @@ class Engine:
         self._retarget()
         return True
 
+    def set_ceiling(self, ceiling: KeepMask | None) -> None:
+        """An operator's mask (None releases it): every mask chosen keeps only blocks it keeps;
+        plans, budgets and the floor still apply beneath it."""
+        if ceiling is not None and ceiling.kept_fraction < self.config.min_kept_fraction:
+            raise BudgetError(
+                f"the mask keeps {ceiling.kept_fraction:.1%} of the blocks, below the replica's "
+                f"quality floor of {self.config.min_kept_fraction:.1%}",
+                fix="push a mask that keeps more blocks, or lower engine.min_kept_fraction",
+            )
+        self.ceiling = ceiling
+        self._retarget()
+
     def set_budget(self, budget_bytes: int) -> None:
         """An operator's budget: it overrides the device-derived one from now on."""
         self.budget_bytes = budget_bytes
@@ -221,6 +246,9 @@ class Engine:
         dense = entry.mask if entry and entry.mask.kept_fraction == 1.0 else self._dense()
         locals_ = [self._local(b_, s_) for b_, s_ in ((b, s), (1, s), (1, self.config.page_tokens))]
         choices = [(dense, b), (entry.mask if entry else None, 1), *((m, 1) for m in locals_)]
+        if self.ceiling is not None:
+            choices = [(m.within(self.ceiling) if m else None, r) for m, r in choices]
+            dense = choices[0][0] or dense
         for mask, rows in [*choices, (dense, 1)]:
             if mask is not None and mask.kept_fraction >= floor and self._rows(mask) >= rows:
                 return mask, self._pages(mask)
@@ -302,7 +330,9 @@ class Engine:
     def _maybe_switch(self) -> None:
         mask, pages = self._target
         current = self.scheduler.pool
-        if mask == self.model.mask and pages == current.capacity:
+        if mask.key == self.model.mask.key and pages == current.capacity:
+            if mask != self.model.mask:  # a new version or label of the same blocks: no drain
+                self.model.apply(mask)
             self.scheduler.admitting = True
             return
         self.scheduler.admitting = False
@@ -349,6 +379,15 @@ class Engine:
     @property
     def tokens(self) -> int:
         return self.scheduler.stats.generated
+
+    def row_tokens(self) -> int:
+        """Most tokens (prompt + output) one row can hold in the current pool: capacity × page
+        tokens when a kept layer attends fully; the context when every kept layer has a window
+        (its pages are recycled) or no attention is kept."""
+        pool = self.scheduler.pool
+        if any(self.model.dims.windows[layer] is None for layer in pool.layers):
+            return min(pool.capacity * pool.page_tokens, self.context_len)
+        return self.context_len
 
     def kv_bytes_held(self) -> int:
         return self.scheduler.pool.nbytes

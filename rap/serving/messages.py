@@ -57,8 +57,16 @@ class Telemetry(_Message):
     kv_pages_in_use: int = Field(0, ge=0, description="KV pages rows hold, over all layers.")
     kv_pages_free: int = Field(0, ge=0, description="KV pages free, over all layers.")
     queue: QueueState = Field(default_factory=QueueState)
-    mask_version: MaskVersion = Field(default_factory=MaskVersion)
+    mask_version: MaskVersion = Field(
+        default_factory=MaskVersion,
+        description="The newest version the replica holds (its plan's or its model's): a "
+        "restarted controller starts its epoch above it.",
+    )
     mask_source: str = "user"
+    mask_ceiling: str | None = Field(
+        None, description="Blocks an operator's pushed mask drops (a KeepMask key), or None."
+    )
+    errors: int = Field(0, ge=0, description="Telemetry or plan errors the replica contained.")
     num_layers: int = Field(0, ge=0, description="Layers of the model (an attn and an MLP each).")
     attn_kept: int = Field(0, ge=0)
     mlp_kept: int = Field(0, ge=0)
@@ -99,12 +107,16 @@ class MaskPlan(_Message):
 class BudgetChange(_Message):
     """Operator → router: a replica's new budget (POST /admin/budget)."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     replica: str
-    gib: float = Field(gt=0, description="New budget in GiB.")
+    gib: float = Field(gt=0, le=1 << 20, description="New budget in GiB (finite).")
 
 
 class MaskPush(_Message):
-    """Operator → router: a mask for one replica (POST /admin/mask), validated by the replica."""
+    """Operator → router: a mask for one replica (POST /admin/mask), validated by the replica.
+    It is a ceiling: plans and budgets choose beneath it until
+    `DELETE /admin/mask?replica=NAME` releases it."""
 
     replica: str
     mask: dict[str, Any]

@@ -14,12 +14,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOKENS_LIMIT = 4096
 
 
 class _Request(BaseModel):
+    """Fields every request shares. Unknown fields are ignored, as OpenAI's own clients send
+    new ones; the known ones this server does not implement are refused (`_refuse_unsupported`),
+    never silently dropped."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -29,11 +33,27 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Same seed, prompt and mask, run alone: same output."
+    )
     user: str | None = None
     stop: str | list[str] | None = Field(
         None, description="Up to 4 sequences where generation stops (not returned)."
     )
+    # Known OpenAI fields this server does not implement: accepted only at their neutral value.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -42,8 +62,38 @@ class _Request(BaseModel):
             raise ValueError(f"at most 4 stop sequences, got {len(value)}")
         return value
 
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _Request:
+        neutral = {
+            "logprobs": lambda v: not v,
+            "top_logprobs": lambda v: not v,
+            "echo": lambda v: not v,
+            "best_of": lambda v: v in (None, 1),
+            "suffix": lambda v: not v,
+            "response_format": lambda v: v is None or v.get("type") == "text",
+            "tools": lambda v: not v,
+            "tool_choice": lambda v: v in (None, "none", "auto"),
+            "functions": lambda v: not v,
+            "function_call": lambda v: v in (None, "none", "auto"),
+            "presence_penalty": lambda v: not v,
+            "frequency_penalty": lambda v: not v,
+            "logit_bias": lambda v: not v,
+        }
+        for name, ok in neutral.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(
+                    f"{name} is not supported by this server (got {getattr(self, name)!r}); "
+                    "leave it out"
+                )
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
 class CompletionRequest(_Request):
@@ -56,17 +106,38 @@ class CompletionRequest(_Request):
             raise ValueError("prompt: exactly one prompt per request is supported")
         return self.prompt[0]
 
+    def max_new_tokens(self) -> int:
+        """OpenAI's default for completions is 16."""
+        return self.max_tokens or 16
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"] = Field(description="Only text parts: images and audio are refused.")
+    text: str
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart] = Field(description="A string, or a list of text parts.")
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def _join_parts(cls, value: str | list[TextPart]) -> str:
+        """Text parts are joined with a newline (as vLLM does)."""
+        return value if isinstance(value, str) else "\n".join(p.text for p in value)
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+
+    def max_new_tokens(self) -> int | None:
+        """None: up to the context (OpenAI's default for chat); the replica resolves it."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -81,6 +152,8 @@ class HTTPError(Exception):
     message: str
     type: str = "invalid_request_error"
     headers: dict[str, str] | None = None
+    code: str | None = None
+    """OpenAI's machine-readable code: invalid_api_key, model_not_found, ..."""
 
 
 def validation_error_body(errors: Any) -> dict:
@@ -101,7 +174,9 @@ def check_api_key(expected: str | None, authorization: str) -> None:
     token = bearer_token(authorization)
     if expected is not None and not (token and hmac.compare_digest(token, expected)):
         raise HTTPError(
-            401, "Incorrect or missing API key (Authorization: Bearer <key>)", "invalid_api_key"
+            401,
+            "Incorrect or missing API key (Authorization: Bearer <key>)",
+            code="invalid_api_key",
         )
 
 
@@ -115,7 +190,7 @@ def check_admin_token(expected: str | None, authorization: str) -> None:
         )
     token = bearer_token(authorization)
     if not (token and hmac.compare_digest(token, expected)):
-        raise HTTPError(401, "incorrect or missing admin token", "invalid_admin_token")
+        raise HTTPError(401, "incorrect or missing admin token", code="invalid_admin_token")
 
 
 def new_id(prefix: str) -> str:
@@ -159,15 +234,20 @@ def chunk_body(
     chat: bool,
     first: bool = False,
     use: dict | None = None,
+    usage_field: bool = False,
 ) -> dict:
-    """One streamed chunk; with `use` and no text, the final usage-only chunk."""
+    """One streamed chunk; with `use` and no text, the final usage-only chunk (no choices).
+    With `usage_field` (the client asked for usage) every other chunk carries `usage: null`,
+    as OpenAI's do. A chat chunk's delta: role and content on the first, content after, `{}`
+    on the one that finishes."""
     choices: list[dict[str, Any]] = []
     if use is None or text is not None:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if chat:
-            choice["delta"] = (
-                {"role": "assistant", "content": text or ""} if first else {"content": text or ""}
-            )
+            delta: dict[str, Any] = {"content": text or ""}
+            if first:
+                delta["role"] = "assistant"
+            choice["delta"] = delta if finish is None or text else {}
         else:
             choice["text"] = text or ""
         choices.append(choice)
@@ -179,9 +259,16 @@ def chunk_body(
         "system_fingerprint": fingerprint,
         "choices": choices,
     }
-    if use is not None:
+    if use is not None or usage_field:
         body["usage"] = use
     return body
+
+
+def event_error_body(event: dict[str, Any]) -> dict:
+    """OpenAI's error body for a replica's error event (4xx: the request; 5xx: the server)."""
+    status = int(event.get("status", 500))
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return error_body(event["message"], kind, code=event.get("code"))
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -212,7 +299,7 @@ class Relay:
             if event["type"] == "token":
                 parts.append(event["text"])
             elif event["type"] == "error":
-                return event["status"], error_body(event["message"], "server_error")
+                return event["status"], event_error_body(event)
             elif event["type"] == "done":
                 use = usage(self.prompt_tokens, event["completion_tokens"])
                 return 200, completion_body(
@@ -240,11 +327,12 @@ class Relay:
                         self.fingerprint,
                         self.chat,
                         first=first,
+                        usage_field=self.include_usage,
                     )
                 )
                 first = False
             elif event["type"] == "error":
-                yield sse(error_body(event["message"], "server_error"))
+                yield sse(event_error_body(event))
                 break
             elif event["type"] == "done":
                 yield sse(
@@ -256,6 +344,7 @@ class Relay:
                         self.fingerprint,
                         self.chat,
                         first=first,
+                        usage_field=self.include_usage,
                     )
                 )
                 if self.include_usage:

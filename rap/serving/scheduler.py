@@ -68,6 +68,8 @@ class Request:
     seed: int | None = None
     ignore_eos: bool = False
     """Run to `max_tokens` whatever the model says (benchmarks: equal work for every system)."""
+    deadline_s: float | None = None
+    """`time.monotonic()` after which the request ends, waiting or running (a 504 error)."""
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Scheduler:
     def step(self) -> None:
         """Admit, compose, run one forward, hand out tokens, free what finished (module doc)."""
         self._drop_cancelled()
+        self._drop_expired()
         self._admit()
         if not self.running:
             return
@@ -278,6 +281,24 @@ class Scheduler:
         for row in [r for r in self.waiting if r.id in cancelled]:
             self.waiting.remove(row)
             row.sink(self._done(row, "cancelled"))
+
+    def _drop_expired(self) -> None:
+        """Rows whose deadline passed leave now, waiting or running: work stops with them."""
+        now = time.monotonic()
+        late = [r for r in [*self.running, *self.waiting] if (r.request.deadline_s or now) < now]
+        for row in late:
+            if row in self.waiting:
+                with self._lock:
+                    self.waiting.remove(row)
+            self._end(
+                row,
+                {
+                    "type": "error",
+                    "status": 504,
+                    "message": f"the request's deadline passed after {len(row.generated)} "
+                    "generated tokens",
+                },
+            )
 
     def reservation(self, request: Request) -> dict[int, int]:
         """Pages per kept attention layer a request reserves at admission (module doc)."""

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rap.core.constants import GIB
+from rap.serving import faults
 from rap.serving.engine import engine_peak_bytes
 from rap.serving.messages import DeviceMemory, QueueState, Telemetry
 from rap.serving.openai_api import MAX_TOKENS_LIMIT
@@ -27,11 +28,16 @@ class GenerateCall(BaseModel):
     messages: list[dict[str, str]] = Field(
         default_factory=list, description="Chat messages, rendered by the model's chat template."
     )
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int | None = Field(
+        16, ge=1, le=MAX_TOKENS_LIMIT, description="None: up to the context (chat's default)."
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = Field(None, description="Sampling seed: the same seed repeats a sample.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Seconds from arrival after which the request ends (a 504)."
+    )
 
 
 def nvml_memory(device_index: int = 0) -> DeviceMemory:
@@ -52,6 +58,7 @@ def nvml_memory(device_index: int = 0) -> DeviceMemory:
 
 
 def device_memory(model: Any, engine: Any) -> DeviceMemory:
+    faults.check("device_memory")
     if model.device.type == "cuda":
         return nvml_memory(model.device.index or 0)
     own = model.weight_bytes() + engine.kv_bytes_held()
@@ -71,8 +78,9 @@ def initial_budget_bytes(model: Any, budget_gib: float | None, cfg: Any) -> int:
     return engine_peak_bytes(model, e, model.dense_mask(), e.max_batch_size, e.target_seq)
 
 
-def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) -> Telemetry:
-
+def snapshot(
+    name: str, engine: Any, device: DeviceMemory, tokens_per_s: float, errors: int = 0
+) -> Telemetry:
     mask = engine.model.mask
     stats = engine.stats
     shapes = list(stats.recent_shapes)
@@ -93,8 +101,9 @@ def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) 
             recent_batch_sizes=[b for b, _ in shapes],
             recent_longest_seqs=[s for _, s in shapes],
         ),
-        mask_version=mask.version,
+        mask_version=engine.version(),
         mask_source=mask.source,
+        mask_ceiling=engine.ceiling.key if engine.ceiling is not None else None,
         num_layers=mask.num_layers,
         attn_kept=sum(mask.attn),
         mlp_kept=sum(mask.mlp),
@@ -103,4 +112,5 @@ def snapshot(name: str, engine: Any, device: DeviceMemory, tokens_per_s: float) 
         steps_on_controller_mask=stats.steps_on_controller_mask,
         tokens_per_s=max(tokens_per_s, 0.0),
         over_budget_bytes=max(stats.over_budget_bytes, 0),
+        errors=errors,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from rap.serving.openai_api import bearer_token, validation_error_body
 
 
@@ -45,7 +47,7 @@ def test_keys_and_admin_tokens_are_checked_and_admin_is_off_without_one() -> Non
     for header in ("", "Bearer x", "Basic k"):
         with pytest.raises(HTTPError) as exc:
             check_api_key("k", header)
-        assert exc.value.status == 401 and exc.value.type == "invalid_api_key"
+        assert exc.value.status == 401 and exc.value.code == "invalid_api_key"
     with pytest.raises(HTTPError) as exc:
         check_admin_token(None, "Bearer anything")
     assert exc.value.status == 403 and "admin endpoints are off" in exc.value.message
@@ -53,3 +55,84 @@ def test_keys_and_admin_tokens_are_checked_and_admin_is_off_without_one() -> Non
     with pytest.raises(HTTPError) as exc:
         check_admin_token("t", "Bearer u")
     assert exc.value.status == 401
+
+
+def test_chat_content_may_be_a_list_of_text_parts_and_images_are_refused() -> None:
+    """A list of parts was a 400."""
+    import pytest
+    from pydantic import ValidationError
+
+    from rap.serving.openai_api import ChatRequest
+
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    chat = ChatRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": parts}]}
+    )
+    assert chat.messages[0].content == "Hello\nworld"
+    image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": image}]})
+
+
+def test_known_fields_are_refused_unless_neutral_and_chat_max_tokens_defaults_to_none() -> None:
+    """logprobs, echo, response_format, tools, penalties and logit_bias were silently ignored."""
+    import pytest
+    from pydantic import ValidationError
+
+    from rap.serving.openai_api import ChatRequest, CompletionRequest
+
+    base = {"model": "m", "prompt": "x"}
+    for field, value in [
+        ("logprobs", 1),
+        ("echo", True),
+        ("best_of", 2),
+        ("suffix", "end"),
+        ("response_format", {"type": "json_object"}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1.0),
+        ("logit_bias", {"50256": -100}),
+    ]:
+        with pytest.raises(ValidationError, match=f"{field} is not supported"):
+            CompletionRequest.model_validate({**base, field: value})
+    neutral = {"logprobs": None, "echo": False, "presence_penalty": 0, "logit_bias": {}}
+    assert CompletionRequest.model_validate({**base, **neutral}).max_new_tokens() == 16
+    text = {"type": "text"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert ChatRequest.model_validate({**chat, "response_format": text}).max_new_tokens() is None
+    with pytest.raises(ValidationError, match="stream_options is only allowed"):
+        ChatRequest.model_validate({**chat, "stream_options": {"include_usage": True}})
+
+
+def test_stream_chunks_follow_openai_final_delta_and_usage() -> None:
+    """The final chat chunk's delta carried content; usage chunks lacked `usage: null` before."""
+    import asyncio
+
+    from rap.serving.openai_api import Relay
+
+    async def events():
+        yield {"type": "token", "text": "Hi"}
+        yield {"type": "done", "finish_reason": "stop", "completion_tokens": 1}
+
+    relay = Relay("m", chat=True, include_usage=True)
+    relay.started({"fingerprint": "f", "prompt_tokens": 3})
+
+    async def collect():
+        return [line async for line in relay.stream(events())]
+
+    lines = asyncio.run(collect())
+    bodies = [json.loads(line[6:]) for line in lines if line != "data: [DONE]\n\n"]
+    first, final, usage_only = bodies
+    assert first["choices"][0]["delta"] == {"content": "Hi", "role": "assistant"}
+    assert first["usage"] is None
+    assert final["choices"][0]["delta"] == {} and final["choices"][0]["finish_reason"] == "stop"
+    assert usage_only["choices"] == [] and usage_only["usage"]["total_tokens"] == 4
+
+
+def test_error_codes_are_in_code_and_4xx_events_are_request_errors() -> None:
+    from rap.serving.openai_api import event_error_body
+
+    body = event_error_body({"status": 404, "message": "no", "code": "model_not_found"})
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "model_not_found"
+    assert event_error_body({"status": 503, "message": "busy"})["error"]["type"] == "server_error"
