@@ -136,3 +136,16 @@ def test_error_codes_are_in_code_and_4xx_events_are_request_errors() -> None:
     assert body["error"]["type"] == "invalid_request_error"
     assert body["error"]["code"] == "model_not_found"
     assert event_error_body({"status": 503, "message": "busy"})["error"]["type"] == "server_error"
+
+
+def test_an_infinite_or_nan_budget_is_a_validation_error_not_a_500() -> None:
+    """`{"gib": Infinity}` (valid to Python's JSON parser) reached int(inf) and was a 500."""
+    import pytest
+    from pydantic import ValidationError
+
+    from rap.serving.messages import BudgetChange
+
+    for raw in ('{"replica": "r", "gib": Infinity}', '{"replica": "r", "gib": NaN}'):
+        with pytest.raises(ValidationError):
+            BudgetChange.model_validate(json.loads(raw))
+    assert BudgetChange.model_validate({"replica": "r", "gib": 0.5}).gib == 0.5
