@@ -37,9 +37,10 @@ from rap.core import memory
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
 from rap.planning import MaskPlanner
-from rap.serving.kv_pages import PagePool
+from rap.serving import row_masks
 from rap.serving.messages import MaskPlan
 from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
+from rap.serving.sizing import Sizing
 
 log = logging.getLogger("rap.serving.engine")
 
@@ -102,6 +103,8 @@ class GenRequest:
     seed: int | None = None
     deadline_s: float | None = None
     """`time.monotonic()` after which the request ends (504), waiting or running."""
+    ignore_eos: bool = False
+    """Run to `max_tokens` whatever the model says (benchmarks and tests)."""
 
 
 @dataclass
@@ -133,10 +136,11 @@ class Engine:
         self.stats = EngineStats()
         self.error: BaseException | None = None
         self.context_len = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+        self.sizing = Sizing(model, config)
         self._target = self._choose()
         mask, pages = self._target
         model.apply(mask)
-        self.scheduler = Scheduler(model, self._pool(mask, pages), config.scheduler())
+        self.scheduler = Scheduler(model, self.sizing.pool(mask, pages), config.scheduler())
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._work, name="rap-engine", daemon=True)
         self._thread.start()
@@ -171,6 +175,7 @@ class Engine:
             list(request.stop),
             request.seed,
             deadline_s=request.deadline_s,
+            ignore_eos=request.ignore_eos,
         )
 
         def sink(event: dict[str, Any]) -> None:  # from the engine's thread
@@ -225,6 +230,12 @@ class Engine:
         current = self.model.mask.version
         return max(current, self.plan.version) if self.plan else current
 
+    def _choose(self) -> tuple[KeepMask, int]:
+        """(mask, pages per layer) for the budget, plan and ceiling now (`Sizing.choose`)."""
+        return self.sizing.choose(
+            self.budget_bytes, self.plan, self.ceiling, self.planner, self.version()
+        )
+
     def _retarget(self) -> None:
         try:
             self._target = self._choose()
@@ -232,84 +243,6 @@ class Engine:
             self.stats.planner_errors += 1
             log.warning("keeping the current mask: planning failed (%s)", exc)
         self._wake.set()
-
-    def _choose(self) -> tuple[KeepMask, int]:
-        """(mask, pages per layer) for the current plan and budget (module doc): the dense
-        model if its pool holds the whole batch (nothing is pruned while memory allows), else
-        the controller's mask for the bucket if its pool holds a row of `target_seq` tokens,
-        else the local planner's mask for the bucket, for one such row, or for one page
-        (planning for smaller loads reaches smaller masks), else the dense model if one row
-        fits; never below the quality floor."""
-        b, s = self.config.max_batch_size, self.config.target_seq
-        floor = self.config.min_kept_fraction
-        entry = self.plan.entry_for(b, s) if self.plan else None
-        dense = entry.mask if entry and entry.mask.kept_fraction == 1.0 else self._dense()
-        locals_ = [self._local(b_, s_) for b_, s_ in ((b, s), (1, s), (1, self.config.page_tokens))]
-        choices = [(dense, b), (entry.mask if entry else None, 1), *((m, 1) for m in locals_)]
-        if self.ceiling is not None:
-            choices = [(m.within(self.ceiling) if m else None, r) for m, r in choices]
-            dense = choices[0][0] or dense
-        for mask, rows in [*choices, (dense, 1)]:
-            if mask is not None and mask.kept_fraction >= floor and self._rows(mask) >= rows:
-                return mask, self._pages(mask)
-        # Not even one row fits: the allowed mask with the fewest weight bytes, so that at least
-        # the weights stay in budget; requests that need more pages get a 503 saying so.
-        allowed = [m for m, _ in choices if m is not None and m.kept_fraction >= floor]
-        cfg, dt = self.model.config, self.model.dtype
-        mask = min([*allowed, dense], key=lambda m: memory.weight_bytes(cfg, m, dt))
-        return mask, self._pages(mask)
-
-    def _local(self, batch: int, seq: int) -> KeepMask | None:
-        if self.planner is None:
-            return None
-        try:
-            planned = self.planner.plan(self.budget_bytes, batch, seq, self.config.max_step_tokens)
-        except BudgetError:
-            return None
-        return planned.model_copy(update={"source": "local", "version": self.version()})
-
-    def _rows(self, mask: KeepMask) -> int:
-        """Rows of `target_seq` tokens the pool left by `mask` holds."""
-        c = self.config
-        kept = [w for w, k in zip(self.model.dims.windows, mask.attn, strict=True) if k]
-        if not kept:
-            return c.max_batch_size  # no attention kept: rows hold no pages
-        per_row = max(
-            memory.kv_row_pages(w, c.target_seq, c.page_tokens, c.max_step_tokens) for w in kept
-        )
-        return self._pages(mask) // per_row
-
-    def _dense(self) -> KeepMask:
-        return KeepMask.dense(
-            self.model.model_id, self.model.num_layers, source="local", version=self.version()
-        )
-
-    def _step_activations(self) -> int:
-        c = self.config
-        return memory.step_activation_bytes(
-            self.model.config, c.max_step_tokens, c.max_batch_size, self.model.dtype
-        )
-
-    def _pages(self, mask: KeepMask) -> int:
-        """Pages per kept attention layer the budget leaves after weights and a step."""
-        cfg, dt, c = self.model.config, self.model.dtype, self.config
-        spare = self.budget_bytes - memory.weight_bytes(cfg, mask, dt) - self._step_activations()
-        page = max(sum(mask.attn), 1) * memory.kv_page_bytes(cfg, dt, c.page_tokens)
-        return max(spare // page, 0)
-
-    def _pool(self, mask: KeepMask | None, pages: int) -> PagePool:
-        """Slabs for the mask's kept attention layers (none for None: between two pools)."""
-        kept = [i for i, k in enumerate(mask.attn) if k] if mask is not None else []
-        d = self.model.dims
-        return PagePool(
-            kept,
-            pages,
-            self.config.page_tokens,
-            d.kv_heads,
-            d.head_dim,
-            self.model.dtype,
-            self.model.device,
-        )
 
     # -- the loop -----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -335,20 +268,46 @@ class Engine:
                 self.model.apply(mask)
             self.scheduler.admitting = True
             return
-        self.scheduler.admitting = False
         if self.scheduler.running:
-            return  # the interim rule: running rows finish under the mask they started with
-        self.scheduler.pool = self._pool(None, 0)  # the old slabs go before the new mask
+            if mask.key != self.model.mask.key and self._fits_in_place(mask):
+                self._switch_in_place(mask)
+            # A pool of another size waits until the running rows are done (pages are not
+            # compacted yet); meanwhile nobody new starts.
+            self.scheduler.admitting = pages == current.capacity
+            return
+        self.scheduler.admitting = False
+        self.scheduler.pool = self.sizing.pool(None, 0)  # the old slabs go before the new mask
         del current
         self.model.apply(mask)
-        self.scheduler.pool = self._pool(mask, pages)
+        self.scheduler.pool = self.sizing.pool(mask, pages)
         self.scheduler.admitting = True
         self.stats.switches += 1
+        self._note_bytes()
+        log.info("switched to %s with %d KV pages per layer", mask.fingerprint(), pages)
+
+    def _fits_in_place(self, mask: KeepMask) -> bool:
+        """Whether `mask` can run now beside the running rows: a shrink always can (bytes only
+        go down); a grow if its weights and the current pool for its attention layers (new
+        slabs for the restored ones) fit the budget with a step."""
+        if row_masks.is_within(mask, self.model.mask):
+            return True
+        capacity = self.scheduler.pool.capacity
+        return self.sizing.bytes_with(mask, capacity) <= self.budget_bytes
+
+    def _switch_in_place(self, mask: KeepMask) -> None:
+        """Running rows go on (invariant 1): they lose what `mask` drops from the next step,
+        with those attention layers' slabs freed whole, and skip what it restores."""
+        row_masks.switch(self.scheduler, mask)
+        self.stats.switches += 1
+        self._note_bytes()
+        rows = len(self.scheduler.running)
+        log.info("switched to %s under %d running rows", mask.fingerprint(), rows)
+
+    def _note_bytes(self) -> None:
         pool = self.scheduler.pool
-        step = self._step_activations() if pool.capacity else 0  # no pages: no step can run
+        step = self.sizing.step_bytes() if pool.capacity else 0  # no pages: no step can run
         own = self.model.weight_bytes() + pool.nbytes + step
         self.stats.over_budget_bytes = max(self.stats.over_budget_bytes, own - self.budget_bytes)
-        log.info("switched to %s with %d KV pages per layer", mask.fingerprint(), pages)
 
     def _record_step(self) -> None:
         s, sched = self.stats, self.scheduler
@@ -396,19 +355,3 @@ class Engine:
         pool = self.scheduler.pool
         page = memory.kv_page_bytes(self.model.config, self.model.dtype, pool.page_tokens)
         return pool.used_pages() * page
-
-
-def engine_peak_bytes(
-    model: Any, config: EngineConfig, mask: KeepMask, batch: int, seq: int
-) -> int:
-    """What the engine holds to run `batch` rows of `seq` tokens under `mask`: weights + a pool
-    of `batch` rows' pages (`rap.core.memory.kv_row_pages` in the layer that needs most) +
-    one step's activations (`rap.core.memory.step_activation_bytes`)."""
-    cfg, dt = model.config, model.dtype
-    per_row = max(
-        memory.kv_row_pages(w, seq, config.page_tokens, config.max_step_tokens)
-        for w in model.dims.windows
-    )
-    pool = memory.kv_pool_bytes(cfg, mask, dt, config.page_tokens, batch * per_row)
-    step = memory.step_activation_bytes(cfg, config.max_step_tokens, config.max_batch_size, dt)
-    return memory.weight_bytes(cfg, mask, dt) + pool + step

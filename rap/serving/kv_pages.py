@@ -57,6 +57,7 @@ class PagePool:
             )
         self.page_tokens = page_tokens
         self.capacity = capacity
+        self._head_shape, self._dtype, self._device = (kv_heads, head_dim), dtype, device
         shape = (capacity, page_tokens, kv_heads, head_dim)
         self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
         self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
@@ -93,6 +94,19 @@ class PagePool:
 
     def release(self, layer: int, pages: list[int]) -> None:
         self._free[layer].extend(reversed(pages))
+
+    def drop_layer(self, layer: int) -> None:
+        """Free a layer's slabs whole (its attention block was dropped): every row's pages
+        there go with them; the rows skip the layer from now on."""
+        del self.keys[layer], self.values[layer], self._free[layer]
+
+    def add_layer(self, layer: int) -> None:
+        """Slabs of the pool's capacity for a layer whose attention block was restored (only
+        rows admitted from now on use it)."""
+        shape = (self.capacity, self.page_tokens, *self._head_shape)
+        self.keys[layer] = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        self.values[layer] = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        self._free[layer] = list(range(self.capacity - 1, -1, -1))
 
     # -- rows ------------------------------------------------------------------------------
     def write(self, layer: int, row: RowPages, key: torch.Tensor, value: torch.Tensor) -> None:

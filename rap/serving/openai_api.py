@@ -301,6 +301,7 @@ class Relay:
             elif event["type"] == "error":
                 return event["status"], event_error_body(event)
             elif event["type"] == "done":
+                self.fingerprint = event.get("fingerprint", self.fingerprint)
                 use = usage(self.prompt_tokens, event["completion_tokens"])
                 return 200, completion_body(
                     self.rid,
@@ -334,7 +335,8 @@ class Relay:
             elif event["type"] == "error":
                 yield sse(event_error_body(event))
                 break
-            elif event["type"] == "done":
+            elif event["type"] == "done":  # the mask the row ended under, changes counted
+                self.fingerprint = event.get("fingerprint", self.fingerprint)
                 yield sse(
                     chunk_body(
                         self.rid,

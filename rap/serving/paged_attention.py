@@ -83,6 +83,17 @@ class PagedKV:
             outs.append(_attention(q, k, v, mask, scaling, softcap).transpose(1, 2))
         return torch.cat(outs, dim=1)
 
+    def narrow_positions(self, positions: torch.Tensor) -> PagedKV:
+        """The rows whose tokens are at `positions` (whole rows, in order; `rap.core.gates`),
+        re-indexed into the narrowed sequence. Writes still go to the same pool."""
+        wanted = set(positions.tolist())
+        rows, offset = [], 0
+        for r in self.rows:
+            if r.offset in wanted:
+                rows.append(RowStep(r.pages, offset, r.count, r.first_pos))
+                offset += r.count
+        return PagedKV(self.pool, rows, self.windows, self.written)
+
     def finish_step(self) -> None:
         """Hand back the pages sliding-window layers no longer attend to."""
         for layer in self.written:
@@ -90,8 +101,9 @@ class PagedKV:
             if window is None:
                 continue
             for r in self.rows:
-                pages = r.pages[layer]
-                self.pool.trim_window(layer, pages, pages.length - (window - 1))
+                if layer in r.pages:  # rows that skip the layer hold no pages there
+                    pages = r.pages[layer]
+                    self.pool.trim_window(layer, pages, pages.length - (window - 1))
 
     # transformers may ask a cache for these; a paged step answers for the flat sequence.
     def get_seq_length(self, layer_idx: int = 0) -> int:

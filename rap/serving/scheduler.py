@@ -37,8 +37,12 @@ import torch
 from pydantic import BaseModel, Field
 
 from rap.core import memory
+from rap.core.gates import gating
+from rap.core.masks import KeepMask
+from rap.serving import row_masks
 from rap.serving.kv_pages import PagePool, RowPages
 from rap.serving.paged_attention import PagedKV, RowStep, paged
+from rap.serving.sampling import sample
 from rap.serving.text_stream import TextStream
 
 Sink = Callable[[dict[str, Any]], None]
@@ -87,6 +91,12 @@ class Row:
     """Tokens written to the KV cache (prompt first, then generated)."""
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    mask: KeepMask | None = None
+    """The row's effective mask (`rap.serving.row_masks`): the model's at admission, narrowed
+    by every shrink since."""
+    mask_changes: int = 0
+    history: list[tuple[int, str]] = field(default_factory=list)
+    """(tokens held, mask key) at admission and at every shrink: what ran at which position."""
 
     @property
     def tokens(self) -> list[int]:
@@ -196,7 +206,12 @@ class Scheduler:
         ]
         device = self.model.device
         keep = torch.tensor([j for _, j in want], dtype=torch.long, device=device)
-        with torch.inference_mode(), self.model.holding_mask(), paged(self.model.hf):
+        with (
+            torch.inference_mode(),
+            self.model.holding_mask() as mask,
+            paged(self.model.hf),
+            gating(self.model, row_masks.gate_positions(rows, mask, device)),
+        ):
             out = self.model.hf(
                 input_ids=torch.tensor([ids], device=device),
                 position_ids=torch.tensor([positions], device=device),
@@ -238,7 +253,7 @@ class Scheduler:
 
     def _next_token(self, row: Row, logits: torch.Tensor) -> None:
         req = row.request
-        token = _sample(logits, req.temperature, req.top_p, row.generator)
+        token = sample(logits, req.temperature, req.top_p, row.generator)
         self.stats.generated += 1
         if token in self.eos and not req.ignore_eos:
             self._end(row, self._done(row, "stop", counted=1))
@@ -256,12 +271,17 @@ class Scheduler:
             self._end(row, self._done(row, "length"))
 
     def _done(self, row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
-        return {
+        event = {
             "type": "done",
             "finish_reason": reason,
             "completion_tokens": len(row.generated) + counted,
             "token_ids": list(row.generated),
         }
+        if row.mask is not None:  # the mask it ended under, and how often it shrank
+            event["fingerprint"] = row_masks.fingerprint(row.mask, row.mask_changes)
+            event["mask_changes"] = row.mask_changes
+            event["mask_history"] = list(row.history)
+        return event
 
     def _end(self, row: Row, event: dict[str, Any]) -> None:
         """The row leaves: its pages go back to the pool this step."""
@@ -313,7 +333,8 @@ class Scheduler:
         used = dict.fromkeys(self.pool.layers, 0)
         for row in self.running:
             for layer, n in row.reserved.items():
-                used[layer] += n
+                if layer in used:  # a restored layer: older rows hold nothing there
+                    used[layer] += n
         return used
 
     def _admit(self) -> None:
@@ -335,7 +356,8 @@ class Scheduler:
                 if any(used[layer] + n > self.pool.capacity for layer, n in need.items()):
                     break  # FIFO: the head waits for pages; nobody overtakes it
                 self.waiting.popleft()
-                row.reserved = need
+                row.reserved, row.mask = need, self.model.mask
+                row.history.append((0, row.mask.key))
                 for layer, n in need.items():
                     used[layer] += n
                 self.running.append(row)
@@ -368,17 +390,3 @@ class Scheduler:
             f"{self.pool.page_tokens} tokens per layer; the replica's pool has "
             f"{self.pool.capacity}",
         }
-
-
-def _sample(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> int:
-    """Greedy at temperature 0; else sampled from softmax(logits / T) within the top-p mass."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))

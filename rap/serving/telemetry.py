@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rap.core.constants import GIB
 from rap.serving import faults
-from rap.serving.engine import engine_peak_bytes
 from rap.serving.messages import DeviceMemory, QueueState, Telemetry
 from rap.serving.openai_api import MAX_TOKENS_LIMIT
+from rap.serving.sizing import engine_peak_bytes
 
 
 class GenerateCall(BaseModel):

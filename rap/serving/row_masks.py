@@ -1,0 +1,95 @@
+"""Each row's own mask under continuous batching (DESIGN.md invariant 1).
+
+A row's effective mask is the intersection of every mask the model ran while the row ran:
+
+    E_r ← M_admit                 when the row is admitted (the model's mask then)
+    E_r ← E_r ∩ M                 at every step (a shrink reaches every running row at once)
+
+so it only shrinks: a block restored after admission is skipped by the row (its KV there does
+not exist), and a block dropped while it runs is gone for it from the next step, with its pages
+in a dropped attention layer freed at once. A step gates every block the model keeps but some
+row in the step does not (`gate_positions`, run by `rap.core.gates`): still one forward.
+
+The response names the effective mask and how many times it shrank (`fingerprint`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rap.core.masks import KeepMask, layer_blocks
+
+Block = tuple[str, int]
+
+
+def intersect(a: KeepMask, b: KeepMask) -> KeepMask:
+    """Blocks both keep; `a`'s label and version (the row's mask, narrowed)."""
+    attn = tuple(x and y for x, y in zip(a.attn, b.attn, strict=True))
+    mlp = tuple(x and y for x, y in zip(a.mlp, b.mlp, strict=True))
+    return a.model_copy(update={"attn": attn, "mlp": mlp})
+
+
+def is_within(a: KeepMask, b: KeepMask) -> bool:
+    """Whether every block `a` keeps, `b` keeps too."""
+    return all(not keep or b.keeps(block) for block, keep in _kept(a))
+
+
+def _kept(mask: KeepMask) -> list[tuple[Block, bool]]:
+    return [(block, mask.keeps(block)) for block in layer_blocks(mask.num_layers)]
+
+
+def follow(row: Any, model_mask: KeepMask) -> list[int]:
+    """Narrow a running row to the model's mask; returns the attention layers it lost, whose
+    pages the caller frees. Counts the change and notes where it happened."""
+    narrowed = intersect(row.mask, model_mask)
+    if narrowed.key == row.mask.key:
+        return []
+    pairs = zip(row.mask.attn, narrowed.attn, strict=True)
+    lost = [layer for layer, (was, now) in enumerate(pairs) if was and not now]
+    row.mask, row.mask_changes = narrowed, row.mask_changes + 1
+    row.history.append((row.held, narrowed.key))
+    return lost
+
+
+def switch(scheduler: Any, mask: KeepMask) -> None:
+    """Make `mask` the model's under running rows: each row loses what `mask` drops from the
+    next step (pages and reservations in those attention layers go back, then the layers'
+    slabs are freed whole); blocks `mask` restores get slabs of the pool's capacity, used by
+    rows admitted from now on. Weights: every drop before any restore (`PrunableModel.apply`)."""
+    old, pool = scheduler.model.mask, scheduler.pool
+    for row in scheduler.running:
+        for layer in follow(row, intersect(old, mask)):
+            pages = row.pages.pop(layer, None)
+            if pages is not None:
+                pool.release(layer, pages.pages)
+            row.reserved.pop(layer, None)
+    for layer, (was, now) in enumerate(zip(old.attn, mask.attn, strict=True)):
+        if was and not now:
+            pool.drop_layer(layer)
+    scheduler.model.apply(mask)
+    for layer, (was, now) in enumerate(zip(old.attn, mask.attn, strict=True)):
+        if now and not was:
+            pool.add_layer(layer)
+
+
+def gate_positions(
+    steps: list[tuple[Any, Any]], model_mask: KeepMask, device: torch.device
+) -> dict[Block, torch.Tensor]:
+    """For each block the model keeps but some row of the step skips: the flat-sequence
+    positions of the rows that use it (`steps`: (row, RowStep) pairs in sequence order)."""
+    gates: dict[Block, torch.Tensor] = {}
+    for block in model_mask.kept_blocks():
+        users = [s for r, s in steps if r.mask.keeps(block)]
+        if len(users) == len(steps):
+            continue
+        where = [p for s in users for p in range(s.offset, s.offset + s.count)]
+        gates[block] = torch.tensor(where, dtype=torch.long, device=device)
+    return gates
+
+
+def fingerprint(mask: KeepMask, changes: int) -> str:
+    """The effective mask's tag, with the number of times it shrank while the row ran."""
+    base = mask.fingerprint()
+    return f"{base}-changes{changes}" if changes else base

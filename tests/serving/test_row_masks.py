@@ -1,0 +1,163 @@
+"""Masks that change while rows run (rap.serving.row_masks, rap.core.gates): a shrink reaches
+every running row at the next step, a restore only rows admitted after it, and each row computes
+what it would alone with its own mask switched at the same positions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import rap
+from rap.core.masks import KeepMask
+from rap.serving import row_masks
+from rap.serving import scheduler as scheduler_module
+from rap.serving.engine import Engine, GenRequest
+from rap.serving.scheduler import Request, Scheduler
+from tests.serving.test_engine import CONFIG, roomy
+from tests.serving.test_scheduler import PROMPTS, Collect, run, scheduler
+from tests.tiny import ARCHS, save_tiny, save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for arch in ARCHS:
+        folder = save_tiny(arch, tmp_path_factory.mktemp(arch))
+        save_tokenizer(folder)
+        out[arch] = folder
+    return out
+
+
+def record_logits(sched: Scheduler) -> dict[int, list[torch.Tensor]]:
+    """Each row's logits at every token it samples, by row id."""
+    seen: dict[int, list[torch.Tensor]] = defaultdict(list)
+    original = sched._next_token
+
+    def next_token(row: Any, logits: torch.Tensor) -> None:
+        seen[row.id].append(logits.clone())
+        original(row, logits)
+
+    sched._next_token = next_token  # type: ignore[method-assign]
+    return seen
+
+
+def alone(
+    model: Any, prompt: list[int], tokens: list[int], history: list, monkeypatch: Any
+) -> list[torch.Tensor]:
+    """The row run by itself, one token per step, its mask switched at the positions its
+    history names, teacher-forced with `tokens`: its logits at every generated token."""
+    model.apply(model.dense_mask())
+    sched = scheduler(model, max_step_tokens=1)
+    forced = list(tokens)
+    monkeypatch.setattr(scheduler_module, "sample", lambda *a: forced.pop(0))
+    seen = record_logits(sched)
+    got = Collect()
+    sched.add(Request(list(prompt), len(tokens), ignore_eos=True), got.sink(0))
+    n = model.num_layers
+    changes = [(held, KeepMask.from_key(model.model_id, n, key)) for held, key in history]
+    while not sched.idle:
+        row = sched.running[0] if sched.running else None
+        held = row.held if row else 0
+        while changes and changes[0][0] <= held:
+            model.apply(changes.pop(0)[1])
+        sched.step()
+    monkeypatch.undo()
+    return seen[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_that_shrink_or_skip_restored_blocks_compute_what_they_would_alone(
+    arch: str, served: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three rows run; the model drops blocks (every row loses them at the next step, pages in
+    the dropped attention layer freed); then restores them and a fourth row joins dense while
+    the first three go on skipping what was restored: one gated forward per step."""
+    model = rap.load_model(str(served[arch]), device="cpu")
+    sched, got = scheduler(model), Collect()
+    batched = record_logits(sched)
+    for i, p in enumerate(PROMPTS):
+        sched.add(Request(list(p), 14, ignore_eos=True), got.sink(i))
+    for _ in range(4):
+        sched.step()
+    small = KeepMask.from_drops(model.model_id, model.num_layers, drop_attn="1", drop_mlp="0,2")
+    row_masks.switch(sched, small)
+    assert 1 not in sched.pool.keys
+    assert all(1 not in r.pages and 1 not in r.reserved for r in sched.running)
+    for _ in range(3):
+        sched.step()
+    row_masks.switch(sched, model.dense_mask())
+    sched.add(Request([30, 31, 32], 10, ignore_eos=True), got.sink(3))
+    sched.step()
+    mixed = {r.mask.key for r in sched.running}
+    assert mixed == {small.key, ""}, mixed  # old rows skip what came back, the new one not
+    run(sched)
+    assert sched.stats.forwards == sched.stats.steps  # gated rows share one forward per step
+    assert sched.pool.used_pages() == 0
+    for i, prompt in enumerate([*PROMPTS, [30, 31, 32]]):
+        done = got.done(i)
+        want = alone(model, prompt, done["token_ids"], done["mask_history"], monkeypatch)
+        have = batched[i + 1]
+        assert len(want) == len(have)
+        for k, (a, b) in enumerate(zip(have, want, strict=True)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (arch, i, k, (a - b).abs().max())
+        if i < 3:
+            assert done["mask_changes"] == 1 and done["fingerprint"].endswith("-changes1")
+        else:
+            assert done["mask_changes"] == 0 and "-changes" not in done["fingerprint"]
+
+
+def test_a_row_under_two_masks_keeps_their_intersection(served: dict[str, Path]) -> None:
+    """Switching between an attention-heavy and an MLP-heavy mask leaves a running row with
+    less than either: why the engine must not thrash (its effective mask is reported)."""
+    model = rap.load_model(str(served["llama"]), device="cpu")
+    sched, got = scheduler(model), Collect()
+    sched.add(Request([5, 6, 7], 12, ignore_eos=True), got.sink(0))
+    sched.step()
+    n = model.num_layers
+    attn_heavy = KeepMask.from_drops(model.model_id, n, drop_mlp="0,1")
+    mlp_heavy = KeepMask.from_drops(model.model_id, n, drop_attn="2,3")
+    row_masks.switch(sched, attn_heavy)
+    sched.step()
+    row_masks.switch(sched, mlp_heavy)
+    run(sched)
+    done = got.done(0)
+    effective = KeepMask.from_key(model.model_id, n, done["mask_history"][-1][1])
+    assert effective.key == row_masks.intersect(attn_heavy, mlp_heavy).key
+    assert effective.kept_fraction < min(attn_heavy.kept_fraction, mlp_heavy.kept_fraction)
+    assert done["mask_changes"] == 2 and done["fingerprint"].endswith("-changes2")
+
+
+def test_the_engine_shrinks_under_a_running_request_without_waiting(served_dir_llama) -> None:
+    """Part 1 let running rows finish under their mask first (the budget was exceeded
+    meanwhile); now the shrink reaches the running row at its next step."""
+    model = rap.load_model(str(served_dir_llama), device="cpu")
+    engine = Engine(model, CONFIG, roomy(model), None)
+    n = model.num_layers
+    small = KeepMask.from_drops(model.model_id, n, drop_attn="1", drop_mlp="0")
+
+    async def main() -> list[dict]:
+        events, switched_while_running = [], False
+        async for event in engine.submit(GenRequest([5, 6, 7], 200, ignore_eos=True)):
+            events.append(event)
+            if len(events) == 3:
+                engine.set_ceiling(small)
+            if engine.running and model.mask.key == small.key:
+                switched_while_running = True
+        assert switched_while_running
+        return events
+
+    t0 = time.monotonic()
+    events = asyncio.run(main())
+    assert events[-1]["type"] == "done" and "-changes1" in events[-1]["fingerprint"]
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.fixture(scope="module")
+def served_dir_llama(served: dict[str, Path]) -> Path:
+    return served["llama"]
