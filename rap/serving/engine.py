@@ -232,8 +232,9 @@ class Engine:
 
     def _choose(self) -> tuple[KeepMask, int]:
         """(mask, pages per layer) for the budget, plan and ceiling now (`Sizing.choose`)."""
+        held = self.scheduler.reserved_pages() if hasattr(self, "scheduler") else 0
         return self.sizing.choose(
-            self.budget_bytes, self.plan, self.ceiling, self.planner, self.version()
+            self.budget_bytes, self.plan, self.ceiling, self.planner, self.version(), held
         )
 
     def _retarget(self) -> None:
@@ -269,11 +270,7 @@ class Engine:
             self.scheduler.admitting = True
             return
         if self.scheduler.running:
-            if mask.key != self.model.mask.key and self._fits_in_place(mask):
-                self._switch_in_place(mask)
-            # A pool of another size waits until the running rows are done (pages are not
-            # compacted yet); meanwhile nobody new starts.
-            self.scheduler.admitting = pages == current.capacity
+            self._change_under_rows(mask, pages)
             return
         self.scheduler.admitting = False
         self.scheduler.pool = self.sizing.pool(None, 0)  # the old slabs go before the new mask
@@ -284,6 +281,38 @@ class Engine:
         self.stats.switches += 1
         self._note_bytes()
         log.info("switched to %s with %d KV pages per layer", mask.fingerprint(), pages)
+
+    def _change_under_rows(self, mask: KeepMask, pages: int) -> None:
+        """Mask and pool change while rows run (invariant 1), bytes going down first: a shrink
+        drops blocks before the pool is compacted; a grow waits for the pool to shrink (if it
+        does) and then for room beside it. Rows are preempted (youngest first, by recompute)
+        only when their reservations cannot fit the new pool."""
+        shrink = row_masks.is_within(mask, self.model.mask)
+        if shrink and mask.key != self.model.mask.key:
+            self._switch_in_place(mask)
+        sched = self.scheduler
+        if pages < sched.pool.capacity:
+            preempted = sched.fit(pages)
+            sched.pool.resize(pages, [r.pages for r in sched.running])
+            self.stats.switches += 1
+            self._note_bytes()
+            log.info("KV pool cut to %d pages per layer (%d rows preempted)", pages, preempted)
+        if not shrink:
+            if not self._fits_in_place(mask):
+                sched.admitting = False  # the running rows must end first
+                return
+            self._switch_in_place(mask)
+        if pages > sched.pool.capacity and self._can_grow_pool(mask, pages):
+            sched.pool.resize(pages, [r.pages for r in sched.running])
+            self._note_bytes()
+        sched.admitting = True
+
+    def _can_grow_pool(self, mask: KeepMask, pages: int) -> bool:
+        """Room for the grown pool and, while one layer is copied, its old slabs beside it."""
+        d = self.model.dims
+        old_layer = 2 * self.scheduler.pool.capacity * self.config.page_tokens * d.kv_heads
+        old_layer *= d.head_dim * self.model.dtype.itemsize
+        return self.sizing.bytes_with(mask, pages) + old_layer <= self.budget_bytes
 
     def _fits_in_place(self, mask: KeepMask) -> bool:
         """Whether `mask` can run now beside the running rows: a shrink always can (bytes only

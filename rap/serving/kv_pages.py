@@ -108,6 +108,39 @@ class PagePool:
         self.values[layer] = torch.zeros(shape, dtype=self._dtype, device=self._device)
         self._free[layer] = list(range(self.capacity - 1, -1, -1))
 
+    def resize(self, capacity: int, rows: list[dict[int, RowPages]]) -> None:
+        """Change every layer's capacity under running rows. Shrink: pages at or above the new
+        capacity move into free pages below it (their rows' page lists follow), then each
+        layer's slabs are cut to size one layer at a time, so at most one layer's new slabs
+        exist beside the old ones. The rows' pages must fit (the scheduler preempts first).
+        Grow: each layer's slabs get the new pages after the old ones."""
+        for layer in self.layers:
+            held = [r[layer] for r in rows if layer in r]
+            if capacity < self.capacity:
+                self._compact(layer, capacity, held)
+            k, v = self.keys[layer], self.values[layer]
+            self.keys[layer], self.values[layer] = _resized(k, capacity), _resized(v, capacity)
+            del k, v  # the old slabs go before the next layer's new ones are made
+            used = {p for r in held for p in r.pages}
+            self._free[layer] = [p for p in range(capacity - 1, -1, -1) if p not in used]
+        self.capacity = capacity
+
+    def _compact(self, layer: int, capacity: int, held: list[RowPages]) -> None:
+        used = {p for r in held for p in r.pages}
+        spare = [p for p in range(capacity) if p not in used]
+        for row in held:
+            for i, page in enumerate(row.pages):
+                if page >= capacity:
+                    if not spare:
+                        raise PoolExhaustedError(
+                            f"layer {layer}: rows hold more pages than {capacity}",
+                            expected="the scheduler to preempt rows before shrinking the pool",
+                        )
+                    new = spare.pop(0)
+                    self.keys[layer][new] = self.keys[layer][page]
+                    self.values[layer][new] = self.values[layer][page]
+                    row.pages[i] = new
+
     # -- rows ------------------------------------------------------------------------------
     def write(self, layer: int, row: RowPages, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append `key`/`value` ([tokens, n_kv, d]) at the end of `row` in `layer`."""
@@ -142,3 +175,12 @@ class PagePool:
         for layer, row in rows.items():
             self.release(layer, row.pages)
             row.pages = []
+
+
+def _resized(slab: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A slab of `capacity` pages holding the first pages of `slab` (zeros after them)."""
+    if capacity <= slab.shape[0]:
+        return slab[:capacity].clone()  # a view would keep the whole old slab alive
+    out = torch.zeros((capacity, *slab.shape[1:]), dtype=slab.dtype, device=slab.device)
+    out[: slab.shape[0]] = slab
+    return out

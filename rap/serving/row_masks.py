@@ -40,6 +40,17 @@ def _kept(mask: KeepMask) -> list[tuple[Block, bool]]:
     return [(block, mask.keeps(block)) for block in layer_blocks(mask.num_layers)]
 
 
+def admit(row: Any, model_mask: KeepMask) -> None:
+    """A row starts computing under the model's mask (again, after a preemption: its KV is
+    recomputed under this mask from the first token); what it is served under narrows."""
+    row.mask = model_mask
+    row.history.append((0, model_mask.key))
+    if row.served is None:
+        row.served = model_mask
+    elif not is_within(row.served, model_mask):
+        row.served, row.mask_changes = intersect(row.served, model_mask), row.mask_changes + 1
+
+
 def follow(row: Any, model_mask: KeepMask) -> list[int]:
     """Narrow a running row to the model's mask; returns the attention layers it lost, whose
     pages the caller frees. Counts the change and notes where it happened."""
@@ -48,8 +59,9 @@ def follow(row: Any, model_mask: KeepMask) -> list[int]:
         return []
     pairs = zip(row.mask.attn, narrowed.attn, strict=True)
     lost = [layer for layer, (was, now) in enumerate(pairs) if was and not now]
-    row.mask, row.mask_changes = narrowed, row.mask_changes + 1
-    row.history.append((row.held, narrowed.key))
+    row.mask, row.history = narrowed, [*row.history, (row.held, narrowed.key)]
+    if not is_within(row.served, narrowed):
+        row.served, row.mask_changes = intersect(row.served, narrowed), row.mask_changes + 1
     return lost
 
 

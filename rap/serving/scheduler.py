@@ -30,7 +30,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,10 +37,10 @@ from pydantic import BaseModel, Field
 
 from rap.core import memory
 from rap.core.gates import gating
-from rap.core.masks import KeepMask
 from rap.serving import row_masks
-from rap.serving.kv_pages import PagePool, RowPages
+from rap.serving.kv_pages import PagePool
 from rap.serving.paged_attention import PagedKV, RowStep, paged
+from rap.serving.rows import Request, Row, StepStats, busy_event, done_event, too_big_event
 from rap.serving.sampling import sample
 from rap.serving.text_stream import TextStream
 
@@ -58,66 +57,6 @@ class SchedulerConfig(BaseModel):
     page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
-
-
-@dataclass
-class Request:
-    """What a client asked for, as token ids."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-    """Run to `max_tokens` whatever the model says (benchmarks: equal work for every system)."""
-    deadline_s: float | None = None
-    """`time.monotonic()` after which the request ends, waiting or running (a 504 error)."""
-
-
-@dataclass
-class Row:
-    """A request inside the scheduler."""
-
-    id: int
-    request: Request
-    sink: Sink
-    text: TextStream
-    arrived_s: float
-    pages: dict[int, RowPages] = field(default_factory=dict)
-    reserved: dict[int, int] = field(default_factory=dict)
-    held: int = 0
-    """Tokens written to the KV cache (prompt first, then generated)."""
-    generated: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    mask: KeepMask | None = None
-    """The row's effective mask (`rap.serving.row_masks`): the model's at admission, narrowed
-    by every shrink since."""
-    mask_changes: int = 0
-    history: list[tuple[int, str]] = field(default_factory=list)
-    """(tokens held, mask key) at admission and at every shrink: what ran at which position."""
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.request.prompt_ids + self.generated
-
-    @property
-    def prefilling(self) -> bool:
-        return self.held < len(self.request.prompt_ids)
-
-
-@dataclass
-class StepStats:
-    steps: int = 0
-    forwards: int = 0
-    tokens: int = 0
-    """Tokens through the model (prompt chunks and decodes)."""
-    generated: int = 0
-    prefill_tokens: int = 0
-    admitted: int = 0
-    longest: int = 0
-    """Longest row (prompt + max_tokens) admitted since the engine last read it."""
 
 
 class Scheduler:
@@ -156,6 +95,36 @@ class Scheduler:
         """Stop a request (its client went away): it leaves at the next step, pages freed."""
         with self._lock:
             self._cancelled.add(row_id)
+
+    def preempt(self, row: Row) -> None:
+        """Take a running row out by recompute: its pages go back now, it waits at the head of
+        the queue with its tokens (prompt + generated), and when admitted again its KV is
+        recomputed and it goes on where it stopped; its client sees a pause, nothing else."""
+        self.pool.drop(row.pages)
+        self.running.remove(row)
+        row.pages, row.reserved, row.held, row.mask = {}, {}, 0, None
+        row.preemptions += 1
+        row.arrived_s = time.monotonic()  # its wait for pages starts again
+        with self._lock:
+            self.waiting.appendleft(row)
+        self.stats.preempted += 1
+
+    def fit(self, capacity: int) -> int:
+        """Preempt the youngest running rows until every layer's reservations fit `capacity`
+        pages (before the pool shrinks to it); returns how many were preempted."""
+        preempted = 0
+        while self.running and any(n > capacity for n in self._reserved().values()):
+            self.preempt(self.running[-1])  # admitted last
+            preempted += 1
+        return preempted
+
+    def reserved_pages(self) -> int:
+        """The most pages the running rows reserve in any one layer (read from any thread: a
+        row changing meanwhile gives 0, the answer for an idle replica)."""
+        try:
+            return max(self._reserved().values(), default=0)
+        except RuntimeError:  # a reservation dict changed while it was read
+            return 0
 
     @property
     def idle(self) -> bool:
@@ -202,7 +171,7 @@ class Scheduler:
         want = [
             (i, s.offset + s.count - 1)
             for i, (r, s) in enumerate(rows)
-            if s.first_pos + s.count >= len(r.request.prompt_ids)
+            if s.first_pos + s.count >= len(r.tokens)
         ]
         device = self.model.device
         keep = torch.tensor([j for _, j in want], dtype=torch.long, device=device)
@@ -237,7 +206,7 @@ class Scheduler:
         positions: list[int] = []
         for row in order:
             if row.prefilling:
-                n = min(len(row.request.prompt_ids) - row.held, budget)
+                n = min(len(row.tokens) - row.held, budget)
                 if n <= 0:
                     continue
             else:
@@ -256,32 +225,19 @@ class Scheduler:
         token = sample(logits, req.temperature, req.top_p, row.generator)
         self.stats.generated += 1
         if token in self.eos and not req.ignore_eos:
-            self._end(row, self._done(row, "stop", counted=1))
+            self._end(row, done_event(row, "stop", counted=1))
             return
         row.generated.append(token)
         text = row.text.push(token)
         if text:
             row.sink({"type": "token", "text": text})
         if row.text.stopped:
-            self._end(row, self._done(row, "stop"))
+            self._end(row, done_event(row, "stop"))
         elif len(row.generated) >= req.max_tokens:
             tail = row.text.flush()
             if tail:
                 row.sink({"type": "token", "text": tail})
-            self._end(row, self._done(row, "length"))
-
-    def _done(self, row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
-        event = {
-            "type": "done",
-            "finish_reason": reason,
-            "completion_tokens": len(row.generated) + counted,
-            "token_ids": list(row.generated),
-        }
-        if row.mask is not None:  # the mask it ended under, and how often it shrank
-            event["fingerprint"] = row_masks.fingerprint(row.mask, row.mask_changes)
-            event["mask_changes"] = row.mask_changes
-            event["mask_history"] = list(row.history)
-        return event
+            self._end(row, done_event(row, "length"))
 
     def _end(self, row: Row, event: dict[str, Any]) -> None:
         """The row leaves: its pages go back to the pool this step."""
@@ -297,10 +253,10 @@ class Scheduler:
         if not cancelled:
             return
         for row in [r for r in self.running if r.id in cancelled]:
-            self._end(row, self._done(row, "cancelled"))
+            self._end(row, done_event(row, "cancelled"))
         for row in [r for r in self.waiting if r.id in cancelled]:
             self.waiting.remove(row)
-            row.sink(self._done(row, "cancelled"))
+            row.sink(done_event(row, "cancelled"))
 
     def _drop_expired(self) -> None:
         """Rows whose deadline passed leave now, waiting or running: work stops with them."""
@@ -343,7 +299,10 @@ class Scheduler:
             for row in [r for r in self.waiting if now - r.arrived_s > self.config.max_wait_s]:
                 self.waiting.remove(row)
                 row.sink(
-                    self._busy(f"no KV pages (memory) came free in {self.config.max_wait_s} s")
+                    busy_event(
+                        self.config.retry_after_s,
+                        f"no KV pages (memory) came free in {self.config.max_wait_s} s",
+                    )
                 )
             used = self._reserved()
             while self.admitting and self.waiting and len(self.running) < self.config.max_running:
@@ -351,17 +310,19 @@ class Scheduler:
                 need = self.reservation(row.request)
                 if any(n > self.pool.capacity for n in need.values()):
                     self.waiting.popleft()
-                    row.sink(self._too_big(need))
+                    row.sink(too_big_event(need, self.pool, self.config.retry_after_s))
                     continue
                 if any(used[layer] + n > self.pool.capacity for layer, n in need.items()):
                     break  # FIFO: the head waits for pages; nobody overtakes it
                 self.waiting.popleft()
-                row.reserved, row.mask = need, self.model.mask
-                row.history.append((0, row.mask.key))
+                row.reserved = need
+                row_masks.admit(row, self.model.mask)
                 for layer, n in need.items():
                     used[layer] += n
                 self.running.append(row)
                 self.stats.admitted += 1
+                if row.preemptions:
+                    continue  # resumed: its client has had its start event
                 total = len(row.request.prompt_ids) + row.request.max_tokens
                 self.stats.longest = max(self.stats.longest, total)
                 row.sink(
@@ -371,22 +332,3 @@ class Scheduler:
                         "fingerprint": self.model.mask.fingerprint(),
                     }
                 )
-
-    def _busy(self, why: str) -> dict[str, Any]:
-        return {
-            "type": "error",
-            "status": 503,
-            "message": f"the replica is busy: {why}",
-            "retry_after": self.config.retry_after_s,
-        }
-
-    def _too_big(self, need: dict[int, int]) -> dict[str, Any]:
-        most = max(need.values())
-        return {
-            "type": "error",
-            "status": 503,
-            "retry_after": self.config.retry_after_s,
-            "message": f"not enough memory: the request needs {most} KV pages of "
-            f"{self.pool.page_tokens} tokens per layer; the replica's pool has "
-            f"{self.pool.capacity}",
-        }

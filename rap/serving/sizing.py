@@ -33,12 +33,15 @@ class Sizing:
         ceiling: KeepMask | None,
         planner: MaskPlanner | None,
         version: MaskVersion,
+        held_pages: int = 0,
     ) -> tuple[KeepMask, int]:
         """(mask, pages per layer): the dense model if its pool holds the whole batch (nothing
         is pruned while memory allows), else the controller's mask for the bucket if its pool
         holds a row of `target_seq` tokens, else the local planner's mask for the bucket, for
         one such row, or for one page (planning for smaller loads reaches smaller masks), else
-        the dense model if one row fits; never below the quality floor."""
+        the dense model if one row fits; never below the quality floor. Each of them first
+        only if its pool also holds the `held_pages` the running rows reserve (so that rows
+        are preempted only when no allowed mask keeps them all)."""
         b, s = self.config.max_batch_size, self.config.target_seq
         floor = self.config.min_kept_fraction
         entry = plan.entry_for(b, s) if plan else None
@@ -49,9 +52,12 @@ class Sizing:
         if ceiling is not None:
             choices = [(m.within(ceiling) if m else None, r) for m, r in choices]
             dense = choices[0][0] or dense
-        for mask, rows in [*choices, (dense, 1)]:
-            if mask is not None and mask.kept_fraction >= floor and self.rows(mask, budget) >= rows:
-                return mask, self.pages(mask, budget)
+        for held in (held_pages, 0):
+            for mask, rows in [*choices, (dense, 1)]:
+                if mask is None or mask.kept_fraction < floor:
+                    continue
+                if self.rows(mask, budget) >= rows and self.pages(mask, budget) >= held:
+                    return mask, self.pages(mask, budget)
         # Not even one row fits: the allowed mask with the fewest weight bytes, so that at least
         # the weights stay in budget; requests that need more pages get a 503 saying so.
         allowed = [m for m, _ in choices if m is not None and m.kept_fraction >= floor]

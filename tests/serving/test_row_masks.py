@@ -161,3 +161,53 @@ def test_the_engine_shrinks_under_a_running_request_without_waiting(served_dir_l
 @pytest.fixture(scope="module")
 def served_dir_llama(served: dict[str, Path]) -> Path:
     return served["llama"]
+
+
+def test_a_preempted_row_resumes_by_recompute_where_it_stopped(
+    served: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its pages go back at once; readmitted, it recomputes prompt + generated tokens and goes
+    on with the logits it would have had without the preemption; one start event."""
+    model = rap.load_model(str(served["qwen2"]), device="cpu")
+    sched, got = scheduler(model), Collect()
+    seen = record_logits(sched)
+    sched.add(Request([5, 6, 7, 8], 12, ignore_eos=True), got.sink(0))
+    for _ in range(5):
+        sched.step()
+    (row,) = sched.running
+    sched.preempt(row)
+    assert sched.pool.used_pages() == 0 and sched.waiting[0] is row
+    run(sched)
+    done = got.done(0)
+    assert sum(e["type"] == "start" for e in got.events[0]) == 1
+    assert len(done["token_ids"]) == 12 and sched.stats.preempted == 1
+    want = alone(model, [5, 6, 7, 8], done["token_ids"], [], monkeypatch)
+    for a, b in zip(seen[1], want, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_budget_drop_under_running_rows_cuts_the_pool_at_once(served_dir_llama) -> None:
+    """Part 1 kept the whole pool until the running rows ended; now the pool is compacted
+    and cut (youngest rows preempted only if their reservations cannot fit) while they run,
+    and the bytes held fall to the new budget within a step."""
+    model = rap.load_model(str(served_dir_llama), device="cpu")
+    engine = Engine(model, CONFIG, roomy(model), None)
+    full = engine.scheduler.pool.capacity
+
+    async def main() -> list[list[dict]]:
+        streams = [engine.submit(GenRequest([5 + i, 6, 7], 60, ignore_eos=True)) for i in range(3)]
+        firsts = [await s.__anext__() for s in streams]
+        assert all(f["type"] == "start" for f in firsts)
+        budget = engine.sizing.bytes_with(model.mask, full // 4)
+        engine.set_budget(budget)
+        for _ in range(200):
+            if engine.scheduler.pool.capacity < full:
+                break
+            await asyncio.sleep(0.01)
+        held = model.weight_bytes() + engine.kv_bytes_held() + engine.sizing.step_bytes()
+        assert held <= budget and engine.running >= 1
+        return [[e async for e in s] for s in streams]
+
+    results = asyncio.run(main())
+    assert all(r[-1]["type"] == "done" for r in results)  # nothing lost, preempted or not
+    assert engine.scheduler.pool.used_pages() == 0
