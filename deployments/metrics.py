@@ -39,6 +39,9 @@ class ReplicaMetrics:
         self.over_budget = g(
             "rap_over_budget_bytes", description="High-water mark of own bytes above the budget."
         )
+        self.preemptions = g(
+            "rap_preemptions", description="Rows preempted by recompute since the replica started."
+        )
         self.steps = metrics.Counter(
             "rap_steps_total",
             description="Engine steps (one forward each), by mask source.",
@@ -97,6 +100,7 @@ class ReplicaMetrics:
         self.pages_free.set(tel.kv_pages_free)
         self.tokens_per_s.set(tel.tokens_per_s)
         self.over_budget.set(tel.over_budget_bytes)
+        self.preemptions.set(tel.preemptions)
 
 
 class ControllerMetrics:

@@ -237,6 +237,12 @@ def _admission_row() -> Row:
                 [_gauge("ray_rap_queue_waiting", "waiting")],
             ),
             Panel(
+                "Preemptions",
+                "Rows preempted by recompute since start (the KV pool was cut under them).",
+                "short",
+                [_gauge("ray_rap_preemptions", "preempted")],
+            ),
+            Panel(
                 "Contained errors",
                 "Errors a replica contained and served on (device_memory: NVML failing; plan: "
                 "a malformed plan; telemetry: the reporter), per second.",

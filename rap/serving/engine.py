@@ -1,17 +1,15 @@
 """The replica's engine: per-step scheduling in a worker thread, token streams on asyncio.
 
 Invariant: the model's own bytes — weights of the mask that runs + the KV page pool + one step's
-activations — fit the budget whenever a row is admitted; a mask or budget change pauses
-admissions, lets the running rows finish, then frees the pool, switches the mask (drops before
-restores) and builds the pool anew (the interim rule until masks change under running rows).
+activations — fit the budget whenever a row is admitted, and a budget that falls is met at the
+next step without waiting for running rows: the mask shrinks under them (each row narrows to
+it, `rap.serving.row_masks`), the pool is compacted and cut, and only rows whose reservations
+cannot fit any allowed pool are preempted by recompute. A grow waits for room beside the pool
+and serves rows admitted after it. Every switch drops before it restores.
 
-The mask and the pool come from the budget (`Engine._choose`): the dense model while it holds a
-full batch (`max_batch_size` rows × `target_seq` tokens), else the controller's plan entry for
-that bucket, else the local planner's mask, never below the quality floor; the pool takes what
-the budget leaves:
-
-    pages per kept attention layer = ⌊(budget − weights(mask) − step activations)
-                                      / (kept attention layers · kv_page_bytes(P))⌋
+The mask and the pool come from the budget (`rap.serving.sizing.Sizing.choose`): the dense model
+while it holds a full batch, else the controller's plan entry, else the local planner's mask,
+never below the quality floor, preferring those whose pool keeps the running rows.
 
 The scheduler (`rap.serving.scheduler`) does the rest: admission by page reservation, chunked
 prefill, one forward per step, cancellation, stop strings. A blocking forward on the event loop

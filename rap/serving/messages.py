@@ -73,6 +73,9 @@ class Telemetry(_Message):
     local_fallbacks: int = Field(0, ge=0, description="Steps run on a local fallback mask.")
     steps: int = Field(0, ge=0, description="Engine steps (one forward each) since start.")
     steps_on_controller_mask: int = Field(0, ge=0)
+    preemptions: int = Field(
+        0, ge=0, description="Rows preempted by recompute since start (pool cut under them)."
+    )
     tokens_per_s: float = Field(0.0, ge=0.0, description="Generated tokens/s, last period.")
     over_budget_bytes: int = Field(
         0, ge=0, description="High-water mark of (weights + KV pool + step − budget) at switches."

@@ -110,6 +110,7 @@ def snapshot(
         local_fallbacks=stats.local_fallbacks,
         steps=stats.steps,
         steps_on_controller_mask=stats.steps_on_controller_mask,
+        preemptions=engine.scheduler.stats.preempted,
         tokens_per_s=max(tokens_per_s, 0.0),
         over_budget_bytes=max(stats.over_budget_bytes, 0),
         errors=errors,
