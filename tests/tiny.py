@@ -132,3 +132,6 @@ class FnPlanner:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "FnPlanner"}
+
+    def quality_cost(self, mask: Any) -> float | None:
+        return None

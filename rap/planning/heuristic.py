@@ -15,6 +15,7 @@ from rap.core.errors import RapError
 from rap.core.masks import KeepMask
 from rap.core.scores import METHODS, find_scores
 from rap.planning.planners import SCORES_FOR, plan_mask
+from rap.planning.surrogate import predicted_delta_lnppl
 
 
 @dataclass
@@ -66,6 +67,10 @@ class HeuristicPolicy:
         )
         self.decisions += 1
         return mask.model_copy(update={"source": "controller:heuristic"})
+
+    def quality_cost(self, mask: KeepMask) -> float | None:
+        """Predicted Δ ln perplexity of `mask` from the shipped surrogate (None without one)."""
+        return predicted_delta_lnppl(self.model_id, mask.key)
 
     def describe(self) -> dict[str, Any]:
         """What operators see (`/admin/state`, logs, `rap serve`)."""

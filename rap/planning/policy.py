@@ -32,6 +32,7 @@ from rap.core.masks import KeepMask
 from rap.planning.features import Observer, stored_importance
 from rap.planning.heuristic import HeuristicPolicy
 from rap.planning.policy_net import META_FILE, PolicyNet
+from rap.planning.surrogate import predicted_delta_lnppl
 
 log = logging.getLogger("rap.planning.policy")
 DEFAULT_POLICY_DIR = DATA_DIR / "policy"
@@ -160,6 +161,10 @@ class RapPolicy:
             )
             return self.fallback.plan(budget_bytes, batch, seq, prefill_tokens), True
         return KeepMask.from_vector(self.model_id, kept.tolist()), False
+
+    def quality_cost(self, mask: KeepMask) -> float | None:
+        """Predicted Δ ln perplexity of `mask` from the shipped surrogate (None without one)."""
+        return predicted_delta_lnppl(self.model_id, mask.key)
 
     def describe(self) -> dict[str, Any]:
         """What operators see (`/admin/state`, logs, `rap serve`)."""

@@ -15,7 +15,9 @@ class MaskPlanner(Protocol):
     at `batch` rows fits `budget_bytes`, else raises `BudgetError`. The mask's `source` names
     the planner (`controller:rap`, `controller:rap-fallback`, `controller:heuristic`); a replica
     relabels masks it plans for itself `local`. `describe()` is what operators see (kind,
-    origin, decisions, fallbacks).
+    origin, decisions, fallbacks). `quality_cost(mask)` is the planner's predicted rise in ln
+    perplexity over the dense model for `mask` (an estimate; None where the planner has no
+    model of quality), which responses carry beside their fingerprint.
     """
 
     def plan(
@@ -23,3 +25,5 @@ class MaskPlanner(Protocol):
     ) -> KeepMask: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def quality_cost(self, mask: KeepMask) -> float | None: ...

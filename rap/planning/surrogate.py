@@ -131,3 +131,15 @@ def load_surrogate(model_id: str = DEFAULT_MODEL_ID) -> Surrogate:
         k: v for k, v in doc.items() if k not in ("format", "num_layers", "dense_lnppl", "coef")
     }
     return Surrogate(doc["num_layers"], doc["dense_lnppl"], tuple(doc["coef"]), meta)
+
+
+def predicted_delta_lnppl(model_id: str, mask_key: str) -> float | None:
+    """The shipped surrogate's Δ ln perplexity of a mask (0 for the dense model), or None when
+    no surrogate ships for `model_id` (an estimate: see the module doc for its error)."""
+    try:
+        surrogate = load_surrogate(model_id)
+    except RapError:
+        return None
+    if not mask_key:
+        return 0.0
+    return float(surrogate.predict([mask_key])[0] - surrogate.dense_lnppl)

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,12 @@ class EngineConfig(BaseModel):
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait for KV pages before a 503.")
     max_waiting: int = Field(256, ge=1, description="Queue length above which requests get 503.")
+    grow_after_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds the budget must allow a larger mask before blocks are restored "
+        "(shrinks are immediate): hysteresis against thrash.",
+    )
     default_max_tokens: int | None = Field(
         None,
         ge=1,
@@ -103,6 +110,8 @@ class GenRequest:
     """`time.monotonic()` after which the request ends (504), waiting or running."""
     ignore_eos: bool = False
     """Run to `max_tokens` whatever the model says (benchmarks and tests)."""
+    min_kept_fraction: float = 0.0
+    """The request's own quality floor: it waits (or is preempted) rather than run below it."""
 
 
 @dataclass
@@ -136,6 +145,7 @@ class Engine:
         self.context_len = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.sizing = Sizing(model, config)
         self._target = self._choose()
+        self._target_since = 0.0
         mask, pages = self._target
         model.apply(mask)
         self.scheduler = Scheduler(model, self.sizing.pool(mask, pages), config.scheduler())
@@ -174,9 +184,12 @@ class Engine:
             request.seed,
             deadline_s=request.deadline_s,
             ignore_eos=request.ignore_eos,
+            min_kept_fraction=request.min_kept_fraction,
         )
 
         def sink(event: dict[str, Any]) -> None:  # from the engine's thread
+            if event["type"] == "done" and "mask_key" in event:
+                event["predicted_delta_lnppl"] = self._quality_cost(event["mask_key"])
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
         row_id = self.scheduler.add(req, sink)
@@ -190,6 +203,13 @@ class Engine:
         finally:
             if not ended:
                 self.cancel(row_id)
+
+    def _quality_cost(self, key: str) -> float | None:
+        """The planner's predicted Δ ln perplexity of the mask a row was served under."""
+        if self.planner is None:
+            return None
+        mask = KeepMask.from_key(self.model.model_id, self.model.num_layers, key)
+        return self.planner.quality_cost(mask)
 
     def cancel(self, row_id: int) -> None:
         self.scheduler.cancel(row_id)
@@ -237,7 +257,10 @@ class Engine:
 
     def _retarget(self) -> None:
         try:
-            self._target = self._choose()
+            target = self._choose()
+            if target[0].key != self._target[0].key:
+                self._target_since = time.monotonic()  # a grow waits from here (hysteresis)
+            self._target = target
         except Exception as exc:  # a planner failing must not take the replica down
             self.stats.planner_errors += 1
             log.warning("keeping the current mask: planning failed (%s)", exc)
@@ -247,7 +270,9 @@ class Engine:
     def _work(self) -> None:
         while True:
             try:
-                self._wake.wait(timeout=None if self.scheduler.idle else 0.0)
+                pending = self._target[0].key != self.model.mask.key
+                idle = self.scheduler.idle
+                self._wake.wait(timeout=0.0 if not idle else (0.05 if pending else None))
                 self._wake.clear()
                 self._maybe_switch()
                 if not self.scheduler.running and not self.scheduler.waiting:
@@ -260,7 +285,7 @@ class Engine:
                 self._wake.set()
 
     def _maybe_switch(self) -> None:
-        mask, pages = self._target
+        mask, pages = self._next()
         current = self.scheduler.pool
         if mask.key == self.model.mask.key and pages == current.capacity:
             if mask != self.model.mask:  # a new version or label of the same blocks: no drain
@@ -279,6 +304,23 @@ class Engine:
         self.stats.switches += 1
         self._note_bytes()
         log.info("switched to %s with %d KV pages per layer", mask.fingerprint(), pages)
+
+    def _next(self) -> tuple[KeepMask, int]:
+        """What to run now on the way to the target (no thrash, docs/engine.md): a shrink at
+        once; a grow once the target has held for `grow_after_s` (memory back for long enough);
+        a change to a mask that is neither — which would leave running rows with the
+        intersection of both — only while nothing runs, or, when the budget forces it, its
+        shrinking half now (the intersection) and the rest as a grow later."""
+        target, pages = self._target
+        current = self.model.mask
+        if target.key == current.key or row_masks.is_within(target, current):
+            return target, pages
+        settled = time.monotonic() - self._target_since >= self.config.grow_after_s
+        if settled and (row_masks.is_within(current, target) or not self.scheduler.running):
+            return target, pages
+        forced = self.sizing.bytes_with(current, pages) > self.budget_bytes
+        mask = row_masks.intersect(target, current) if forced else current
+        return mask, self.sizing.pages(mask, self.budget_bytes)
 
     def _change_under_rows(self, mask: KeepMask, pages: int) -> None:
         """Mask and pool change while rows run (invariant 1), bytes going down first: a shrink
@@ -324,7 +366,7 @@ class Engine:
     def _switch_in_place(self, mask: KeepMask) -> None:
         """Running rows go on (invariant 1): they lose what `mask` drops from the next step,
         with those attention layers' slabs freed whole, and skip what it restores."""
-        row_masks.switch(self.scheduler, mask)
+        row_masks.switch(self.scheduler, mask, self.config.min_kept_fraction)
         self.stats.switches += 1
         self._note_bytes()
         rows = len(self.scheduler.running)

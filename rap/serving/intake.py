@@ -75,7 +75,14 @@ class Intake:
         max_tokens = req.max_tokens or self._default_max_tokens(len(ids))
         deadline = arrived + req.timeout_s if req.timeout_s is not None else None
         request = GenRequest(
-            ids, max_tokens, req.temperature, req.top_p, req.stop, req.seed, deadline
+            ids,
+            max_tokens,
+            req.temperature,
+            req.top_p,
+            req.stop,
+            req.seed,
+            deadline,
+            min_kept_fraction=req.min_kept_fraction,
         )
         self.engine.check(request)
         return request

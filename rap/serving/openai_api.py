@@ -40,6 +40,14 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(
         None, description="Up to 4 sequences where generation stops (not returned)."
     )
+    min_kept_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="RAP extension: serve this request only under masks keeping at least this "
+        "share of the blocks (1.0: the dense model only); it waits, or gets a 503, rather than "
+        "run below it.",
+    )
     # Known OpenAI fields this server does not implement: accepted only at their neutral value.
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
@@ -284,6 +292,8 @@ class Relay:
         self.model = model
         self.chat = chat
         self.include_usage = include_usage
+        self.served: dict[str, Any] = {}
+        """RAP's account of the mask that served the request (`rap` in the final body)."""
         self.rid = new_id("chatcmpl" if chat else "cmpl")
         self.fingerprint = ""
         self.prompt_tokens = 0
@@ -291,6 +301,16 @@ class Relay:
     def started(self, event: dict[str, Any]) -> None:
         self.fingerprint = event["fingerprint"]
         self.prompt_tokens = event["prompt_tokens"]
+
+    def _ended(self, event: dict[str, Any]) -> None:
+        """The mask the row was served under (the smallest it ran under), how often it shrank
+        under the request, and the planner's predicted Δ ln perplexity of it (an estimate)."""
+        self.fingerprint = event.get("fingerprint", self.fingerprint)
+        self.served = {
+            "mask": self.fingerprint,
+            "mask_changes": event.get("mask_changes", 0),
+            "predicted_delta_lnppl": event.get("predicted_delta_lnppl"),
+        }
 
     async def whole(self, events: Any) -> tuple[int, dict[str, Any]]:
         """Collect every event into one response: (status, body)."""
@@ -301,9 +321,9 @@ class Relay:
             elif event["type"] == "error":
                 return event["status"], event_error_body(event)
             elif event["type"] == "done":
-                self.fingerprint = event.get("fingerprint", self.fingerprint)
+                self._ended(event)
                 use = usage(self.prompt_tokens, event["completion_tokens"])
-                return 200, completion_body(
+                body = completion_body(
                     self.rid,
                     self.model,
                     "".join(parts),
@@ -312,6 +332,7 @@ class Relay:
                     use,
                     self.chat,
                 )
+                return 200, {**body, "rap": self.served}
         return 500, error_body("the replica ended the stream without finishing", "server_error")
 
     async def stream(self, events: Any) -> Any:
@@ -336,19 +357,18 @@ class Relay:
                 yield sse(event_error_body(event))
                 break
             elif event["type"] == "done":  # the mask the row ended under, changes counted
-                self.fingerprint = event.get("fingerprint", self.fingerprint)
-                yield sse(
-                    chunk_body(
-                        self.rid,
-                        self.model,
-                        "",
-                        event["finish_reason"],
-                        self.fingerprint,
-                        self.chat,
-                        first=first,
-                        usage_field=self.include_usage,
-                    )
+                self._ended(event)
+                final = chunk_body(
+                    self.rid,
+                    self.model,
+                    "",
+                    event["finish_reason"],
+                    self.fingerprint,
+                    self.chat,
+                    first=first,
+                    usage_field=self.include_usage,
                 )
+                yield sse({**final, "rap": self.served})
                 if self.include_usage:
                     use = usage(self.prompt_tokens, event["completion_tokens"])
                     yield sse(

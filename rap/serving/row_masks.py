@@ -65,14 +65,21 @@ def follow(row: Any, model_mask: KeepMask) -> list[int]:
     return lost
 
 
-def switch(scheduler: Any, mask: KeepMask) -> None:
+def switch(scheduler: Any, mask: KeepMask, floor: float = 0.0) -> None:
     """Make `mask` the model's under running rows: each row loses what `mask` drops from the
     next step (pages and reservations in those attention layers go back, then the layers'
     slabs are freed whole); blocks `mask` restores get slabs of the pool's capacity, used by
-    rows admitted from now on. Weights: every drop before any restore (`PrunableModel.apply`)."""
+    rows admitted from now on. Weights: every drop before any restore (`PrunableModel.apply`).
+    A row that would fall below the quality floor (`floor`, or its request's own minimum) is
+    preempted instead, to be recomputed under a mask that meets it."""
     old, pool = scheduler.model.mask, scheduler.pool
+    narrowed = intersect(old, mask)
+    for row in list(scheduler.running):
+        least = max(floor, row.request.min_kept_fraction)
+        if intersect(row.mask, narrowed).kept_fraction < least:
+            scheduler.preempt(row)
     for row in scheduler.running:
-        for layer in follow(row, intersect(old, mask)):
+        for layer in follow(row, narrowed):
             pages = row.pages.pop(layer, None)
             if pages is not None:
                 pool.release(layer, pages.pages)

@@ -31,6 +31,8 @@ class Request:
     """Run to `max_tokens` whatever the model says (benchmarks: equal work for every system)."""
     deadline_s: float | None = None
     """`time.monotonic()` after which the request ends, waiting or running (a 504 error)."""
+    min_kept_fraction: float = 0.0
+    """Run only under masks keeping at least this share of blocks (1.0: the dense model)."""
 
 
 @dataclass
@@ -94,6 +96,7 @@ def done_event(row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
     }
     if row.served is not None:  # the smallest mask it ran under, and how often it shrank
         event["fingerprint"] = row_masks.fingerprint(row.served, row.mask_changes)
+        event["mask_key"] = row.served.key
         event["mask_changes"] = row.mask_changes
         event["mask_history"] = list(row.history)
     return event

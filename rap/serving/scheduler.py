@@ -276,6 +276,16 @@ class Scheduler:
                 },
             )
 
+    def _why_waited(self, row: Row, kept: float) -> str:
+        wait = self.config.max_wait_s
+        if row.request.min_kept_fraction > kept:
+            asked = row.request.min_kept_fraction
+            return (
+                f"the replica serves a mask keeping {kept:.1%} of the blocks, below the request's "
+                f"min_kept_fraction {asked:.1%}, and did not grow in {wait} s"
+            )
+        return f"no KV pages (memory) came free in {wait} s"
+
     def reservation(self, request: Request) -> dict[int, int]:
         """Pages per kept attention layer a request reserves at admission (module doc)."""
         tokens = len(request.prompt_ids) + request.max_tokens
@@ -295,26 +305,25 @@ class Scheduler:
 
     def _admit(self) -> None:
         now = time.monotonic()
+        kept = self.model.mask.kept_fraction
         with self._lock:
             for row in [r for r in self.waiting if now - r.arrived_s > self.config.max_wait_s]:
                 self.waiting.remove(row)
-                row.sink(
-                    busy_event(
-                        self.config.retry_after_s,
-                        f"no KV pages (memory) came free in {self.config.max_wait_s} s",
-                    )
-                )
+                row.sink(busy_event(self.config.retry_after_s, self._why_waited(row, kept)))
             used = self._reserved()
-            while self.admitting and self.waiting and len(self.running) < self.config.max_running:
-                row = self.waiting[0]
+            # FIFO among the rows the current mask may serve; a row that asked for more blocks
+            # than the model keeps now waits without holding up the others.
+            for row in [r for r in self.waiting if r.request.min_kept_fraction <= kept]:
+                if not self.admitting or len(self.running) >= self.config.max_running:
+                    break
                 need = self.reservation(row.request)
                 if any(n > self.pool.capacity for n in need.values()):
-                    self.waiting.popleft()
+                    self.waiting.remove(row)
                     row.sink(too_big_event(need, self.pool, self.config.retry_after_s))
                     continue
                 if any(used[layer] + n > self.pool.capacity for layer, n in need.items()):
-                    break  # FIFO: the head waits for pages; nobody overtakes it
-                self.waiting.popleft()
+                    break  # the first such row waits for pages; nobody overtakes it
+                self.waiting.remove(row)
                 row.reserved = need
                 row_masks.admit(row, self.model.mask)
                 for layer, n in need.items():

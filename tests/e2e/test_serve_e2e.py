@@ -51,7 +51,7 @@ def server(fault_dir):
             {"name": "replica-0", "budget_gib": 0.6, "num_cpus": 0.5},
             {"name": "replica-1", "budget_gib": 0.45, "num_cpus": 0.5},
         ],
-        "engine": {"max_batch_size": 4, "target_seq": 256},
+        "engine": {"max_batch_size": 4, "target_seq": 256, "grow_after_s": 1.0},
         "telemetry_period_s": 0.3,
     }
     serve.run(build_app(config), name="rap", route_prefix="/")
@@ -432,8 +432,10 @@ def test_the_ingress_checks_credentials_and_size_before_parsing(server) -> None:
 def test_seeded_sampling_repeats_and_chat_without_max_tokens_is_not_cut_at_16(server) -> None:
     c = client(server)
     ask = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0}
-    first = c.completions.create(**ask, seed=1234).choices[0].text
-    assert c.completions.create(**ask, seed=1234).choices[0].text == first
+    out = c.completions.create(**ask, seed=1234)
+    assert c.completions.create(**ask, seed=1234).choices[0].text == out.choices[0].text
+    served = out.model_extra["rap"]  # the mask that served it and its predicted quality cost
+    assert served["mask"] == out.system_fingerprint and served["predicted_delta_lnppl"] >= 0
     chat = c.chat.completions.create(
         model=MODEL,
         temperature=0,

@@ -72,3 +72,18 @@ def test_rap_serve_refuses_a_bad_policy_before_ray_starts(
     assert main(["serve", "--policy", str(empty)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no exported RAP policy" in err[0], err
+
+
+def test_planners_predict_the_quality_cost_of_a_mask_from_the_shipped_surrogate() -> None:
+    """What responses carry beside their fingerprint (an estimate, Δ ln perplexity)."""
+    from rap.core.loading import DEFAULT_MODEL_ID
+    from rap.core.masks import KeepMask
+    from rap.planning.surrogate import predicted_delta_lnppl
+
+    n = 30
+    small = KeepMask.from_drops(DEFAULT_MODEL_ID, n, drop_attn="5-9", drop_mlp="20")
+    cost = predicted_delta_lnppl(DEFAULT_MODEL_ID, small.key)
+    fewer = predicted_delta_lnppl(DEFAULT_MODEL_ID, small.without(("mlp", 21)).key)
+    assert cost is not None and fewer is not None and 0 < cost < fewer
+    assert predicted_delta_lnppl(DEFAULT_MODEL_ID, "") == 0.0
+    assert predicted_delta_lnppl("no-such-model", small.key) is None

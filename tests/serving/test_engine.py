@@ -16,7 +16,7 @@ from rap.serving.messages import MaskPlan, PlanEntry
 from tests.tiny import FnPlanner, save_tiny, save_tokenizer
 
 PROMPTS = [[5, 9, 14], [7, 8, 9, 10, 11, 12, 13, 20, 21], [30], [40, 41, 42, 43, 44, 45]]
-CONFIG = EngineConfig(page_tokens=4, max_step_tokens=8, target_seq=64)
+CONFIG = EngineConfig(page_tokens=4, max_step_tokens=8, target_seq=64, grow_after_s=0)
 
 
 @pytest.fixture(scope="module")

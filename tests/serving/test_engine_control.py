@@ -122,3 +122,92 @@ def test_a_request_past_its_deadline_ends_and_frees_its_pages(served_dir) -> Non
     assert "deadline passed" in events[-1]["message"]
     assert engine.scheduler.idle and engine.scheduler.pool.used_pages() == 0
     assert engine.tokens < 200
+
+
+def test_a_request_that_asks_for_the_dense_model_waits_and_others_overtake(served_dir) -> None:
+    """min_kept_fraction: queued, not served below it; 503 saying why after max_wait_s."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    config = CONFIG.model_copy(update={"max_wait_s": 1.0})
+    engine = Engine(model, config, roomy(model), None)
+    engine.set_ceiling(keep_first(model, 3, 4, source="user"))
+
+    async def main() -> tuple[list[dict], list[dict]]:
+        picky = GenRequest([5, 6, 7], 4, min_kept_fraction=1.0)
+        easy = GenRequest([8, 9], 4)
+        a, b = await asyncio.gather(_collect(engine.submit(picky)), _collect(engine.submit(easy)))
+        return a, b
+
+    picky, easy = asyncio.run(main())
+    assert easy[-1]["type"] == "done"
+    assert picky[-1]["status"] == 503 and "min_kept_fraction 100.0%" in picky[-1]["message"]
+    engine.set_ceiling(None)
+
+    async def again() -> list[dict]:
+        return await _collect(engine.submit(GenRequest([5, 6, 7], 4, min_kept_fraction=1.0)))
+
+    done = asyncio.run(again())[-1]
+    assert done["type"] == "done" and "keep1.000" in done["fingerprint"]
+
+
+def test_a_shrink_below_a_running_rows_floor_preempts_it_instead(served_dir) -> None:
+    model = rap.load_model(str(served_dir), device="cpu")
+    engine = Engine(model, CONFIG, roomy(model), None)
+
+    async def main() -> list[dict]:
+        events = []
+        request = GenRequest([5, 6, 7], 40, ignore_eos=True, min_kept_fraction=0.9)
+        async for event in engine.submit(request):
+            events.append(event)
+            if len(events) == 3:
+                engine.set_ceiling(keep_first(model, 3, 4, source="user"))  # keeps 7 of 8
+                # memory back a little later: the preempted row resumes
+                asyncio.get_running_loop().call_later(0.5, engine.set_ceiling, None)
+        return events
+
+    events = asyncio.run(main())
+    assert engine.scheduler.stats.preempted == 1
+    assert events[-1]["type"] == "done" and events[-1]["completion_tokens"] == 40
+
+
+def test_grows_wait_for_the_budget_to_hold_and_incomparable_masks_wait_for_idle(
+    served_dir,
+) -> None:
+    """Hysteresis: memory must be back for grow_after_s before blocks are restored; a switch
+    between masks neither of which holds the other (which would leave running rows with their
+    intersection) waits until nothing runs unless the budget forces it."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    config = CONFIG.model_copy(update={"grow_after_s": 0.5})
+    engine = Engine(model, config, roomy(model), None)
+    small = keep_first(model, 3, 3, source="user")
+    engine.set_ceiling(small)
+    run(engine, [[5, 6, 7]])
+    assert model.mask.key == small.key  # a shrink: at once
+    engine.set_ceiling(None)
+    run(engine, [[5, 6, 7]], max_tokens=2)
+    assert model.mask.key == small.key  # a grow: not yet
+    time.sleep(0.6)
+    run(engine, [[5, 6, 7]], max_tokens=2)
+    assert model.mask.kept_fraction == 1.0
+
+    other = KeepMask.from_drops(model.model_id, model.num_layers, drop_mlp="0,1")
+    engine.set_ceiling(keep_first(model, 4, 2, source="user"))  # drops MLP 2, 3
+    run(engine, [[5, 6, 7]], max_tokens=2)
+
+    async def under_load() -> str:
+        stream = engine.submit(GenRequest([5, 6, 7], 30, ignore_eos=True))
+        await stream.__anext__()
+        engine.set_ceiling(other.model_copy(update={"source": "user"}))  # drops MLP 0, 1
+        seen = model.mask.key
+        async for _ in stream:
+            seen = seen if engine.running == 0 else model.mask.key
+        return seen
+
+    held = asyncio.run(under_load())
+    assert held == keep_first(model, 4, 2).key  # kept while the row ran
+    time.sleep(0.6)
+    run(engine, [[5, 6, 7]], max_tokens=2)
+    assert model.mask.key == other.key  # switched once idle
+
+
+async def _collect(stream) -> list[dict]:
+    return [e async for e in stream]
