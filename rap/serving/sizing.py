@@ -46,7 +46,9 @@ class Sizing:
         floor = self.config.min_kept_fraction
         entry = plan.entry_for(b, s) if plan else None
         dense = entry.mask if entry and entry.mask.kept_fraction == 1.0 else self._dense(version)
-        shapes = ((b, s), (1, s), (1, self.config.page_tokens))
+        # The running rows' reservations as one long row: a mask that keeps them all.
+        kept_rows = (1, held_pages * self.config.page_tokens) if held_pages else None
+        shapes = [x for x in ((b, s), kept_rows, (1, s), (1, self.config.page_tokens)) if x]
         locals_ = [self._local(planner, budget, b_, s_, version) for b_, s_ in shapes]
         choices = [(dense, b), (entry.mask if entry else None, 1), *((m, 1) for m in locals_)]
         if ceiling is not None:
