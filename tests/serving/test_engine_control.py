@@ -211,3 +211,22 @@ def test_grows_wait_for_the_budget_to_hold_and_incomparable_masks_wait_for_idle(
 
 async def _collect(stream) -> list[dict]:
     return [e async for e in stream]
+
+
+def test_sizing_plans_for_the_running_rows_before_one_row(served_dir) -> None:
+    """A budget drop under many rows preempted most of them: the candidates held a full batch
+    or one row; now one is planned for the running rows' reservations."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    asked: list[tuple[int, int]] = []
+    keep_most = keep_first(model, 4, 3)
+
+    def plan(budget, batch, seq):
+        asked.append((batch, seq))
+        return keep_most if (batch, seq) == (1, 40 * CONFIG.page_tokens) else None
+
+    engine = Engine(model, CONFIG, roomy(model), None)
+    planner = FnPlanner(lambda b, B, S: plan(b, B, S) or keep_first(model, 1, 1))
+    budget = engine.sizing.bytes_with(keep_most, 40)
+    mask, pages = engine.sizing.choose(budget, None, None, planner, MaskVersion(), held_pages=40)
+    assert (1, 40 * CONFIG.page_tokens) in asked
+    assert mask.key == keep_most.key and pages >= 40
