@@ -24,6 +24,7 @@ from rap.core.errors import RapError
 from rap.core.loading import load_model
 from rap.core.masks import KeepMask
 from rap.planning import HeuristicPolicy
+from rap.serving import faults
 from rap.serving.config import ServeAppConfig
 from rap.serving.engine import Engine, EngineError
 from rap.serving.intake import Intake
@@ -144,6 +145,7 @@ class LLMReplica:
         if reply is None:
             return
         try:
+            faults.check("plan")
             plan = MaskPlan.model_validate(reply)
         except Exception as exc:  # a malformed plan is the controller's bug: keep the last
             self._count_error("plan", exc)

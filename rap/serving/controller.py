@@ -110,6 +110,9 @@ class Controller:
         entries = self._entries(telemetry.budget_bytes, buckets)
         reason = self._reason(prev, telemetry, buckets)
         if reason is None and view.plan is not None and view.plan.version.epoch == self.epoch:
+            if telemetry.mask_version < view.plan.version:
+                # The replica never took it (lost, or refused as malformed): send it again.
+                return view.plan
             return None
         self.seq += 1
         version = MaskVersion(epoch=self.epoch, seq=self.seq)

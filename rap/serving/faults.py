@@ -2,7 +2,8 @@
 
 A fault is on while the file `$RAP_FAULT_DIR/<name>` exists, so a test (or an operator drilling
 a failure) turns it on and off from outside the replica's process, on any node that shares the
-folder. Names: `device_memory` (the device-memory reading — NVML on a GPU — raises).
+folder. Names: `device_memory` (the device-memory reading — NVML on a GPU — raises), `plan` (a
+replica finds every plan it receives malformed).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-FAULTS = ("device_memory",)
+FAULTS = ("device_memory", "plan")
 
 
 class InjectedFault(RuntimeError):

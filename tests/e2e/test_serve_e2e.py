@@ -508,6 +508,26 @@ def test_a_failing_device_memory_reading_is_contained_and_counted(server, fault_
     assert state(server)["replicas"]["replica-1"]["errors"] == errors  # the fault is off
 
 
+def test_a_malformed_plan_is_contained_and_the_plan_comes_again(server, fault_dir) -> None:
+    """A malformed plan killed the reporter; a plan the replica never took was never resent."""
+    before = state(server)["replicas"]["replica-1"]["errors"]
+    (fault_dir / "plan").touch()
+    try:
+        call(server, "/admin/budget", {"replica": "replica-1", "gib": 0.42}, ADMIN)
+        wait_for(lambda: state(server)["replicas"]["replica-1"]["errors"] > before)
+    finally:
+        (fault_dir / "plan").unlink()
+
+    def taken() -> bool:
+        s = state(server)
+        plan = s["controller"]["replicas"]["replica-1"]["plan"]
+        held = s["replicas"]["replica-1"]["mask_version"]
+        return plan is not None and plan["version"] == held
+
+    wait_for(taken)  # resent until the replica holds it
+    assert state(server)["replicas"]["replica-1"]["budget_bytes"] == int(0.42 * 2**30)
+
+
 def test_a_redeploy_drains_running_requests(server) -> None:
     """Runs last: it replaces the app. A stream that runs while the app is redeployed finishes
     on its old replica (Serve's graceful shutdown, `drain_timeout_s`); new requests reach the

@@ -173,3 +173,13 @@ def test_the_decision_log_keeps_the_configured_history() -> None:
     for i in range(4):
         c.report(tel(budget=(100 + i) * MIB), now_s=1000.0 + i)
     assert len(c.decisions) == 2 and "103.0 MiB" in c.decisions[-1].reason
+
+
+def test_a_plan_the_replica_never_took_is_sent_again() -> None:
+    """A plan lost or refused as malformed was never resent: the controller thought it done."""
+    c = Controller(planner)
+    first = c.report(tel(mask_version=MaskVersion(epoch=0, seq=0)), now_s=1000.0)
+    assert first is not None
+    again = c.report(tel(mask_version=MaskVersion(epoch=0, seq=0)), now_s=1000.3)
+    assert again == first  # the replica still holds an older version
+    assert c.report(tel(mask_version=first.version), now_s=1000.6) is None
