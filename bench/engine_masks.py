@@ -4,9 +4,9 @@ Usage: .venv/bin/python bench/engine_masks.py [--out F.json]
 
 1. Throughput: the committed prompts (`bench/data/engine_prompts.json`, EOS ignored) through
    `rap.serving.scheduler.Scheduler` on the default model (float32, 2 torch threads, 8 rows,
-   256-token steps) at masks mem-greedy plans to keep 100 / 80 / 70 / 60 % of the dense
-   model's weight bytes; useful tokens/s, median of `--repeats` runs interleaved, and the ratio
-   to dense (target: ≥ 1.25× at 70 %).
+   256-token steps; `engine_throughput.offline_v2`) at masks mem-greedy plans to keep
+   100 / 80 / 70 / 60 % of the dense model's weight bytes; useful tokens/s, median of
+   `--repeats` runs interleaved, and the ratio to dense (target: ≥ 1.25× at 70 %).
 2. A budget drop under load: 8 requests stream through an `Engine`; the budget falls to 60 % of
    the dense peak. Every 2 ms a sampler reads the bytes the engine holds — measured from the
    tensors (`PrunableModel.weight_bytes()` + the page pool's storages + one step's
@@ -26,33 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_throughput import PROMPTS, offline_v2  # the same scheduler run, per mask
 
 from rap.core import memory
 from rap.core.loading import load_model
 from rap.planning import HeuristicPolicy
-from rap.serving.engine import Engine, EngineConfig, GenRequest
-from rap.serving.kv_pages import PagePool
-from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
+from rap.serving.engine import Engine, EngineConfig
+from rap.serving.scheduler import Request
 from rap.serving.sizing import engine_peak_bytes
 
-PROMPTS = Path(__file__).parent / "data" / "engine_prompts.json"
 CONFIG = EngineConfig(max_batch_size=8, max_step_tokens=256, target_seq=512, grow_after_s=0)
-
-
-def throughput(model: Any, rows: list[dict]) -> float:
-    config = SchedulerConfig(max_running=8, max_step_tokens=256, page_tokens=16, max_wait_s=600)
-    kept = [i for i, k in enumerate(model.mask.attn) if k]
-    d = model.dims
-    pool = PagePool(kept, 32 * 30, 16, d.kv_heads, d.head_dim, model.dtype)
-    sched = Scheduler(model, pool, config)
-    done: list[dict] = []
-    start = time.perf_counter()
-    for r in rows:
-        sched.add(Request(r["prompt_ids"], r["max_tokens"], ignore_eos=True), done.append)
-    while not sched.idle:
-        sched.step()
-    tokens = sum(e.get("completion_tokens", 0) for e in done if e["type"] == "done")
-    return tokens / (time.perf_counter() - start)
 
 
 def masks_by_share(model: Any) -> dict[str, Any]:
@@ -72,12 +55,12 @@ def masks_by_share(model: Any) -> dict[str, Any]:
 def by_mask(model: Any, rows: list[dict], repeats: int) -> dict[str, Any]:
     masks = masks_by_share(model)
     dense_weights = memory.weight_bytes(model.config, model.dense_mask(), model.dtype)
-    throughput(model, rows[:2])  # warm-up
+    offline_v2(model, rows[:2])  # warm-up
     runs: dict[str, list[float]] = {name: [] for name in masks}
     for _ in range(repeats):
         for name, mask in masks.items():
             model.apply(mask.model_copy(update={"version": model.mask.version}))
-            runs[name].append(throughput(model, rows))
+            runs[name].append(offline_v2(model, rows))
     model.apply(model.dense_mask().model_copy(update={"version": model.mask.version}))
     dense = statistics.median(runs["100%"])
     out: dict[str, Any] = {}
@@ -119,7 +102,7 @@ def budget_drop(model: Any, rows: list[dict]) -> dict[str, Any]:
             time.sleep(0.002)
 
     async def load() -> float:
-        reqs = [GenRequest(r["prompt_ids"][:64], 120, ignore_eos=True) for r in rows[:8]]
+        reqs = [Request(r["prompt_ids"][:64], 120, ignore_eos=True) for r in rows[:8]]
         streams = [engine.submit(r) for r in reqs]
         for s in streams:
             await s.__anext__()  # every row has started

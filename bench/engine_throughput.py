@@ -63,8 +63,8 @@ def make_prompts(model: Any) -> None:
 
 def scheduler(model: Any) -> Scheduler:
     config = SchedulerConfig(max_running=8, max_step_tokens=256, page_tokens=16, max_wait_s=600)
-    d = model.dims
-    pool = PagePool(list(range(d.num_layers)), 32 * 30, 16, d.kv_heads, d.head_dim, model.dtype)
+    d, kept = model.dims, [i for i, k in enumerate(model.mask.attn) if k]
+    pool = PagePool(kept, 32 * 30, 16, d.kv_heads, d.head_dim, model.dtype)
     return Scheduler(model, pool, config)
 
 

@@ -99,22 +99,6 @@ class EngineError(Exception):
 
 
 @dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    deadline_s: float | None = None
-    """`time.monotonic()` after which the request ends (504), waiting or running."""
-    ignore_eos: bool = False
-    """Run to `max_tokens` whatever the model says (benchmarks and tests)."""
-    min_kept_fraction: float = 0.0
-    """The request's own quality floor: it waits (or is preempted) rather than run below it."""
-
-
-@dataclass
 class EngineStats:
     steps: int = 0
     steps_on_controller_mask: int = 0
@@ -154,7 +138,7 @@ class Engine:
         self._thread.start()
 
     # -- requests -------------------------------------------------------------------------
-    def check(self, request: GenRequest) -> None:
+    def check(self, request: Request) -> None:
         """Refuse what can never run here (400) or cannot wait here (503), before queueing."""
         total = len(request.prompt_ids) + request.max_tokens
         if not request.prompt_ids:
@@ -169,30 +153,19 @@ class Engine:
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineError(503, "the queue is full", self.config.retry_after_s, "queue_full")
 
-    async def submit(self, request: GenRequest) -> AsyncIterator[dict[str, Any]]:
+    async def submit(self, request: Request) -> AsyncIterator[dict[str, Any]]:
         """Queue a request; yield its events: start, token..., then done or error. A consumer
         that stops early (a client gone, Serve cancelling) cancels the request."""
         self.check(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        req = Request(
-            list(request.prompt_ids),
-            request.max_tokens,
-            request.temperature,
-            request.top_p,
-            list(request.stop),
-            request.seed,
-            deadline_s=request.deadline_s,
-            ignore_eos=request.ignore_eos,
-            min_kept_fraction=request.min_kept_fraction,
-        )
 
         def sink(event: dict[str, Any]) -> None:  # from the engine's thread
             if event["type"] == "done" and "mask_key" in event:
                 event["predicted_delta_lnppl"] = self._quality_cost(event["mask_key"])
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        row_id = self.scheduler.add(req, sink)
+        row_id = self.scheduler.add(request, sink)
         self._wake.set()
         ended = False
         try:
@@ -326,7 +299,8 @@ class Engine:
         """Mask and pool change while rows run (invariant 1), bytes going down first: a shrink
         drops blocks before the pool is compacted; a grow waits for the pool to shrink (if it
         does) and then for room beside it. Rows are preempted (youngest first, by recompute)
-        only when their reservations cannot fit the new pool."""
+        only when their reservations cannot fit the new pool. The bytes held are noted once
+        the change is done."""
         shrink = row_masks.is_within(mask, self.model.mask)
         if shrink and mask.key != self.model.mask.key:
             self._switch_in_place(mask)
@@ -335,17 +309,17 @@ class Engine:
             preempted = sched.fit(pages)
             sched.pool.resize(pages, [r.pages for r in sched.running])
             self.stats.switches += 1
-            self._note_bytes()
             log.info("KV pool cut to %d pages per layer (%d rows preempted)", pages, preempted)
         if not shrink:
             if not self._fits_in_place(mask):
                 sched.admitting = False  # the running rows must end first
+                self._note_bytes()
                 return
             self._switch_in_place(mask)
         if pages > sched.pool.capacity and self._can_grow_pool(mask, pages):
             sched.pool.resize(pages, [r.pages for r in sched.running])
-            self._note_bytes()
         sched.admitting = True
+        self._note_bytes()
 
     def _can_grow_pool(self, mask: KeepMask, pages: int) -> bool:
         """Room for the grown pool and, while one layer is copied, its old slabs beside it."""
@@ -368,7 +342,6 @@ class Engine:
         with those attention layers' slabs freed whole, and skip what it restores."""
         row_masks.switch(self.scheduler, mask, self.config.min_kept_fraction)
         self.stats.switches += 1
-        self._note_bytes()
         rows = len(self.scheduler.running)
         log.info("switched to %s under %d running rows", mask.fingerprint(), rows)
 

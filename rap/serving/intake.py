@@ -23,7 +23,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from rap.core.errors import RapError
-from rap.serving.engine import EngineError, GenRequest
+from rap.serving.engine import EngineError
+from rap.serving.rows import Request
 from rap.serving.telemetry import GenerateCall
 
 
@@ -37,14 +38,14 @@ def longest_token_chars(tokenizer: Any) -> int:
 
 
 class Intake:
-    """Turns `GenerateCall` dicts into `GenRequest`s for one replica's model and engine."""
+    """Turns `GenerateCall` dicts into `Request`s for one replica's model and engine."""
 
     def __init__(self, model: Any, engine: Any, served_name: str) -> None:
         self.model, self.engine, self.served_name = model, engine, served_name
         self.max_prompt_chars = engine.context_len * longest_token_chars(model.tokenizer)
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rap-tokenizer")
 
-    async def request(self, call: dict[str, Any]) -> GenRequest:
+    async def request(self, call: dict[str, Any]) -> Request:
         """The engine request for a call, or `EngineError` with the status to answer."""
         arrived = time.monotonic()
         try:
@@ -74,14 +75,14 @@ class Intake:
             raise EngineError(400, str(exc)) from None
         max_tokens = req.max_tokens or self._default_max_tokens(len(ids))
         deadline = arrived + req.timeout_s if req.timeout_s is not None else None
-        request = GenRequest(
+        request = Request(
             ids,
             max_tokens,
             req.temperature,
             req.top_p,
             req.stop,
             req.seed,
-            deadline,
+            deadline_s=deadline,
             min_kept_fraction=req.min_kept_fraction,
         )
         self.engine.check(request)

@@ -11,8 +11,9 @@ import pytest
 import rap
 from rap.core import memory
 from rap.core.masks import KeepMask, MaskVersion
-from rap.serving.engine import Engine, EngineConfig, EngineError, GenRequest
+from rap.serving.engine import Engine, EngineConfig, EngineError
 from rap.serving.messages import MaskPlan, PlanEntry
+from rap.serving.rows import Request
 from tests.tiny import FnPlanner, save_tiny, save_tokenizer
 
 PROMPTS = [[5, 9, 14], [7, 8, 9, 10, 11, 12, 13, 20, 21], [30], [40, 41, 42, 43, 44, 45]]
@@ -39,7 +40,7 @@ def keep_first(model, attn: int, mlp: int, **kw) -> KeepMask:
 
 
 async def collect(engine: Engine, prompt: list[int], max_tokens: int = 10) -> list[dict]:
-    return [e async for e in engine.submit(GenRequest(prompt, max_tokens))]
+    return [e async for e in engine.submit(Request(prompt, max_tokens))]
 
 
 def run(engine: Engine, prompts, max_tokens: int = 10) -> list[list[dict]]:
@@ -78,7 +79,7 @@ def test_a_consumer_that_stops_cancels_its_request_and_frees_its_pages(served_di
     engine = Engine(model, CONFIG, roomy(model), None)
 
     async def main():
-        stream = engine.submit(GenRequest([5, 6, 7], 200))
+        stream = engine.submit(Request([5, 6, 7], 200))
         assert (await stream.__anext__())["type"] == "start"
         await stream.__anext__()  # a token
         await stream.aclose()  # the client is gone
@@ -142,12 +143,12 @@ def test_context_and_a_full_queue_are_refused_before_queueing(served_dir) -> Non
     model = rap.load_model(str(served_dir), device="cpu")
     engine = Engine(model, CONFIG.model_copy(update={"max_waiting": 1}), roomy(model), None)
     with pytest.raises(EngineError, match="exceeds the model's context of 256") as exc:
-        engine.check(GenRequest([5] * 250, 10))
+        engine.check(Request([5] * 250, 10))
     assert exc.value.status == 400
     engine.scheduler.admitting = False  # hold the queue still
     engine.scheduler.add(engine_request := _request([5, 6]), lambda e: None)
     with pytest.raises(EngineError, match="queue is full") as exc:
-        engine.check(GenRequest([5, 6], 4))
+        engine.check(Request([5, 6], 4))
     assert exc.value.status == 503 and exc.value.reason == "queue_full"
     assert engine_request.max_tokens == 4
 

@@ -12,8 +12,9 @@ import rap
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
 from rap.serving.controller import Controller
-from rap.serving.engine import Engine, GenRequest
+from rap.serving.engine import Engine
 from rap.serving.messages import DeviceMemory, MaskPlan, PlanEntry
+from rap.serving.rows import Request
 from rap.serving.telemetry import snapshot
 from tests.serving.test_engine import CONFIG, keep_first, roomy, run
 from tests.tiny import FnPlanner, save_tiny, save_tokenizer
@@ -114,7 +115,7 @@ def test_a_request_past_its_deadline_ends_and_frees_its_pages(served_dir) -> Non
 
     async def main() -> list[dict]:
         deadline = time.monotonic() + 0.3
-        request = GenRequest([5, 6, 7], 200, deadline_s=deadline)
+        request = Request([5, 6, 7], 200, deadline_s=deadline)
         return [e async for e in engine.submit(request)]
 
     events = asyncio.run(main())
@@ -132,8 +133,8 @@ def test_a_request_that_asks_for_the_dense_model_waits_and_others_overtake(serve
     engine.set_ceiling(keep_first(model, 3, 4, source="user"))
 
     async def main() -> tuple[list[dict], list[dict]]:
-        picky = GenRequest([5, 6, 7], 4, min_kept_fraction=1.0)
-        easy = GenRequest([8, 9], 4)
+        picky = Request([5, 6, 7], 4, min_kept_fraction=1.0)
+        easy = Request([8, 9], 4)
         a, b = await asyncio.gather(_collect(engine.submit(picky)), _collect(engine.submit(easy)))
         return a, b
 
@@ -143,7 +144,7 @@ def test_a_request_that_asks_for_the_dense_model_waits_and_others_overtake(serve
     engine.set_ceiling(None)
 
     async def again() -> list[dict]:
-        return await _collect(engine.submit(GenRequest([5, 6, 7], 4, min_kept_fraction=1.0)))
+        return await _collect(engine.submit(Request([5, 6, 7], 4, min_kept_fraction=1.0)))
 
     done = asyncio.run(again())[-1]
     assert done["type"] == "done" and "keep1.000" in done["fingerprint"]
@@ -155,7 +156,7 @@ def test_a_shrink_below_a_running_rows_floor_preempts_it_instead(served_dir) -> 
 
     async def main() -> list[dict]:
         events = []
-        request = GenRequest([5, 6, 7], 40, ignore_eos=True, min_kept_fraction=0.9)
+        request = Request([5, 6, 7], 40, ignore_eos=True, min_kept_fraction=0.9)
         async for event in engine.submit(request):
             events.append(event)
             if len(events) == 3:
@@ -194,7 +195,7 @@ def test_grows_wait_for_the_budget_to_hold_and_incomparable_masks_wait_for_idle(
     run(engine, [[5, 6, 7]], max_tokens=2)
 
     async def under_load() -> str:
-        stream = engine.submit(GenRequest([5, 6, 7], 30, ignore_eos=True))
+        stream = engine.submit(Request([5, 6, 7], 30, ignore_eos=True))
         await stream.__anext__()
         engine.set_ceiling(other.model_copy(update={"source": "user"}))  # drops MLP 0, 1
         seen = model.mask.key

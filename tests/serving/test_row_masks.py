@@ -17,21 +17,11 @@ import rap
 from rap.core.masks import KeepMask
 from rap.serving import row_masks
 from rap.serving import scheduler as scheduler_module
-from rap.serving.engine import Engine, GenRequest
+from rap.serving.engine import Engine
 from rap.serving.scheduler import Request, Scheduler
 from tests.serving.test_engine import CONFIG, roomy
 from tests.serving.test_scheduler import PROMPTS, Collect, run, scheduler
-from tests.tiny import ARCHS, save_tiny, save_tokenizer
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = {}
-    for arch in ARCHS:
-        folder = save_tiny(arch, tmp_path_factory.mktemp(arch))
-        save_tokenizer(folder)
-        out[arch] = folder
-    return out
+from tests.tiny import ARCHS
 
 
 def record_logits(sched: Scheduler) -> dict[int, list[torch.Tensor]]:
@@ -143,7 +133,7 @@ def test_the_engine_shrinks_under_a_running_request_without_waiting(served_dir_l
 
     async def main() -> list[dict]:
         events, switched_while_running = [], False
-        async for event in engine.submit(GenRequest([5, 6, 7], 200, ignore_eos=True)):
+        async for event in engine.submit(Request([5, 6, 7], 200, ignore_eos=True)):
             events.append(event)
             if len(events) == 3:
                 engine.set_ceiling(small)
@@ -195,7 +185,7 @@ def test_a_budget_drop_under_running_rows_cuts_the_pool_at_once(served_dir_llama
     full = engine.scheduler.pool.capacity
 
     async def main() -> list[list[dict]]:
-        streams = [engine.submit(GenRequest([5 + i, 6, 7], 60, ignore_eos=True)) for i in range(3)]
+        streams = [engine.submit(Request([5 + i, 6, 7], 60, ignore_eos=True)) for i in range(3)]
         firsts = [await s.__anext__() for s in streams]
         assert all(f["type"] == "start" for f in firsts)
         budget = engine.sizing.bytes_with(model.mask, full // 4)

@@ -16,20 +16,9 @@ from rap.core import memory
 from rap.core.masks import KeepMask
 from rap.serving.kv_pages import PagePool
 from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
-from tests.tiny import ARCHS, SLIDING, save_tiny, save_tokenizer
+from tests.tiny import ARCHS, SLIDING
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [9, 8, 7, 6, 5, 4, 3, 20, 21, 12, 13, 14, 15]]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny models of every architecture, with a word-level tokenizer."""
-    out = {}
-    for arch in ARCHS:
-        folder = save_tiny(arch, tmp_path_factory.mktemp(arch))
-        save_tokenizer(folder)
-        out[arch] = folder
-    return out
 
 
 class Collect:
