@@ -108,7 +108,19 @@ class PrunableModel:
     def dense_mask(self) -> KeepMask:
         return KeepMask.dense(self.model_id, self.num_layers)
 
-    def apply(self, mask: KeepMask, timeout_s: float | None = None) -> MaskChange:
+    def fetch_restores(self, mask: KeepMask) -> dict[tuple[str, int], torch.Tensor]:
+        """The bytes of every block `mask` would restore, read into new buffers without
+        touching the model (`BlockStore.fetch`): run it beside the steps, then pass the result
+        to `apply`, whose restores then only bind them."""
+        aside = [b for b in layer_blocks(self.num_layers) if mask.keeps(b) and b in self._aside]
+        return {b: self.store.fetch(*b, self.device, self.dtype) for b in aside}
+
+    def apply(
+        self,
+        mask: KeepMask,
+        timeout_s: float | None = None,
+        fetched: dict[tuple[str, int], torch.Tensor] | None = None,
+    ) -> MaskChange:
         """Make `mask` current: release dropped blocks, reload kept ones. Waits for a running
         generation (its mask holds to its last token); `MaskBusyError` after `timeout_s`.
 
@@ -136,7 +148,10 @@ class PrunableModel:
             for block in layer_blocks(self.num_layers):
                 if mask.keeps(block) and block in self._aside:
                     try:
-                        change.restored_bytes += self._restore_block(*block)
+                        buf = fetched.pop(block, None) if fetched else None
+                        change.restored_bytes += (
+                            self._restore_block(*block) if buf is None else self._bind(block, buf)
+                        )
                     except BaseException:
                         self._roll_back(change, mask)
                         raise
@@ -176,7 +191,15 @@ class PrunableModel:
         return self.store.release(kind, layer)
 
     def _restore_block(self, kind: str, layer: int) -> int:
-        nbytes = self.store.reload(kind, layer, self.device, self.dtype)
+        return self._bind((kind, layer), None)
+
+    def _bind(self, block: tuple[str, int], buf: torch.Tensor | None) -> int:
+        """Put a block back: bind a buffer read beforehand, or read it now."""
+        kind, layer = block
+        if buf is not None:
+            nbytes = self.store.bind(kind, layer, buf)
+        else:
+            nbytes = self.store.reload(kind, layer, self.device, self.dtype)
         module = self.spec.layers(self.hf)[layer]
         for name, original in self._aside.pop((kind, layer)):
             setattr(module, name, original)

@@ -143,17 +143,29 @@ class BlockStore:
 
     def reload(self, kind: str, layer: int, device: torch.device, dtype: torch.dtype) -> int:
         """Bring a block back, bit-identical to what was loaded; returns the bytes allocated."""
-        slot = self.slots[(kind, layer)]
-        if slot.buffer is not None:
+        if self.slots[(kind, layer)].buffer is not None:
             return 0
+        return self.bind(kind, layer, self.fetch(kind, layer, device, dtype))
+
+    def fetch(
+        self, kind: str, layer: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A dropped block's bytes in a new buffer, not yet bound to the model: the slow half of
+        a restore (a file read or a host→device copy), safe to run beside the model's steps."""
+        slot = self.slots[(kind, layer)]
         buf = _new_buffer(slot.numel, dtype, device)
         if slot.host is not None:
             buf.copy_(slot.host)
-            slot.host = None
         else:
             assert self.source is not None
             views = self._views(slot, buf)
             self.source.read_into([(n, v) for (n, _, _), v in zip(slot.params, views, strict=True)])
+        return buf
+
+    def bind(self, kind: str, layer: int, buf: torch.Tensor) -> int:
+        """Make a fetched buffer the block's parameters (the fast half); returns its bytes."""
+        slot = self.slots[(kind, layer)]
+        slot.host = None
         self._bind(slot, buf)
         return buf.numel() * buf.element_size()
 

@@ -32,12 +32,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rap.core import memory
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
 from rap.planning import MaskPlanner
 from rap.serving import row_masks
 from rap.serving.messages import MaskPlan
+from rap.serving.restores import Prefetch
 from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
 from rap.serving.sizing import Sizing
 
@@ -126,8 +126,9 @@ class Engine:
         """An operator's pushed mask: no block it drops runs until it is released."""
         self.stats = EngineStats()
         self.error: BaseException | None = None
-        self.context_len = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.sizing = Sizing(model, config)
+        self.context_len = self.sizing.context_len
+        self.prefetch = Prefetch(model)
         self._target = self._choose()
         self._target_since = 0.0
         mask, pages = self._target
@@ -265,13 +266,20 @@ class Engine:
                 self.model.apply(mask)
             self.scheduler.admitting = True
             return
+        grow, fetched = not row_masks.is_within(mask, self.model.mask), None
+        if grow and self.scheduler.running and pages < current.capacity:
+            self._cut_pool(pages)  # bytes go down before a restore's are read
+        if grow and self._fits_beside(mask):
+            fetched = self.prefetch.ready(mask)
+            if fetched is None:
+                return  # its blocks are read beside the steps (rap.serving.restores)
         if self.scheduler.running:
-            self._change_under_rows(mask, pages)
+            self._change_under_rows(mask, pages, fetched)
             return
         self.scheduler.admitting = False
         self.scheduler.pool = self.sizing.pool(None, 0)  # the old slabs go before the new mask
         del current
-        self.model.apply(mask)
+        self.model.apply(mask, fetched=fetched)
         self.scheduler.pool = self.sizing.pool(mask, pages)
         self.scheduler.admitting = True
         self.stats.switches += 1
@@ -295,7 +303,16 @@ class Engine:
         mask = row_masks.intersect(target, current) if forced else current
         return mask, self.sizing.pages(mask, self.budget_bytes)
 
-    def _change_under_rows(self, mask: KeepMask, pages: int) -> None:
+    def _fits_beside(self, mask: KeepMask) -> bool:
+        """Whether the blocks `mask` restores fit the budget beside what is held now (a restore
+        is budgeted before it starts: read first, dropped blocks go after); for a grow, whether
+        `mask` can run beside the running rows' pool."""
+        union = row_masks.union(self.model.mask, mask)
+        return self.sizing.bytes_with(union, self.scheduler.pool.capacity) <= self.budget_bytes
+
+    def _change_under_rows(
+        self, mask: KeepMask, pages: int, fetched: dict[Any, Any] | None = None
+    ) -> None:
         """Mask and pool change while rows run (invariant 1), bytes going down first: a shrink
         drops blocks before the pool is compacted; a grow waits for the pool to shrink (if it
         does) and then for room beside it. Rows are preempted (youngest first, by recompute)
@@ -306,20 +323,24 @@ class Engine:
             self._switch_in_place(mask)
         sched = self.scheduler
         if pages < sched.pool.capacity:
-            preempted = sched.fit(pages)
-            sched.pool.resize(pages, [r.pages for r in sched.running])
-            self.stats.switches += 1
-            log.info("KV pool cut to %d pages per layer (%d rows preempted)", pages, preempted)
+            self._cut_pool(pages)
         if not shrink:
-            if not self._fits_in_place(mask):
+            if not self._fits_beside(mask):
                 sched.admitting = False  # the running rows must end first
                 self._note_bytes()
                 return
-            self._switch_in_place(mask)
+            self._switch_in_place(mask, fetched)
         if pages > sched.pool.capacity and self._can_grow_pool(mask, pages):
             sched.pool.resize(pages, [r.pages for r in sched.running])
         sched.admitting = True
         self._note_bytes()
+
+    def _cut_pool(self, pages: int) -> None:
+        sched = self.scheduler
+        preempted = sched.fit(pages)
+        sched.pool.resize(pages, [r.pages for r in sched.running])
+        self.stats.switches += 1
+        log.info("KV pool cut to %d pages per layer (%d rows preempted)", pages, preempted)
 
     def _can_grow_pool(self, mask: KeepMask, pages: int) -> bool:
         """Room for the grown pool and, while one layer is copied, its old slabs beside it."""
@@ -328,19 +349,10 @@ class Engine:
         old_layer *= d.head_dim * self.model.dtype.itemsize
         return self.sizing.bytes_with(mask, pages) + old_layer <= self.budget_bytes
 
-    def _fits_in_place(self, mask: KeepMask) -> bool:
-        """Whether `mask` can run now beside the running rows: a shrink always can (bytes only
-        go down); a grow if its weights and the current pool for its attention layers (new
-        slabs for the restored ones) fit the budget with a step."""
-        if row_masks.is_within(mask, self.model.mask):
-            return True
-        capacity = self.scheduler.pool.capacity
-        return self.sizing.bytes_with(mask, capacity) <= self.budget_bytes
-
-    def _switch_in_place(self, mask: KeepMask) -> None:
+    def _switch_in_place(self, mask: KeepMask, fetched: dict[Any, Any] | None = None) -> None:
         """Running rows go on (invariant 1): they lose what `mask` drops from the next step,
         with those attention layers' slabs freed whole, and skip what it restores."""
-        row_masks.switch(self.scheduler, mask, self.config.min_kept_fraction)
+        row_masks.switch(self.scheduler, mask, self.config.min_kept_fraction, fetched)
         self.stats.switches += 1
         rows = len(self.scheduler.running)
         log.info("switched to %s under %d running rows", mask.fingerprint(), rows)
@@ -381,19 +393,5 @@ class Engine:
     def tokens(self) -> int:
         return self.scheduler.stats.generated
 
-    def row_tokens(self) -> int:
-        """Most tokens (prompt + output) one row can hold in the current pool: capacity × page
-        tokens when a kept layer attends fully; the context when every kept layer has a window
-        (its pages are recycled) or no attention is kept."""
-        pool = self.scheduler.pool
-        if any(self.model.dims.windows[layer] is None for layer in pool.layers):
-            return min(pool.capacity * pool.page_tokens, self.context_len)
-        return self.context_len
-
     def kv_bytes_held(self) -> int:
         return self.scheduler.pool.nbytes
-
-    def kv_bytes_in_use(self) -> int:
-        pool = self.scheduler.pool
-        page = memory.kv_page_bytes(self.model.config, self.model.dtype, pool.page_tokens)
-        return pool.used_pages() * page

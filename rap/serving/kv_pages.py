@@ -83,6 +83,11 @@ class PagePool:
     def used_pages(self) -> int:
         return sum(self.capacity - len(f) for f in self._free.values())
 
+    def used_bytes(self) -> int:
+        """Bytes of the pages rows hold (K and V), over all layers."""
+        page = 2 * self.page_tokens * self._head_shape[0] * self._head_shape[1]
+        return self.used_pages() * page * torch.empty(0, dtype=self._dtype).element_size()
+
     def alloc(self, layer: int) -> int:
         free = self._free[layer]
         if not free:

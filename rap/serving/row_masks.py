@@ -31,6 +31,14 @@ def intersect(a: KeepMask, b: KeepMask) -> KeepMask:
     return a.model_copy(update={"attn": attn, "mlp": mlp})
 
 
+def union(a: KeepMask, b: KeepMask) -> KeepMask:
+    """Blocks either keeps (what a switch from one to the other holds at most, restores read
+    before the drops); `b`'s label and version."""
+    attn = tuple(x or y for x, y in zip(a.attn, b.attn, strict=True))
+    mlp = tuple(x or y for x, y in zip(a.mlp, b.mlp, strict=True))
+    return b.model_copy(update={"attn": attn, "mlp": mlp})
+
+
 def is_within(a: KeepMask, b: KeepMask) -> bool:
     """Whether every block `a` keeps, `b` keeps too."""
     return all(not keep or b.keeps(block) for block, keep in _kept(a))
@@ -65,13 +73,14 @@ def follow(row: Any, model_mask: KeepMask) -> list[int]:
     return lost
 
 
-def switch(scheduler: Any, mask: KeepMask, floor: float = 0.0) -> None:
+def switch(scheduler: Any, mask: KeepMask, floor: float = 0.0, fetched: dict | None = None) -> None:
     """Make `mask` the model's under running rows: each row loses what `mask` drops from the
     next step (pages and reservations in those attention layers go back, then the layers'
     slabs are freed whole); blocks `mask` restores get slabs of the pool's capacity, used by
     rows admitted from now on. Weights: every drop before any restore (`PrunableModel.apply`).
     A row that would fall below the quality floor (`floor`, or its request's own minimum) is
-    preempted instead, to be recomputed under a mask that meets it."""
+    preempted instead, to be recomputed under a mask that meets it. `fetched`: the restored
+    blocks already read (`rap.serving.restores`)."""
     old, pool = scheduler.model.mask, scheduler.pool
     narrowed = intersect(old, mask)
     for row in list(scheduler.running):
@@ -87,7 +96,7 @@ def switch(scheduler: Any, mask: KeepMask, floor: float = 0.0) -> None:
     for layer, (was, now) in enumerate(zip(old.attn, mask.attn, strict=True)):
         if was and not now:
             pool.drop_layer(layer)
-    scheduler.model.apply(mask)
+    scheduler.model.apply(mask, fetched=fetched)  # restores read beforehand only bind
     for layer, (was, now) in enumerate(zip(old.attn, mask.attn, strict=True)):
         if now and not was:
             pool.add_layer(layer)

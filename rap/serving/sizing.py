@@ -25,6 +25,15 @@ class Sizing:
 
     def __init__(self, model: Any, config: Any) -> None:
         self.model, self.config = model, config
+        self.context_len = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+
+    def row_tokens(self, pool: PagePool) -> int:
+        """Most tokens (prompt + output) one row can hold in `pool`: capacity × page tokens
+        when a kept layer attends fully; the context when every kept layer has a window (its
+        pages are recycled) or no attention is kept."""
+        if any(self.model.dims.windows[layer] is None for layer in pool.layers):
+            return min(pool.capacity * pool.page_tokens, self.context_len)
+        return self.context_len
 
     def choose(
         self,

@@ -93,7 +93,7 @@ def snapshot(
         budget_from_device=engine.budget_from_device,
         weight_bytes=engine.model.weight_bytes(),
         kv_bytes_reserved=engine.kv_bytes_held(),
-        kv_bytes_in_use=engine.kv_bytes_in_use(),
+        kv_bytes_in_use=engine.scheduler.pool.used_bytes(),
         kv_pages_in_use=engine.scheduler.pool.used_pages(),
         kv_pages_free=engine.scheduler.pool.free_total(),
         queue=QueueState(

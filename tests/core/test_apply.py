@@ -58,3 +58,21 @@ def test_a_failed_restore_rolls_back_to_the_blocks_that_run(tiny_dirs) -> None:
     assert model.mask.kept_blocks() == running  # the reported mask is what runs
     assert model.mask.dropped_mlp == [0, 1, 2]  # the new drop stays, the restores undone
     assert live_weight_bytes(model.hf) == memory.weight_bytes(model.config, model.mask, model.dtype)
+
+
+def test_blocks_read_beforehand_bind_bit_identical(tiny_dirs) -> None:
+    """The slow half of a restore (`fetch_restores`) runs apart from `apply`, whose restores
+    then only bind the buffers read: the weights are the loaded ones, bit for bit."""
+    import torch
+
+    model = rap.load_model(str(tiny_dirs["llama"]), device="cpu")
+    before = {n: p.detach().clone() for n, p in model.hf.named_parameters()}
+    model.apply(KeepMask.from_drops(model.model_id, 4, drop_attn="1", drop_mlp="0,2"))
+    fetched = model.fetch_restores(model.dense_mask())
+    assert set(fetched) == {("attn", 1), ("mlp", 0), ("mlp", 2)}
+    reads: list[tuple] = []
+    model.store.reload = lambda *a: reads.append(a) or 0  # apply must not read again
+    model.apply(model.dense_mask(), fetched=fetched)
+    assert not reads and not fetched  # every buffer was bound
+    for n, p in model.hf.named_parameters():
+        assert torch.equal(p, before[n]), n

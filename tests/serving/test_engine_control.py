@@ -4,6 +4,7 @@ across a controller restart, relabelled plans that need no drain, and request de
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -231,3 +232,42 @@ def test_sizing_plans_for_the_running_rows_before_one_row(served_dir) -> None:
     mask, pages = engine.sizing.choose(budget, None, None, planner, MaskVersion(), held_pages=40)
     assert (1, 40 * CONFIG.page_tokens) in asked
     assert mask.key == keep_most.key and pages >= 40
+
+
+def test_restores_are_read_beside_the_steps_not_on_them(served_dir) -> None:
+    """A grow read its blocks on the engine's thread: every running row stalled meanwhile."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    engine = Engine(model, CONFIG, roomy(model), None)
+    engine.set_ceiling(keep_first(model, 2, 2, source="user"))
+    run(engine, [[5, 6, 7]])
+    fetch = model.store.fetch
+
+    def slow_fetch(*a):
+        time.sleep(0.25)  # a slow disk or a slow host→device copy
+        return fetch(*a)
+
+    model.store.fetch = slow_fetch
+    step = engine.scheduler.step
+
+    def paced_step() -> None:  # steps of 10 ms: the row outlives the reads
+        time.sleep(0.01)
+        step()
+
+    engine.scheduler.step = paced_step  # type: ignore[method-assign]
+
+    async def main() -> tuple[list[float], float | None]:
+        stamps, grown_at = [], None
+        async for _ in engine.submit(Request([5, 6, 7], 250, ignore_eos=True)):
+            stamps.append(time.monotonic())
+            if len(stamps) == 3:
+                engine.set_ceiling(None)  # a grow: 4 blocks to read, 1 s in all
+            if grown_at is None and model.mask.kept_fraction == 1.0:
+                grown_at = stamps[-1]
+        return stamps, grown_at
+
+    stamps, grown_at = asyncio.run(main())
+    assert grown_at is not None and grown_at - stamps[2] >= 1.0  # grown while the row ran
+    gaps = [b - a for a, b in itertools.pairwise(stamps[3:])]
+    assert max(gaps) < 0.5, max(gaps)  # its pace held while the blocks were read (1 s)
+    assert engine.prefetch.last_bytes > 0 and engine.prefetch.last_s >= 1.0
+    assert model.mask.kept_fraction == 1.0

@@ -79,8 +79,9 @@ def test_chat_without_max_tokens_may_use_the_context_and_unknown_models_are_404(
     intake = Intake(model, engine, "m")
     messages = [{"role": "user", "content": "a b"}]
     request = asyncio.run(intake.request(call(prompt="", messages=messages, max_tokens=None)))
-    assert request.max_tokens == engine.row_tokens() - len(request.prompt_ids)
-    assert engine.row_tokens() <= engine.context_len
+    row_tokens = engine.sizing.row_tokens(engine.scheduler.pool)
+    assert request.max_tokens == row_tokens - len(request.prompt_ids)
+    assert row_tokens <= engine.context_len
     engine.config = engine.config.model_copy(update={"default_max_tokens": 5})
     request = asyncio.run(intake.request(call(prompt="", messages=messages, max_tokens=None)))
     assert request.max_tokens == 5
