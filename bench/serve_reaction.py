@@ -1,5 +1,5 @@
-"""Serving figures on a local Ray cluster: budget-change reaction time, share of batches on
-controller masks, latency and throughput under a bounded burst.
+"""Serving figures on a local Ray cluster: budget-change reaction time, share of engine steps
+on controller masks, latency and throughput under a bounded burst.
 
     python bench/serve_reaction.py [--requests 48] [--out bench/results/serve_cpu.json]
 
@@ -7,8 +7,8 @@ Starts Ray and the app on the default model (two replicas), then:
 1. changes replica-0's budget down and up several times through the admin endpoint and times
    (a) until the replica holds no more than the new budget (weights, from its telemetry) and
    (b) until the controller has re-planned for the new budget;
-2. sends a burst of concurrent chat requests and reports the share of batches run on controller
-   masks, time to first token and end-to-end latency percentiles, and tokens/s.
+2. sends a burst of concurrent chat requests and reports the share of engine steps run on
+   controller masks, time to first token and end-to-end latency percentiles, and tokens/s.
 """
 
 from __future__ import annotations
@@ -118,10 +118,9 @@ def burst(url: str, n: int) -> dict[str, Any]:
         rows = list(pool.map(lambda i: _one(url, model, i), range(n)))
     wall = time.perf_counter() - start
     after = _state(url)["replicas"]
-    batches = sum(after[r]["batches"] - before[r]["batches"] for r in after)
+    steps = sum(after[r]["steps"] - before[r]["steps"] for r in after)
     on_controller = sum(
-        after[r]["batches_on_controller_mask"] - before[r]["batches_on_controller_mask"]
-        for r in after
+        after[r]["steps_on_controller_mask"] - before[r]["steps_on_controller_mask"] for r in after
     )
 
     def pct(key: str, q: float) -> float:
@@ -129,8 +128,8 @@ def burst(url: str, n: int) -> dict[str, Any]:
 
     out = {
         "requests": n,
-        "batches": batches,
-        "controller_share": on_controller / max(batches, 1),
+        "steps": steps,
+        "controller_share": on_controller / max(steps, 1),
         "ttft_p50_s": pct("ttft_s", 50),
         "ttft_p99_s": pct("ttft_s", 99),
         "e2e_p50_s": pct("e2e_s", 50),
