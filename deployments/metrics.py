@@ -53,10 +53,11 @@ class ReplicaMetrics:
             tag_keys=("reason",),
         )
         self.tokens = metrics.Counter("rap_generated_tokens_total", description="Tokens generated.")
-        self.errors = metrics.Counter(
-            "rap_replica_errors_total",
-            description="Errors the replica contained and served on, by kind (device_memory: "
-            "NVML failing; plan: a malformed plan; telemetry: the reporter).",
+        # A gauge per kind, set from the start: a counter never incremented exports no series.
+        self.errors = g(
+            "rap_replica_errors",
+            description="Errors the replica contained and served on since it started, by kind "
+            "(device_memory: NVML failing; plan: a malformed plan; telemetry: the reporter).",
             tag_keys=("kind",),
         )
         # A gauge, not a counter: a counter never incremented exports no series at all.

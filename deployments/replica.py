@@ -54,7 +54,7 @@ class LLMReplica:
         self._last_tokens, self._last_t = 0, time.monotonic()
         self._counted: dict[str, int] = {}
         self._device: DeviceMemory | None = None
-        self.errors = 0
+        self.errors = dict.fromkeys(("device_memory", "plan", "telemetry"), 0)
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     # -- requests -------------------------------------------------------------------------
@@ -124,13 +124,14 @@ class LLMReplica:
             self._count_error("device_memory", exc)
             if self._device is None:
                 raise
-        tel = snapshot(self.name, self.engine, self._device, rate, self.errors)
+        tel = snapshot(self.name, self.engine, self._device, rate, sum(self.errors.values()))
         self.metrics.record(tel)
+        for kind, count in self.errors.items():
+            self.metrics.errors.set(count, tags={"kind": kind})
         return tel
 
     def _count_error(self, kind: str, exc: BaseException) -> None:
-        self.errors += 1
-        self.metrics.errors.inc(tags={"kind": kind})
+        self.errors[kind] += 1
         log.warning("%s: %s failed (%s: %s); serving on", self.name, kind, type(exc).__name__, exc)
 
     async def _report_once(self) -> None:

@@ -244,10 +244,15 @@ def _admission_row() -> Row:
             ),
             Panel(
                 "Contained errors",
-                "Errors a replica contained and served on (device_memory: NVML failing; plan: "
-                "a malformed plan; telemetry: the reporter), per second.",
-                "ops",
-                [Target(_rate("ray_rap_replica_errors_total", "kind"), "{{kind}}")],
+                "Errors a replica contained and served on since it started (device_memory: NVML "
+                "failing; plan: a malformed plan; telemetry: the reporter).",
+                "short",
+                [
+                    Target(
+                        f"max by (deployment, kind) (ray_rap_replica_errors{{{REPLICA}}})",
+                        "{{deployment}} {{kind}}",
+                    )
+                ],
             ),
         ],
     )
