@@ -18,3 +18,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         save_tokenizer(folder)
         out[arch] = folder
     return out
+
+
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama with a word-level tokenizer."""
+    folder = tmp_path_factory.mktemp("served")
+    save_tiny("llama", folder)
+    save_tokenizer(folder)
+    return folder

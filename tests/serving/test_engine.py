@@ -14,18 +14,10 @@ from rap.core.masks import KeepMask, MaskVersion
 from rap.serving.engine import Engine, EngineConfig, EngineError
 from rap.serving.messages import MaskPlan, PlanEntry
 from rap.serving.rows import Request
-from tests.tiny import FnPlanner, save_tiny, save_tokenizer
+from tests.tiny import FnPlanner
 
 PROMPTS = [[5, 9, 14], [7, 8, 9, 10, 11, 12, 13, 20, 21], [30], [40, 41, 42, 43, 44, 45]]
 CONFIG = EngineConfig(page_tokens=4, max_step_tokens=8, target_seq=64, grow_after_s=0)
-
-
-@pytest.fixture(scope="module")
-def served_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served")
-    save_tiny("llama", folder)
-    save_tokenizer(folder)
-    return folder
 
 
 def keep_first(model, attn: int, mlp: int, **kw) -> KeepMask:

@@ -18,15 +18,7 @@ from rap.serving.messages import DeviceMemory, MaskPlan, PlanEntry
 from rap.serving.rows import Request
 from rap.serving.telemetry import snapshot
 from tests.serving.test_engine import CONFIG, keep_first, roomy, run
-from tests.tiny import FnPlanner, save_tiny, save_tokenizer
-
-
-@pytest.fixture(scope="module")
-def served_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served")
-    save_tiny("llama", folder)
-    save_tokenizer(folder)
-    return folder
+from tests.tiny import FnPlanner
 
 
 def plan_of(mask: KeepMask, version: MaskVersion, budget: int | None = None) -> MaskPlan:
