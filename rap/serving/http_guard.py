@@ -107,7 +107,7 @@ class Guard:
             self._rate(f"{_client(scope)} {auth}", now_s)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self._limit):
-            raise self._too_large()
+            raise self.too_large()
 
     def _rate(self, who: str, now_s: float) -> None:
         c = self.config
@@ -129,7 +129,7 @@ class Guard:
     def _limit(self) -> int:
         return self.config.max_body_bytes
 
-    def _too_large(self) -> HTTPError:
+    def too_large(self) -> HTTPError:
         return HTTPError(
             413, f"The request body is larger than {self._limit:,} bytes", code="body_too_large"
         )
@@ -191,7 +191,7 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.guard.config.max_body_bytes:
-                raise self.guard._too_large()
+                raise self.guard.too_large()
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)

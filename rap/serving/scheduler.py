@@ -29,7 +29,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,11 +39,17 @@ from rap.core.gates import gating
 from rap.serving import row_masks
 from rap.serving.kv_pages import PagePool
 from rap.serving.paged_attention import PagedKV, RowStep, paged
-from rap.serving.rows import Request, Row, StepStats, busy_event, done_event, too_big_event
+from rap.serving.rows import (
+    Request,
+    Row,
+    Sink,
+    StepStats,
+    busy_event,
+    done_event,
+    too_big_event,
+)
 from rap.serving.sampling import sample
 from rap.serving.text_stream import TextStream
-
-Sink = Callable[[dict[str, Any]], None]
 
 
 class SchedulerConfig(BaseModel):
