@@ -16,7 +16,6 @@ import torch
 import rap
 from rap.core.masks import KeepMask
 from rap.serving import row_masks
-from rap.serving import scheduler as scheduler_module
 from rap.serving.engine import Engine
 from rap.serving.scheduler import Request, Scheduler
 from tests.serving.test_engine import CONFIG, roomy
@@ -37,37 +36,58 @@ def record_logits(sched: Scheduler) -> dict[int, list[torch.Tensor]]:
     return seen
 
 
-def alone(
-    model: Any, prompt: list[int], tokens: list[int], history: list, monkeypatch: Any
+def reference(
+    model: Any,
+    prompt: list[int],
+    tokens: list[int],
+    history: list[tuple[int, str]],
+    resumed_at: tuple[int, ...] = (),
 ) -> list[torch.Tensor]:
-    """The row run by itself, one token per step, its mask switched at the positions its
-    history names, teacher-forced with `tokens`: its logits at every generated token."""
-    model.apply(model.dense_mask())
-    sched = scheduler(model, max_step_tokens=1)
-    forced = list(tokens)
-    monkeypatch.setattr(scheduler_module, "sample", lambda *a: forced.pop(0))
-    seen = record_logits(sched)
-    got = Collect()
-    sched.add(Request(list(prompt), len(tokens), ignore_eos=True), got.sink(0))
-    n = model.num_layers
-    changes = [(held, KeepMask.from_key(model.model_id, n, key)) for held, key in history]
-    while not sched.idle:
-        row = sched.running[0] if sched.running else None
-        held = row.held if row else 0
-        while changes and changes[0][0] <= held:
-            model.apply(changes.pop(0)[1])
-        sched.step()
-    monkeypatch.undo()
-    return seen[1]
+    """The row's logits from the model's own forward, unbatched, no pages and no gates: one
+    token per call into a `DynamicCache` (a `MaskedCache`, so a dropped first layer does not
+    restart positions), the model's skips switched at the positions the row's history names,
+    teacher-forced with `tokens`. A preemption (an admission at 0 tokens after the first, at
+    `resumed_at` tokens) starts a fresh cache and recomputes the prefix under the row's mask
+    then, as the engine does."""
+    n, seq = model.num_layers, list(prompt) + list(tokens)
+    runs: list[list[tuple[int, KeepMask]]] = []
+    for held, key in history:
+        if held == 0:
+            runs.append([])
+        runs[-1].append((held, KeepMask.from_key(model.model_id, n, key)))
+    starts = [len(prompt) - 1, *(t - 1 for t in resumed_at), len(seq) - 1]
+    assert len(runs) == len(starts) - 1, (history, resumed_at)
+    out: list[torch.Tensor] = []
+    for run_changes, lo, hi in zip(runs, starts[:-1], starts[1:], strict=True):
+        cache = None
+        for p in range(hi):
+            while run_changes and run_changes[0][0] <= p:
+                mask = run_changes.pop(0)[1]
+                model.apply(mask)
+                narrowed = model.new_cache(mask)
+                narrowed.layers = cache.layers if cache is not None else narrowed.layers
+                cache = narrowed
+            with torch.inference_mode():
+                logits = model.hf(
+                    input_ids=torch.tensor([seq[p : p + 1]]),
+                    position_ids=torch.tensor([[p]]),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits[0, -1]
+            if p >= lo:
+                out.append(logits.float())
+    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_rows_that_shrink_or_skip_restored_blocks_compute_what_they_would_alone(
-    arch: str, served: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+def test_rows_that_join_shrink_skip_restored_blocks_or_are_preempted_match_the_reference(
+    arch: str, served: dict[str, Path]
 ) -> None:
     """Three rows run; the model drops blocks (every row loses them at the next step, pages in
-    the dropped attention layer freed); then restores them and a fourth row joins dense while
-    the first three go on skipping what was restored: one gated forward per step."""
+    the dropped attention layer freed); the youngest is preempted and recomputed; then the
+    blocks come back and a fourth row joins dense while the first ones go on skipping what was
+    restored: one gated forward per step, and every row's logits those of the unbatched
+    reference with its skips switched at the same positions."""
     model = rap.load_model(str(served[arch]), device="cpu")
     sched, got = scheduler(model), Collect()
     batched = record_logits(sched)
@@ -79,8 +99,13 @@ def test_rows_that_shrink_or_skip_restored_blocks_compute_what_they_would_alone(
     row_masks.switch(sched, small)
     assert 1 not in sched.pool.keys
     assert all(1 not in r.pages and 1 not in r.reserved for r in sched.running)
+    sched.step()
+    victim = sched.running[-1]
+    resumed_at = len(victim.tokens)
+    sched.preempt(victim)
     for _ in range(3):
         sched.step()
+    assert victim in sched.running and victim.preemptions == 1
     row_masks.switch(sched, model.dense_mask())
     sched.add(Request([30, 31, 32], 10, ignore_eos=True), got.sink(3))
     sched.step()
@@ -91,7 +116,8 @@ def test_rows_that_shrink_or_skip_restored_blocks_compute_what_they_would_alone(
     assert sched.pool.used_pages() == 0
     for i, prompt in enumerate([*PROMPTS, [30, 31, 32]]):
         done = got.done(i)
-        want = alone(model, prompt, done["token_ids"], done["mask_history"], monkeypatch)
+        resumed = (resumed_at,) if i == 2 else ()
+        want = reference(model, prompt, done["token_ids"], done["mask_history"], resumed)
         have = batched[i + 1]
         assert len(want) == len(have)
         for k, (a, b) in enumerate(zip(have, want, strict=True)):
@@ -154,7 +180,7 @@ def served_dir_llama(served: dict[str, Path]) -> Path:
 
 
 def test_a_preempted_row_resumes_by_recompute_where_it_stopped(
-    served: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    served: dict[str, Path],
 ) -> None:
     """Its pages go back at once; readmitted, it recomputes prompt + generated tokens and goes
     on with the logits it would have had without the preemption; one start event."""
@@ -165,13 +191,14 @@ def test_a_preempted_row_resumes_by_recompute_where_it_stopped(
     for _ in range(5):
         sched.step()
     (row,) = sched.running
+    resumed = len(row.tokens)
     sched.preempt(row)
     assert sched.pool.used_pages() == 0 and sched.waiting[0] is row
     run(sched)
     done = got.done(0)
     assert sum(e["type"] == "start" for e in got.events[0]) == 1
     assert len(done["token_ids"]) == 12 and sched.stats.preempted == 1
-    want = alone(model, [5, 6, 7, 8], done["token_ids"], [], monkeypatch)
+    want = reference(model, [5, 6, 7, 8], done["token_ids"], done["mask_history"], (resumed,))
     for a, b in zip(seen[1], want, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
