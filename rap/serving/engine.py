@@ -30,58 +30,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
-
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
 from rap.planning import MaskPlanner
 from rap.serving import row_masks
+from rap.serving.engine_config import EngineConfig
 from rap.serving.messages import MaskPlan
 from rap.serving.restores import Prefetch
-from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
+from rap.serving.scheduler import Request, Scheduler
 from rap.serving.sizing import Sizing
 
 log = logging.getLogger("rap.serving.engine")
 
-
-class EngineConfig(BaseModel):
-    """How a replica schedules and admits work."""
-
-    max_batch_size: int = Field(8, ge=1, description="Most rows running at once.")
-    max_step_tokens: int = Field(256, ge=1, description="New tokens in one step.")
-    page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
-    target_seq: int = Field(
-        1024, ge=1, description="Tokens per row the pool is sized for at a full batch."
-    )
-    min_kept_fraction: float = Field(
-        0.5, ge=0, le=1, description="Quality floor: fewest blocks kept, as a share of all."
-    )
-    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
-    max_wait_s: float = Field(30.0, gt=0, description="Longest wait for KV pages before a 503.")
-    max_waiting: int = Field(256, ge=1, description="Queue length above which requests get 503.")
-    grow_after_s: float = Field(
-        5.0,
-        ge=0,
-        description="Seconds the budget must allow a larger mask before blocks are restored "
-        "(shrinks are immediate): hysteresis against thrash.",
-    )
-    default_max_tokens: int | None = Field(
-        None,
-        ge=1,
-        description="max_tokens of a chat request that names none. None: up to the context as "
-        "far as the KV pool holds one row (OpenAI's default is the context); such a row "
-        "reserves its pages at admission (invariant 2), so a server that takes many of them "
-        "at once sets a number here.",
-    )
-
-    def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(
-            max_running=self.max_batch_size,
-            max_step_tokens=self.max_step_tokens,
-            page_tokens=self.page_tokens,
-            max_wait_s=self.max_wait_s,
-            retry_after_s=self.retry_after_s,
-        )
+__all__ = ["Engine", "EngineConfig", "EngineError"]
 
 
 class EngineError(Exception):
@@ -279,7 +240,10 @@ class Engine:
         self.scheduler.admitting = False
         self.scheduler.pool = self.sizing.pool(None, 0)  # the old slabs go before the new mask
         del current
-        self.model.apply(mask, fetched=fetched)
+        started_s = time.monotonic()
+        change = self.model.apply(mask, fetched=fetched)
+        if fetched is None:  # read here (nothing runs): its rate is the next restore's forecast
+            self.prefetch.note(change.restored_bytes, started_s)
         self.scheduler.pool = self.sizing.pool(mask, pages)
         self.scheduler.admitting = True
         self.stats.switches += 1
@@ -288,19 +252,22 @@ class Engine:
 
     def _next(self) -> tuple[KeepMask, int]:
         """What to run now on the way to the target (no thrash, docs/engine.md): a shrink at
-        once; a grow once the target has held for `grow_after_s` (memory back for long enough);
+        once; a grow once the target has held for `grow_after_s` (memory back for long enough)
+        and for `restore_patience` × its predicted copy time (`Prefetch.wait_s`);
         a change to a mask that is neither — which would leave running rows with the
         intersection of both — only while nothing runs, or, when the budget forces it, its
         shrinking half now (the intersection) and the rest as a grow later."""
         target, pages = self._target
         current = self.model.mask
-        if target.key == current.key or row_masks.is_within(target, current):
-            return target, pages
-        settled = time.monotonic() - self._target_since >= self.config.grow_after_s
-        if settled and (row_masks.is_within(current, target) or not self.scheduler.running):
-            return target, pages
+        wait_s = self.prefetch.wait_s(
+            current, target, self.config.grow_after_s, self.config.restore_patience
+        )
+        settled = time.monotonic() - self._target_since >= wait_s
         forced = self.sizing.bytes_with(current, pages) > self.budget_bytes
-        mask = row_masks.intersect(target, current) if forced else current
+        running = bool(self.scheduler.running)
+        mask = row_masks.next_mask(current, target, settled, running, forced)
+        if mask.key == target.key:
+            return target, pages
         return mask, self.sizing.pages(mask, self.budget_bytes)
 
     def _fits_beside(self, mask: KeepMask) -> bool:

@@ -5,7 +5,10 @@ of a restore; done on the engine's thread it would stall every running row for a
 engine asks `Prefetch.ready(mask)` at each step boundary: the first call starts reading the
 blocks `mask` restores in a thread of its own and answers None (the current mask keeps
 running); once they are read, it answers them, and `PrunableModel.apply(mask, fetched=...)`
-only binds them. The engine starts one only when the bytes fit the budget beside what it holds.
+only binds them. A restore is budgeted before it starts, in bytes and in time: it starts only
+when its bytes fit the budget beside what the engine holds, and only once the budget has allowed
+the grow for `restore_patience` × its predicted copy time (at the rate the last read ran) —
+a restore that takes long is worth starting only on evidence that the memory stays.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from rap.core.masks import KeepMask
+from rap.serving import row_masks
 
 Block = tuple[str, int]
 
@@ -37,6 +41,21 @@ class Prefetch:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="rap-restore")
     )
 
+    def copy_s(self, nbytes: int) -> float:
+        """Predicted seconds to read `nbytes` back: nbytes × last_s / last_bytes (the rate the
+        last read ran at); 0.0 before any read (nothing measured yet)."""
+        if self.last_bytes <= 0:
+            return 0.0
+        return nbytes * self.last_s / self.last_bytes
+
+    def wait_s(self, current: KeepMask, target: KeepMask, floor_s: float, patience: float) -> float:
+        """Seconds the budget must allow `target` before the grow from `current` starts:
+        max(floor_s, patience × copy_s(restored bytes)), restored bytes = weights(current ∪
+        target) − weights(current)."""
+        union = row_masks.union(current, target)
+        weights = self.model.predicted_weight_bytes
+        return max(floor_s, patience * self.copy_s(weights(union) - weights(current)))
+
     def ready(self, mask: KeepMask) -> dict[Block, torch.Tensor] | None:
         """The blocks `mask` restores, read, when they are; None while they are being read (a
         new mask starts a new read; a read for an older one is dropped, its buffers freed)."""
@@ -48,6 +67,11 @@ class Prefetch:
             return None
         fetched = self._future.result()  # a failed read raises here, on the engine's thread
         self._key, self._future = None, None
-        self.last_bytes = sum(t.numel() * t.element_size() for t in fetched.values())
-        self.last_s = time.monotonic() - self._started
+        self.note(sum(t.numel() * t.element_size() for t in fetched.values()), self._started)
         return fetched
+
+    def note(self, nbytes: int, started_s: float) -> None:
+        """Remember a read of `nbytes` that began at `started_s` (time.monotonic()) and ends
+        now, wherever it ran: its rate predicts the next restore's copy time."""
+        if nbytes > 0:
+            self.last_bytes, self.last_s = nbytes, time.monotonic() - started_s

@@ -73,6 +73,23 @@ def follow(row: Any, model_mask: KeepMask) -> list[int]:
     return lost
 
 
+def next_mask(
+    current: KeepMask, target: KeepMask, settled: bool, running: bool, forced: bool
+) -> KeepMask:
+    """The no-thrash rule (docs/engine.md): the mask to run now on the way to `target`.
+
+    A shrink (`target` inside `current`) now. A grow (`current` inside `target`) once `settled`
+    (the budget has allowed it long enough). A change between masks neither of which holds the
+    other — running rows would keep the intersection of both — once settled and no row runs;
+    before that, only if `forced` (the current mask no longer fits the budget) its shrinking
+    half, the intersection, now (the rest follows as a grow)."""
+    if target.key == current.key or is_within(target, current):
+        return target
+    if settled and (is_within(current, target) or not running):
+        return target
+    return intersect(target, current) if forced else current
+
+
 def switch(scheduler: Any, mask: KeepMask, floor: float = 0.0, fetched: dict | None = None) -> None:
     """Make `mask` the model's under running rows: each row loses what `mask` drops from the
     next step (pages and reservations in those attention layers go back, then the layers'

@@ -203,6 +203,28 @@ def test_grows_wait_for_the_budget_to_hold_and_incomparable_masks_wait_for_idle(
     assert model.mask.key == other.key  # switched once idle
 
 
+def test_a_restore_that_copies_slowly_waits_longer_for_the_memory_to_stay(served_dir) -> None:
+    """A grow waited `grow_after_s` whatever its copy cost; now it also waits until the budget
+    has held for `restore_patience` × its predicted copy time (the last read's rate)."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    config = CONFIG.model_copy(update={"grow_after_s": 0.0, "restore_patience": 2.0})
+    engine = Engine(model, config, roomy(model), None)
+    small = keep_first(model, 2, 2, source="user")
+    engine.set_ceiling(small)
+    run(engine, [[5, 6, 7]])
+    dense = model.dense_mask()
+    restored = model.predicted_weight_bytes(dense) - model.predicted_weight_bytes(small)
+    engine.prefetch.last_bytes, engine.prefetch.last_s = restored // 2, 0.5  # 1 s to read it
+    assert engine.prefetch.wait_s(small, dense, 0.0, 2.0) == pytest.approx(2.0, rel=1e-3)
+    engine.set_ceiling(None)
+    run(engine, [[5, 6, 7]], max_tokens=2)
+    assert model.mask.key == small.key  # held for less than 2 × 1 s: not yet
+    time.sleep(2.2)
+    run(engine, [[5, 6, 7]], max_tokens=2)
+    assert model.mask.kept_fraction == 1.0
+    assert engine.prefetch.last_bytes == restored  # the real read's rate is the next prediction
+
+
 async def _collect(stream) -> list[dict]:
     return [e async for e in stream]
 

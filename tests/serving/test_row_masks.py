@@ -228,3 +228,21 @@ def test_a_budget_drop_under_running_rows_cuts_the_pool_at_once(served_dir_llama
     results = asyncio.run(main())
     assert all(r[-1]["type"] == "done" for r in results)  # nothing lost, preempted or not
     assert engine.scheduler.pool.used_pages() == 0
+
+
+def test_the_no_thrash_rule_shrinks_now_grows_when_settled_and_crosses_only_when_forced(
+    served: dict[str, Path],
+) -> None:
+    """`row_masks.next_mask`, the rule the engine runs (and bench/mask_rules.py replays)."""
+    model = rap.load_model(str(served["llama"]), device="cpu")
+    n, dense = model.num_layers, model.dense_mask()
+    small = KeepMask.from_drops(model.model_id, n, drop_mlp="0,1")
+    other = KeepMask.from_drops(model.model_id, n, drop_attn="2,3")
+    rule = row_masks.next_mask
+    assert rule(dense, small, settled=False, running=True, forced=False).key == small.key
+    assert rule(small, dense, settled=False, running=False, forced=False).key == small.key
+    assert rule(small, dense, settled=True, running=True, forced=False).key == dense.key
+    assert rule(small, other, settled=True, running=True, forced=False).key == small.key
+    assert rule(small, other, settled=True, running=False, forced=False).key == other.key
+    both = row_masks.intersect(small, other)
+    assert rule(small, other, settled=False, running=True, forced=True).key == both.key

@@ -1,0 +1,54 @@
+"""How a replica schedules, admits and changes masks: the engine's configuration, every field
+with its default and why (`rap.serving.engine` runs it)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from rap.serving.scheduler import SchedulerConfig
+
+
+class EngineConfig(BaseModel):
+    """How a replica schedules and admits work."""
+
+    max_batch_size: int = Field(8, ge=1, description="Most rows running at once.")
+    max_step_tokens: int = Field(256, ge=1, description="New tokens in one step.")
+    page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
+    target_seq: int = Field(
+        1024, ge=1, description="Tokens per row the pool is sized for at a full batch."
+    )
+    min_kept_fraction: float = Field(
+        0.5, ge=0, le=1, description="Quality floor: fewest blocks kept, as a share of all."
+    )
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
+    max_wait_s: float = Field(30.0, gt=0, description="Longest wait for KV pages before a 503.")
+    max_waiting: int = Field(256, ge=1, description="Queue length above which requests get 503.")
+    grow_after_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds the budget must allow a larger mask before blocks are restored "
+        "(shrinks are immediate): hysteresis against thrash.",
+    )
+    restore_patience: float = Field(
+        2.0,
+        ge=0,
+        description="A grow also waits until the budget has held for this many times its "
+        "restore's predicted copy time (measured rate of the last restore read).",
+    )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens of a chat request that names none. None: up to the context as "
+        "far as the KV pool holds one row (OpenAI's default is the context); such a row "
+        "reserves its pages at admission (invariant 2), so a server that takes many of them "
+        "at once sets a number here.",
+    )
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_running=self.max_batch_size,
+            max_step_tokens=self.max_step_tokens,
+            page_tokens=self.page_tokens,
+            max_wait_s=self.max_wait_s,
+            retry_after_s=self.retry_after_s,
+        )
