@@ -265,7 +265,8 @@ class Engine:
         settled = time.monotonic() - self._target_since >= wait_s
         forced = self.sizing.bytes_with(current, pages) > self.budget_bytes
         running = bool(self.scheduler.running)
-        mask = row_masks.next_mask(current, target, settled, running, forced)
+        floor = self.config.min_kept_fraction
+        mask = row_masks.next_mask(current, target, settled, running, forced, floor)
         if mask.key == target.key:
             return target, pages
         return mask, self.sizing.pages(mask, self.budget_bytes)

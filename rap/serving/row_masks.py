@@ -74,7 +74,12 @@ def follow(row: Any, model_mask: KeepMask) -> list[int]:
 
 
 def next_mask(
-    current: KeepMask, target: KeepMask, settled: bool, running: bool, forced: bool
+    current: KeepMask,
+    target: KeepMask,
+    settled: bool,
+    running: bool,
+    forced: bool,
+    floor: float = 0.0,
 ) -> KeepMask:
     """The no-thrash rule (docs/engine.md): the mask to run now on the way to `target`.
 
@@ -82,12 +87,17 @@ def next_mask(
     (the budget has allowed it long enough). A change between masks neither of which holds the
     other — running rows would keep the intersection of both — once settled and no row runs;
     before that, only if `forced` (the current mask no longer fits the budget) its shrinking
-    half, the intersection, now (the rest follows as a grow)."""
+    half, the intersection, now (the rest follows as a grow) — or `target` itself where the
+    intersection falls below `floor` (the model never runs below it; rows it would take below
+    are preempted and recomputed)."""
     if target.key == current.key or is_within(target, current):
         return target
     if settled and (is_within(current, target) or not running):
         return target
-    return intersect(target, current) if forced else current
+    if not forced:
+        return current
+    both = intersect(target, current)
+    return both if both.kept_fraction >= floor else target
 
 
 def switch(scheduler: Any, mask: KeepMask, floor: float = 0.0, fetched: dict | None = None) -> None:

@@ -246,3 +246,5 @@ def test_the_no_thrash_rule_shrinks_now_grows_when_settled_and_crosses_only_when
     assert rule(small, other, settled=True, running=False, forced=False).key == other.key
     both = row_masks.intersect(small, other)
     assert rule(small, other, settled=False, running=True, forced=True).key == both.key
+    assert both.kept_fraction < 0.6 <= other.kept_fraction  # below the floor: the target
+    assert rule(small, other, settled=False, running=True, forced=True, floor=0.6).key == other.key
