@@ -121,7 +121,7 @@ def test_rows_that_join_shrink_skip_restored_blocks_or_are_preempted_match_the_r
         have = batched[i + 1]
         assert len(want) == len(have)
         for k, (a, b) in enumerate(zip(have, want, strict=True)):
-            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (arch, i, k, (a - b).abs().max())
+            assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (arch, i, k, (a - b).abs().max())
         if i < 3:
             assert done["mask_changes"] == 1 and done["fingerprint"].endswith("-changes1")
         else:
