@@ -14,11 +14,13 @@ and freed the moment a row leaves, so the bytes in use follow the running rows s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from rap.core.errors import RapError
+from rap.core.weights import cpu_block_buffer
 
 
 class PoolExhaustedError(RapError):
@@ -59,8 +61,8 @@ class PagePool:
         self.capacity = capacity
         self._head_shape, self._dtype, self._device = (kv_heads, head_dim), dtype, device
         shape = (capacity, page_tokens, kv_heads, head_dim)
-        self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
-        self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
+        self.keys = {layer: slab(shape, dtype, device) for layer in layers}
+        self.values = {layer: slab(shape, dtype, device) for layer in layers}
         # Lowest page first: a freed page is reused before untouched ones.
         self._free = {layer: list(range(capacity - 1, -1, -1)) for layer in layers}
 
@@ -109,8 +111,8 @@ class PagePool:
         """Slabs of the pool's capacity for a layer whose attention block was restored (only
         rows admitted from now on use it)."""
         shape = (self.capacity, self.page_tokens, *self._head_shape)
-        self.keys[layer] = torch.zeros(shape, dtype=self._dtype, device=self._device)
-        self.values[layer] = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        self.keys[layer] = slab(shape, self._dtype, self._device)
+        self.values[layer] = slab(shape, self._dtype, self._device)
         self._free[layer] = list(range(self.capacity - 1, -1, -1))
 
     def resize(self, capacity: int, rows: list[dict[int, RowPages]]) -> None:
@@ -182,10 +184,19 @@ class PagePool:
             row.pages = []
 
 
-def _resized(slab: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A slab of `capacity` pages holding the first pages of `slab` (zeros after them)."""
-    if capacity <= slab.shape[0]:
-        return slab[:capacity].clone()  # a view would keep the whole old slab alive
-    out = torch.zeros((capacity, *slab.shape[1:]), dtype=slab.dtype, device=slab.device)
-    out[: slab.shape[0]] = slab
+def slab(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed K/V slab. On a CPU, a mapping of its own (`cpu_block_buffer`: zero pages until
+    written), so that a freed slab leaves the process: from glibc's malloc, a large chunk freed
+    once raises its mmap threshold and later slabs come from, and go back to, its heap (RSS
+    does not fall). On a GPU, torch's caching allocator (`empty_cache` returns it)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return cpu_block_buffer(math.prod(shape), dtype).view(shape)
+
+
+def _resized(old: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A slab of `capacity` pages holding the first pages of `old` (zeros after them)."""
+    out = slab((capacity, *old.shape[1:]), old.dtype, old.device)
+    keep = min(capacity, old.shape[0])
+    out[:keep] = old[:keep]  # a copy: a view would keep the whole old slab alive
     return out

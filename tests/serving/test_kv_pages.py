@@ -1,0 +1,33 @@
+"""A pool that shrinks gives its bytes back to the OS (rap.serving.kv_pages): a dropped layer's
+slabs and a cut pool's old slabs leave the process's mappings (`/proc/self/smaps`)."""
+
+from __future__ import annotations
+
+import torch
+
+from rap.serving.kv_pages import PagePool, RowPages
+from tests.core.test_release import _mapping_of, _mappings
+
+
+def _gone(mapping) -> bool:
+    return not any(m.same(mapping) for m in _mappings())
+
+
+def test_dropped_layers_and_cut_pools_leave_the_process_every_time() -> None:
+    """From malloc, only the first freed slab left: glibc then raised its mmap threshold and
+    later slabs came from, and went back to, its heap."""
+    pool = PagePool([0, 1, 2], 256, 16, 4, 64, torch.float32)  # 4 MiB a slab
+    for _ in range(3):
+        mapped = _mapping_of(pool.keys[1])
+        assert mapped is not None and mapped.hi - mapped.lo == pool.keys[1].numel() * 4
+        pool.drop_layer(1)
+        assert _gone(mapped)
+        pool.add_layer(1)
+    row = RowPages()
+    for _ in range(3):
+        pool.write(0, row, torch.ones(16, 4, 64), torch.ones(16, 4, 64))
+    before = [_mapping_of(pool.keys[layer]) for layer in pool.layers]
+    pool.resize(64, [{0: row}])
+    assert all(_gone(m) for m in before)
+    assert pool.keys[0].shape[0] == 64 and len(row.pages) == 3
+    assert torch.equal(pool.keys[0][row.pages[0]], torch.ones(16, 4, 64))  # rows' pages kept
