@@ -106,6 +106,7 @@ class PagePool:
         """Free a layer's slabs whole (its attention block was dropped): every row's pages
         there go with them; the rows skip the layer from now on."""
         del self.keys[layer], self.values[layer], self._free[layer]
+        _give_back(self._device)
 
     def add_layer(self, layer: int) -> None:
         """Slabs of the pool's capacity for a layer whose attention block was restored (only
@@ -131,6 +132,7 @@ class PagePool:
             used = {p for r in held for p in r.pages}
             self._free[layer] = [p for p in range(capacity - 1, -1, -1) if p not in used]
         self.capacity = capacity
+        _give_back(self._device)
 
     def _compact(self, layer: int, capacity: int, held: list[RowPages]) -> None:
         used = {p for r in held for p in r.pages}
@@ -192,6 +194,13 @@ def slab(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str)
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     return cpu_block_buffer(math.prod(shape), dtype).view(shape)
+
+
+def _give_back(device: torch.device | str) -> None:
+    """Return freed slabs to the device: torch's caching allocator keeps them reserved for the
+    process otherwise, and the other tenants' free memory would not move."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _resized(old: torch.Tensor, capacity: int) -> torch.Tensor:

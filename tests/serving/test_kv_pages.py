@@ -3,6 +3,7 @@ slabs and a cut pool's old slabs leave the process's mappings (`/proc/self/smaps
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rap.serving.kv_pages import PagePool, RowPages
@@ -31,3 +32,16 @@ def test_dropped_layers_and_cut_pools_leave_the_process_every_time() -> None:
     assert all(_gone(m) for m in before)
     assert pool.keys[0].shape[0] == 64 and len(row.pages) == 3
     assert torch.equal(pool.keys[0][row.pages[0]], torch.ones(16, 4, 64))  # rows' pages kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_dropped_and_cut_slabs_leave_the_allocators_reserve() -> None:
+    """What other tenants see: `memory_reserved` falls, not only `memory_allocated`."""
+    pool = PagePool([0, 1], 1024, 16, 8, 128, torch.float16, device="cuda")  # 32 MiB a slab
+    reserved = torch.cuda.memory_reserved()
+    pool.drop_layer(1)
+    assert torch.cuda.memory_reserved() <= reserved - 2 * 32 * 2**20
+    reserved = torch.cuda.memory_reserved()
+    pool.resize(256, [])
+    assert torch.cuda.memory_reserved() <= reserved - 2 * 24 * 2**20
