@@ -19,6 +19,9 @@ from rap.importance.calibration import (
 from rap.planning import planners
 from rap.planning.planners import PLANNERS
 from rap.planning.policy import RapPolicy
+from rap.planning.search import SEARCHES, SurrogateSearch
+from rap.planning.surrogate import predicted_delta_lnppl
+from rap.serving.engine_config import EngineConfig
 
 
 def _budget(args: argparse.Namespace, config: Any) -> int:
@@ -39,18 +42,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config, model_id = load_config(args.model)
     budget = _budget(args, config)
     scores = BlockScores.from_file(args.scores) if args.scores else None
-    kw = {"include_activations": args.include_activations, "prefill_tokens": args.prefill_tokens}
+    # One byte accounting for every method: weights + KV at (B, S) + the activations of the
+    # step the engine runs (a prefill chunk of `--prefill-tokens`, not the whole prompt).
+    prefill = min(args.prefill_tokens, args.seq)
+    kw = {"include_activations": True, "prefill_tokens": prefill}
     report: dict[str, Any] = {"method": args.method}
     if args.method == "oracle":
         mask, extra = _oracle(args, budget, **kw)
         report.update(extra)
-    elif (
-        args.method == "rap"
-    ):  # the trained agent (rap.planning.policy.RapPolicy); activations counted
+    elif args.method == "rap":  # the trained agent (rap.planning.policy.RapPolicy)
         agent = RapPolicy.load(args.policy, config, model_id, args.dtype, args.min_kept_fraction)
-        mask = agent.plan(budget, args.batch, args.seq, args.prefill_tokens)
-        args.include_activations = kw["include_activations"] = True  # what the agent plans for
+        mask = agent.plan(budget, args.batch, args.seq, prefill)
         report.update(policy=args.policy or "default", fallback=agent.last_fallback or None)
+    elif args.method in SEARCHES:  # search on the policy's own reward (the surrogate)
+        search = SurrogateSearch(
+            config, model_id, args.dtype, args.method, args.min_kept_fraction, args.width
+        )
+        mask = search.plan(budget, args.batch, args.seq, prefill)
     else:
         mask = planners.plan_mask(
             args.method,
@@ -78,11 +86,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         weight_bytes=memory.weight_bytes(config, mask, args.dtype),
         kv_bytes=memory.kv_bytes(config, mask, args.batch, args.seq, args.dtype),
+        activation_bytes=memory.activation_bytes(config, args.batch, prefill, args.dtype),
+        prefill_tokens=prefill,
         predicted_bytes=used,
         dense_bytes=byte_table.predicted_bytes(
             config, dense, args.batch, args.seq, args.dtype, **kw
         ),
-        activations_counted=args.include_activations,
+        predicted_delta_lnppl=predicted_delta_lnppl(model_id, mask.key),
     )
     if args.out:
         Path(args.out).write_text(mask.to_json())
@@ -104,9 +114,12 @@ def _print_plan(args: argparse.Namespace, mask: Any, report: dict[str, Any]) -> 
     print(f"kept        {sum(mask.attn)}/{n} attention, {sum(mask.mlp)}/{n} MLP blocks")
     print(
         f"memory      {used / MIB:,.2f} MiB predicted of a {budget / MIB:,.2f} MiB budget "
-        f"(weights {report['weight_bytes'] / MIB:,.2f}, KV {report['kv_bytes'] / MIB:,.2f}; "
-        f"dense {report['dense_bytes'] / MIB:,.2f})"
+        f"(weights {report['weight_bytes'] / MIB:,.2f}, KV {report['kv_bytes'] / MIB:,.2f}, "
+        f"activations of a {report['prefill_tokens']}-token step "
+        f"{report['activation_bytes'] / MIB:,.2f}; dense {report['dense_bytes'] / MIB:,.2f})"
     )
+    if report["predicted_delta_lnppl"] is not None:
+        print(f"quality     Δ ln ppl {report['predicted_delta_lnppl']:.4f} (surrogate estimate)")
     if "evaluations" in report:
         print(f"oracle      ppl {report['ppl']:.3f} after {report['evaluations']} evaluations")
 
@@ -141,7 +154,7 @@ def add_commands(sub: Any) -> None:
     size.add_argument("--budget-gib", type=float, help="absolute budget in GiB")
     plan.add_argument("--batch", type=int, required=True)
     plan.add_argument("--seq", type=int, required=True, help="tokens per sequence (all of it)")
-    plan.add_argument("--method", required=True, choices=(*PLANNERS, "rap"))
+    plan.add_argument("--method", required=True, choices=(*PLANNERS, *SEARCHES, "rap"))
     plan.add_argument("--policy", help="rap: an exported policy folder (default: the shipped one)")
     plan.add_argument("--dtype", default="float16", choices=DTYPES, help="serving dtype")
     plan.add_argument("--scores", help="a BlockScores JSON (default: shipped or cached scores)")
@@ -152,8 +165,14 @@ def add_commands(sub: Any) -> None:
         help="quality floor: fewest blocks kept, as a share of all (default 0.0, no floor; "
         "serving's default is 0.5: pass 0.5 to plan as a replica would)",
     )
-    plan.add_argument("--include-activations", action="store_true", help="count activations")
-    plan.add_argument("--prefill-tokens", type=int, help="prompt tokens for activations")
+    plan.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=EngineConfig().max_step_tokens,
+        help="tokens of the step whose activations are priced (every method alike; default "
+        "the engine's max_step_tokens: prompts are fed in chunks of it)",
+    )
+    plan.add_argument("--width", type=int, default=8, help="surrogate-beam: beam width")
     plan.add_argument("--seed", type=int, default=0, help="random planner's seed")
     plan.add_argument("--tokens", type=int, default=1024, help="oracle: calibration tokens")
     plan.add_argument("--seq-len", type=int, default=256, help="oracle: tokens per chunk")
