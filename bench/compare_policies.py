@@ -62,6 +62,12 @@ def baselines(config: Any, model_id: str) -> dict[str, Any]:
             out[name] = _refusal(str(exc).split(";")[0])
             continue
         out[name] = lambda s, h=h: h.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
+    # Search on the policy's own reward (the surrogate), with the same byte accounting.
+    from rap.planning.search import SEARCHES, SurrogateSearch
+
+    for method in SEARCHES:
+        search = SurrogateSearch(config, model_id, DTYPE, method)
+        out[method] = lambda s, p=search: p.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
     return out
 
 

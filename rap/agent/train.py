@@ -135,6 +135,19 @@ def _metrics(result: dict[str, Any]) -> dict[str, float | None]:
     return {k: None if v is None else float(v) for k, v in raw.items()}
 
 
+def runner_nodes(algo: Any) -> list[str]:
+    """The Ray node id each remote env runner runs on (none: sampling in the driver)."""
+    import ray  # lazy: heavy (ray)
+
+    group = algo.env_runner_group
+    if group.num_remote_env_runners() == 0:
+        return []
+    where = group.foreach_env_runner(
+        lambda _runner: ray.get_runtime_context().get_node_id(), local_env_runner=False
+    )
+    return sorted(str(n) for n in where)
+
+
 def init_from(algo: Any, folder: str | Path) -> None:
     """Start from a trained policy's network: `folder` is an RLModule folder or an exported
     policy folder holding one in `module/` (only the module's weights are restored)."""
@@ -156,14 +169,20 @@ def run(
     env_runners: int | None = None,
     start_from: str | None = None,
     address: str | None = None,
+    runner_resource: str | None = None,
 ) -> dict[str, Any]:
-    """Train as the config says and export the policy (module doc); returns the summary."""
+    """Train as the config says and export the policy (module doc); returns the summary.
+    `runner_resource`: each env runner asks for one unit of this custom resource, so Ray
+    places them only on the nodes that advertise it (`ray start --resources`)."""
     spec = load_spec(config_path, smoke, env_runners)
+    if runner_resource:
+        spec.config.env_runners(custom_resources_per_env_runner={runner_resource: 1})
     out = Path(out).resolve()  # RLlib reads relative paths as URIs without a scheme
     out.mkdir(parents=True, exist_ok=True)
     where = connect(address)
     start = time.time()
     algo = spec.config.build_algo()
+    nodes = runner_nodes(algo)
     if start_from:
         init_from(algo, start_from)
     log = (out / "train_log.jsonl").open("w")
@@ -189,6 +208,7 @@ def run(
         "algo": spec.algo,
         "smoke": smoke,
         "ray": where,
+        "env_runner_nodes": nodes,
         "start_from": start_from,
         "iterations": spec.iterations,
         "wall_s": round(wall, 1),

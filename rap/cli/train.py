@@ -31,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         env_runners=args.env_runners,
         start_from=args.start_from,
         address=args.address,
+        runner_resource=args.runner_resource,
     )
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -41,6 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{summary['wall_s']} s on Ray ({summary['ray']})"
     )
     print(f"last        return {last.get('return_mean')}, episode length {last.get('len_mean')}")
+    nodes = summary["env_runner_nodes"]
+    if nodes:
+        print(f"env runners {len(nodes)} on Ray nodes {', '.join(sorted(set(nodes)))}")
     print(f"policy      {summary['policy']} (RLModule folder and plain export)")
     return 0
 
@@ -57,6 +61,11 @@ def add_commands(sub: Any) -> None:
         "--address",
         help="join this Ray cluster (host:port, ray://host:10001 or auto); default: RAY_ADDRESS "
         "if set, else a local Ray of its own",
+    )
+    train.add_argument(
+        "--runner-resource",
+        help="place env runners only on nodes with this custom Ray resource (one unit each; "
+        "e.g. a worker group started with --resources '{\"rap_runner\": 8}')",
     )
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)

@@ -5,6 +5,7 @@ hold no token, size GPU pods for pinned host memory, and hand the checkpoint ove
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -307,3 +308,12 @@ def test_with_serve_config_replaces_only_the_block() -> None:
     assert yaml.safe_load(out)["spec"]["serveConfigV2"] == "new: 1\nl:\n- a\n"
     with pytest.raises(ValueError, match="serveConfigV2"):
         k8s.with_serve_config("spec: {}\n", "x: 1\n")
+
+
+def test_the_rayjob_places_env_runners_the_same_way() -> None:
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob-train.yaml").read_text())
+    assert "--runner-resource rap_runner" in job["spec"]["entrypoint"]
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    # KubeRay passes the value to `ray start --resources` as written: a quoted JSON object.
+    resources = json.loads(json.loads(group["rayStartParams"]["resources"]))
+    assert resources["rap_runner"] >= 8
