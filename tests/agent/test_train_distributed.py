@@ -39,9 +39,9 @@ def _ray(*args: str, env: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (2 CPUs: it could host the runners) + a node with 2 CPUs and `rap_runner: 2`, in a temp dir of
-    their own; only this cluster's processes are killed at the end (not `ray stop`, which
-    would stop every Ray on the machine)."""
+    """A head (2 CPUs: it could host the runners) and a node with 2 CPUs and `rap_runner: 2`,
+    in a temp dir of their own; only this cluster's processes are killed at the end (not
+    `ray stop`, which would stop every Ray on the machine)."""
     temp = tempfile.mkdtemp(prefix="rapd-", dir="/tmp")  # short: Ray's socket paths are bounded
     port, dash = _free_port(), _free_port()
     # Token auth as KubeRay sets it up (RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray process), with
