@@ -1,11 +1,12 @@
-"""The honest comparison: the RAP policy against the planners, on held-out scenarios and seeds.
+"""The honest comparison: the RAP policy against the planners and search on its own reward.
 
 Usage:
     .venv/bin/python bench/compare_policies.py [--policy DIR] [--per-scenario 12] [--seeds 2]
         [--measure] [--oracle 0 | --oracle-from FILE] [--out bench/results/compare.json]
     .venv/bin/python bench/compare_policies.py --policy DIR --split train --keys-out KEYS
 
-Situations: every held-out (`eval`) scenario of `rap.agent.workloads` with seeds EVAL_SEED_BASE + i,
+Situations: every scenario of a split of `rap.agent.scenarios` (`validation` by default; `test`
+only with `--final`, once per policy; every run appended to `bench/results/ledger.jsonl`),
 taking `per-scenario` batch starts (evenly spaced) that need pruning and that some mask fits,
 for the default model with float16 budgets (predicted peak, activations included). Every method
 plans every situation at the same budget: `rap` (the policy; only masks it chose itself count as
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ledger import append as ledger_append  # bench/ledger.py (the script's folder is on the path)
+from ledger import check_split, policy_digest
 
 from rap.agent import scenarios, workloads
 from rap.agent.env import Observer
@@ -38,6 +42,7 @@ from rap.core.errors import RapError
 from rap.core.loading import load_config
 from rap.core.masks import key_of
 from rap.planning import HeuristicPolicy, RapPolicy
+from rap.planning.policy import _policy_folder
 from rap.planning.surrogate import load_surrogate
 
 DTYPE = "float16"
@@ -79,13 +84,13 @@ def _refusal(why: str) -> Any:
 
 
 def pick_situations(
-    config: Any, obs: Observer, per: int, seeds: int, split: scenarios.Split = "eval"
+    config: Any, obs: Observer, per: int, seeds: int, split: scenarios.Split = "validation"
 ) -> list[scenarios.Situation]:
-    """Situations that need pruning and that some allowed mask fits, evenly spaced: held-out
-    scenarios and seeds (EVAL_SEED_BASE + i), or with split "train" the training scenarios at
-    seeds 0..seeds-1 (for measuring the masks a policy chooses where it trains)."""
+    """Situations that need pruning and that some allowed mask fits, evenly spaced: the split's
+    scenarios at its seeds (`scenarios.SEED_BASE[split]` + i; with split "train", for measuring
+    the masks a policy chooses where it trains)."""
     out = []
-    base_seed = scenarios.EVAL_SEED_BASE if split == "eval" else 0
+    base_seed = scenarios.SEED_BASE[split]
     for name in scenarios.names(split):
         for i in range(seeds):
             sits = workloads.situations(name, config, DTYPE, base_seed + i, 400)
@@ -268,10 +273,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/compare.json")
     parser.add_argument(
         "--split",
-        choices=["eval", "train"],
-        default="eval",
-        help="train: training scenarios, seeds 0.. (with --keys-out only)",
+        choices=["validation", "test", "train"],
+        default="validation",
+        help="validation (every tuning decision); test (only with --final, once per policy); "
+        "train (with --keys-out only)",
     )
+    parser.add_argument("--final", action="store_true", help="the one test-split run of a policy")
     parser.add_argument(
         "--keys-out",
         help="write the masks the policy chose (one key a line) "
@@ -282,6 +289,10 @@ def main() -> None:
         parser.error("--split train only lists the policy's masks: add --keys-out FILE")
     config, model_id = load_config("smollm2")
     policy = RapPolicy.load(args.policy, config, model_id, DTYPE)
+    digest = policy_digest(_policy_folder(args.policy))
+    refusal = None if args.keys_out else check_split(args.split, args.final, digest)
+    if refusal:
+        parser.error(refusal)
     sits = pick_situations(config, policy.observer, args.per_scenario, args.seeds, args.split)
     if args.keys_out:
         write_policy_keys(policy, sits, Path(args.keys_out))
@@ -306,7 +317,28 @@ def main() -> None:
     report = tables(rows, q, sits, oracle_idx, policy, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=float))
+    ledger_append(ledger_record(report, args, digest))
     print(markdown(report))
+
+
+def ledger_record(report: dict[str, Any], args: argparse.Namespace, digest: str) -> dict:
+    """The headline of a run, for `bench/results/ledger.jsonl`."""
+    every = report["groups"]["all"]
+    return {
+        "split": args.split,
+        "final": args.final,
+        "policy_digest": digest,
+        "policy": args.policy or "shipped default",
+        "quality": report["quality"],
+        "situations": report["situations"],
+        "command": "python bench/compare_policies.py " + " ".join(sys.argv[1:]),
+        "dlnppl": {m: r["dlnppl"] for m, r in every.items() if r["planned"]},
+        "planned": {m: r["planned"] for m, r in every.items()},
+        "rap_vs": {
+            m: {k: r[k] for k in ("better", "worse", "mean_diff", "ci95")}
+            for m, r in report["rap_vs"].items()
+        },
+    }
 
 
 def tables(
@@ -331,7 +363,8 @@ def tables(
         "quality": "measured (eval text)" if args.measure else "surrogate",
         "dense_ppl": float(np.exp(dense)),
         "situations": len(sits),
-        "scenarios": scenarios.names("eval"),
+        "split": args.split,
+        "scenarios": scenarios.names(args.split),
         "policy": {**policy.net.meta, "decisions": policy.decisions, "fallbacks": policy.fallbacks},
         "rap_vs": paired(rows, q),
         "groups": {

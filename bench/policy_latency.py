@@ -39,11 +39,11 @@ def main() -> None:
     config, model_id = load_config("smollm2")
     policy = RapPolicy.load(args.policy, config, model_id, "float16")
     greedy = HeuristicPolicy(config, model_id, "float16")
-    per = max(1, args.situations // len(scenarios.names("eval")))
-    seed = scenarios.EVAL_SEED_BASE
+    per = max(1, args.situations // len(scenarios.names("validation")))
+    seed = scenarios.VALIDATION_SEED_BASE
     sits = [
         s
-        for name in scenarios.names("eval")
+        for name in scenarios.names("validation")
         for s in workloads.situations(name, config, "float16", seed, per)
     ]
     # Wall time, and this thread's CPU time (what the decision costs without the preemption

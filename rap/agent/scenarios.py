@@ -11,8 +11,14 @@ agent decides on is `rap.agent.workloads`):
   low over `period_s`, then back) or spikes (other tenants arrive as a Poisson process of rate
   1/period_s and take up to `level − low` for an exponential time of mean period_s/2).
 
-Scenarios have a split: `train` for training, `eval` held out for the comparison (evaluation
-also uses seeds ≥ EVAL_SEED_BASE).
+Scenarios have a split, frozen (docs/results.md, "Protocol"):
+
+- `train`: what the agent trains on (seeds 0, 1, ...);
+- `validation`: every tuning decision — reward, penalties, training grid, which policy to ship
+  — is taken here (seeds VALIDATION_SEED_BASE + i). These are the scenarios once called
+  held-out: six policy versions were judged on them, so they are retired into validation;
+- `test`: scenarios no decision has seen (seeds TEST_SEED_BASE + i), read only by a `--final`
+  comparison, once per shipped policy, recorded in the ledger (`bench/results/ledger.jsonl`).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import numpy as np
 
 from rap.core.errors import RapError
 
-EVAL_SEED_BASE = 10_000
-Split = Literal["train", "eval"]
+VALIDATION_SEED_BASE = 10_000
+TEST_SEED_BASE = 20_000
+SEED_BASE = {"train": 0, "validation": VALIDATION_SEED_BASE, "test": TEST_SEED_BASE}
+"""The first seed of each split: seeds never overlap between splits."""
+Split = Literal["train", "validation", "test"]
 MemoryKind = Literal["steady", "steps", "ramp", "spikes"]
 
 
@@ -227,10 +236,10 @@ BUILTIN: tuple[Scenario, ...] = (
         1024,
         grid=((1, 2, 4, 8, 16), (128, 256, 512, 1024, 2048), 0.25, 0.98),
     ),
-    # held out: other traces, other parameters, other seeds
+    # validation (the scenarios once held out; tuned on): other traces, parameters, seeds
     Scenario(
         "eval-chat-spikes",
-        "eval",
+        "validation",
         "chat traffic, other tenants' spikes",
         3.0,
         CHAT_PROMPT,
@@ -242,7 +251,7 @@ BUILTIN: tuple[Scenario, ...] = (
     ),
     Scenario(
         "eval-b1-steps",
-        "eval",
+        "validation",
         "batch 1, short prompts (weights dominate), steps",
         0.5,
         SHORT_PROMPT,
@@ -254,7 +263,7 @@ BUILTIN: tuple[Scenario, ...] = (
     ),
     Scenario(
         "eval-kv-2048",
-        "eval",
+        "validation",
         "batches of 8+ at 2,048 tokens (KV dominates), a ramp",
         60.0,
         LONG_PROMPT,
@@ -266,7 +275,7 @@ BUILTIN: tuple[Scenario, ...] = (
     ),
     Scenario(
         "eval-burst-steps",
-        "eval",
+        "validation",
         "bursty mixed traffic, memory steps",
         2.0,
         CHAT_PROMPT,
@@ -280,7 +289,7 @@ BUILTIN: tuple[Scenario, ...] = (
     ),
     Scenario(
         "eval-controller-grid",
-        "eval",
+        "validation",
         "the controller's default buckets, budgets 75-97 % of their dense peak",
         1.0,
         CHAT_PROMPT,
@@ -292,5 +301,71 @@ BUILTIN: tuple[Scenario, ...] = (
         grid=((1, 4, 8), (256, 1024, 2048), 0.75, 0.97),
     ),
 )
-SCENARIOS: dict[str, Scenario] = {sc.name: sc for sc in BUILTIN}
+TEST: tuple[Scenario, ...] = (
+    # test: written before any method ran on them, read only by a --final comparison
+    Scenario(
+        "test-chat-ramp",
+        "test",
+        "chat traffic, a slow ramp down to 78 %",
+        2.5,
+        CHAT_PROMPT,
+        CHAT_OUTPUT,
+        8,
+        MemoryTrace("ramp", 0.96, 0.78, 45.0),
+        8,
+        1024,
+    ),
+    Scenario(
+        "test-b1-spikes",
+        "test",
+        "batch 1, short prompts (weights dominate), other tenants' spikes",
+        0.7,
+        SHORT_PROMPT,
+        SHORT_OUTPUT,
+        1,
+        MemoryTrace("spikes", 0.99, 0.9, 20.0),
+        1,
+        512,
+    ),
+    Scenario(
+        "test-kv-16x1024",
+        "test",
+        "batches up to 16 at ~1,700 tokens (KV dominates), memory steps",
+        50.0,
+        LONG_PROMPT,
+        LONG_OUTPUT,
+        16,
+        MemoryTrace("steps", levels=(0.9, 0.8, 0.86), period_s=20.0),
+        16,
+        1024,
+    ),
+    Scenario(
+        "test-mixed-steady",
+        "test",
+        "bursty chat at 8 × 2,048, a noisy steady squeeze",
+        2.0,
+        CHAT_PROMPT,
+        CHAT_OUTPUT,
+        8,
+        MemoryTrace("steady", 0.86, noise=0.04),
+        8,
+        2048,
+        burst=4.0,
+        burst_s=6.0,
+    ),
+    Scenario(
+        "test-controller-grid",
+        "test",
+        "the controller's default buckets, budgets 70-95 % of their dense peak",
+        1.0,
+        CHAT_PROMPT,
+        CHAT_OUTPUT,
+        8,
+        MemoryTrace("steady"),
+        8,
+        1024,
+        grid=((1, 4, 8), (256, 1024, 2048), 0.70, 0.95),
+    ),
+)
+SCENARIOS: dict[str, Scenario] = {sc.name: sc for sc in (*BUILTIN, *TEST)}
 """Every scenario by name: the built-in ones, and any a caller `register`s."""

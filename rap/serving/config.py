@@ -98,6 +98,13 @@ class ServeAppConfig(BaseModel):
             raise ValueError(f"replica names must be unique, got {names}")
         return self
 
+    @model_validator(mode="after")
+    def _one_step(self) -> ServeAppConfig:
+        """The controller prices the same step the replicas run (one byte accounting)."""
+        if self.controller.step_tokens is None:
+            self.controller.step_tokens = self.engine.max_step_tokens
+        return self
+
     def resolved(self) -> ServeAppConfig:
         """Device and dtype made explicit, so that the controller plans in the replicas' dtype:
         cuda when a replica asks for a GPU; float16 on a GPU, float32 on a CPU."""

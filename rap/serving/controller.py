@@ -39,6 +39,13 @@ class ControllerConfig(BaseModel):
     batch_buckets: tuple[int, ...] = Field((1, 4, 8), description="Batch-size bucket edges.")
     history: int = Field(200, ge=1, description="Decisions kept for the admin state view.")
     shares: ShareConfig = Field(default_factory=ShareConfig)
+    step_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens of the engine step whose activations each plan prices: the "
+        "replicas' engine.max_step_tokens (the app config sets it). None: a bucket's whole "
+        "batch × sequence, which over-prices a chunked prefill (183 MiB at 8 × 2,048 tokens).",
+    )
 
 
 @dataclass
@@ -170,7 +177,7 @@ class Controller:
         out = {}
         for b, s in buckets:
             try:
-                mask = self.planner.plan(budget, b, s)
+                mask = self.planner.plan(budget, b, s, self.config.step_tokens)
             except BudgetError:
                 continue  # nothing fits this bucket: the replica splits or refuses such batches
             if not mask.from_controller:

@@ -26,10 +26,10 @@ def test_same_seed_same_situations(cfg) -> None:
 
 
 def test_registry_splits_are_disjoint_and_named() -> None:
-    train, held_out = scenarios.names("train"), scenarios.names("eval")
-    assert train and held_out
-    assert not set(train) & set(held_out)
-    assert set(train) | set(held_out) == set(scenarios.names())
+    splits = [set(scenarios.names(s)) for s in ("train", "validation", "test")]
+    assert all(splits)
+    assert sum(len(s) for s in splits) == len(set().union(*splits))  # disjoint
+    assert set().union(*splits) == set(scenarios.names())
     with pytest.raises(RapError, match="unknown scenario"):
         scenarios.get("no-such-scenario")
     with pytest.raises(RapError, match="already registered"):

@@ -217,8 +217,8 @@ def test_default_policy_plans_for_the_default_model(capsys: pytest.CaptureFixtur
     assert report["method"] == "rap" and report["predicted_bytes"] <= report["budget_bytes"]
     config, model_id = load_config("smollm2")
     policy = RapPolicy.load(None, config, model_id, "float16")
-    for name in scenarios.names("eval"):
-        for s in workloads.situations(name, config, "float16", scenarios.EVAL_SEED_BASE, 40):
+    for name in scenarios.names("validation"):
+        for s in workloads.situations(name, config, "float16", scenarios.VALIDATION_SEED_BASE, 40):
             try:
                 mask = policy.plan(s.budget_bytes, s.batch, s.seq, s.prefill)
             except BudgetError:

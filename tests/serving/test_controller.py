@@ -183,3 +183,21 @@ def test_a_plan_the_replica_never_took_is_sent_again() -> None:
     again = c.report(tel(mask_version=MaskVersion(epoch=0, seq=0)), now_s=1000.3)
     assert again == first  # the replica still holds an older version
     assert c.report(tel(mask_version=first.version), now_s=1000.6) is None
+
+
+def test_the_controller_prices_the_step_the_replicas_run() -> None:
+    """Plan entries priced a bucket's whole batch × sequence of activations (183 MiB at
+    8 × 2,048) while the replicas run steps of engine.max_step_tokens: two byte accountings."""
+    from rap.serving.config import ServeAppConfig
+
+    asked: list[int | None] = []
+
+    class Recording(FnPlanner):
+        def plan(self, budget_bytes, batch, seq, prefill_tokens=None):  # type: ignore[no-untyped-def]
+            asked.append(prefill_tokens)
+            return super().plan(budget_bytes, batch, seq, prefill_tokens)
+
+    app = ServeAppConfig.model_validate({"engine": {"max_step_tokens": 128}})
+    assert app.controller.step_tokens == 128
+    Controller(Recording(plan), app.controller).report(tel(), now_s=1000.0)
+    assert asked and set(asked) == {128}
