@@ -8,7 +8,7 @@ from typing import Any
 
 from rap.cli.common import parse_list, set_threads, tqdm_progress
 from rap.core import byte_table, memory
-from rap.core.constants import DTYPES, MIB
+from rap.core.constants import DTYPES
 from rap.core.errors import BudgetError, RapError
 from rap.core.loading import DEFAULT_MODEL, cache_dir, load_model
 from rap.importance import report
@@ -18,8 +18,9 @@ from rap.importance.calibration import (
     perplexity_chunks,
 )
 from rap.importance.zeroshot import TASKS, task_size
-from rap.planning import planners
-from rap.planning.planners import SCORES_FOR, SERVING_PLANNERS
+from rap.planning.planners import SCORES_FOR
+from rap.planning.registry import METHODS, make_planner
+from rap.serving.engine_config import EngineConfig
 
 
 def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -28,26 +29,19 @@ def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any
 
     rows: list[dict[str, Any]] = []
     masks = []
+    cfg, step = model.config, min(args.prefill_tokens, args.seq)
+    act = memory.activation_bytes(cfg, args.batch, step, args.dtype)
+    made = {m: make_planner(m, cfg, model.model_id, args.dtype) for m in args.method_list}
     for frac in args.budget_list:
-        budget = memory.budget_bytes(model.config, frac, args.batch, args.seq, args.dtype)
+        # The paper's budget (a share of the dense weights + KV) plus one step's activations,
+        # which every method prices alike (one byte accounting): 1.0 is the dense model.
+        budget = memory.budget_bytes(cfg, frac, args.batch, args.seq, args.dtype) + act
         for method in args.method_list:
             row: dict[str, Any] = {"budget": frac, "method": method, "budget_bytes": budget}
             try:
-                mask = planners.plan_mask(
-                    method,
-                    model.config,
-                    model.model_id,
-                    budget,
-                    args.batch,
-                    args.seq,
-                    args.dtype,
-                    seed=args.seed,
-                )
-            except BudgetError:
-                floor = planners.minimum_bytes(
-                    method, model.config, model.model_id, args.batch, args.seq, args.dtype
-                )
-                row["error"] = f"needs ≥ {floor / MIB:,.1f} MiB"
+                mask = made[method].plan(budget, args.batch, args.seq, step)
+            except BudgetError as exc:
+                row["error"] = str(exc).split(";")[0]
                 rows.append(row)
                 continue
             row.update(
@@ -56,7 +50,13 @@ def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any
                 blocks=2 * mask.num_layers,
                 blocks_kept=sum(mask.attn) + sum(mask.mlp),
                 predicted_bytes=byte_table.predicted_bytes(
-                    model.config, mask, args.batch, args.seq, args.dtype
+                    cfg,
+                    mask,
+                    args.batch,
+                    args.seq,
+                    args.dtype,
+                    include_activations=True,
+                    prefill_tokens=step,
                 ),
             )
             rows.append(row)
@@ -69,7 +69,8 @@ def _eval_command(args: argparse.Namespace) -> str:
     parts = [
         f"rap eval --model {args.model} --budgets {args.budgets} --methods {args.methods}",
         f"--batch {args.batch} --seq {args.seq} --dtype {args.dtype}",
-        f"--ppl-tokens {args.ppl_tokens} --ppl-seq-len {args.ppl_seq_len} --seed {args.seed}",
+        f"--prefill-tokens {args.prefill_tokens}",
+        f"--ppl-tokens {args.ppl_tokens} --ppl-seq-len {args.ppl_seq_len}",
     ]
     if args.limit is not None:
         parts.append(f"--limit {args.limit}")
@@ -88,16 +89,14 @@ def _check_eval_args(args: argparse.Namespace) -> list[str]:
         if not 0.0 < frac <= 1.0:
             raise RapError(f"budget {frac} is outside (0, 1]", expected="fractions like 0.8")
     for method in args.method_list:
-        if method in ("rap", "oracle"):
+        if method == "oracle":
             raise RapError(
-                f"rap eval does not run method {method!r}",
-                expected=f"some of {', '.join(SERVING_PLANNERS)}",
-                fix="compare the RAP policy with bench/compare_policies.py",
+                "rap eval does not run method 'oracle' (minutes of measuring per mask)",
+                expected=f"some of {', '.join(METHODS)}",
+                fix="run it with rap plan --method oracle, or bench/compare_policies.py --oracle",
             )
-        if method not in SERVING_PLANNERS:
-            raise RapError(
-                f"unknown method {method!r}", expected=f"some of {', '.join(SERVING_PLANNERS)}"
-            )
+        if method not in METHODS:
+            raise RapError(f"unknown method {method!r}", expected=f"some of {', '.join(METHODS)}")
     for task in tasks:
         if task not in TASKS:
             raise RapError(f"unknown task {task!r}", expected=f"some of {', '.join(TASKS)}")
@@ -161,11 +160,20 @@ def _eval_result(
         "ci95_max": max((1.96 * (0.25 / n) ** 0.5 for n in counts.values()), default=0.0),
         "methods": args.method_list,
         "budgets": args.budget_list,
-        "score_sources": {m: SCORES_FOR.get(m, "seed") for m in args.method_list},
+        "score_sources": {m: _score_source(m) for m in args.method_list},
         "compute_dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
         "rows": rows,
     }
+
+
+def _score_source(method: str) -> str:
+    """What a method's choices rest on: stored scores, the surrogate, the policy, a seed."""
+    if method == "rap":
+        return "policy"
+    if method.startswith("surrogate-"):
+        return "surrogate"
+    return SCORES_FOR.get(method, "seed 0")
 
 
 def add_commands(sub: Any) -> None:
@@ -176,9 +184,15 @@ def add_commands(sub: Any) -> None:
     ev.add_argument(
         "--methods",
         default="gsi,oneshot,mem-greedy,shortgpt,attn-drop,mlp-drop,random",
-        help="stored-score planners: gsi, oneshot, mem-greedy, shortgpt, attn-drop, mlp-drop, "
-        "random (not rap or oracle: bench/compare_policies.py compares the RAP policy); no "
-        "quality floor",
+        help="stored-score planners (gsi, oneshot, mem-greedy, shortgpt, attn-drop, mlp-drop, "
+        "random), search on the surrogate (surrogate-greedy, surrogate-beam, surrogate-milp) "
+        "and rap (the shipped policy); not oracle; no quality floor",
+    )
+    ev.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=EngineConfig().max_step_tokens,
+        help="tokens of the step whose activations every method prices (the engine's step)",
     )
     ev.add_argument("--batch", type=int, default=8, help="batch of the budget's workload")
     ev.add_argument("--seq", type=int, default=2048, help="tokens of the budget's workload")
@@ -187,7 +201,6 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--limit", type=int, help="first N items per task (quick runs)")
     ev.add_argument("--ppl-tokens", type=int, default=8192, help="perplexity-text tokens")
     ev.add_argument("--ppl-seq-len", type=int, default=1024, help="tokens per perplexity chunk")
-    ev.add_argument("--seed", type=int, default=0, help="random planner's seed")
     ev.add_argument("--threads", type=int, help="torch CPU threads")
     ev.add_argument("--no-cache", action="store_true", help="re-evaluate masks seen before")
     ev.add_argument("--out", required=True, help="folder for results.md/.json and quality.png")

@@ -114,17 +114,19 @@ def test_eval_command_on_a_tiny_model(tiny_dirs, tmp_path, monkeypatch, capsys) 
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def test_eval_help_lists_only_methods_it_runs(capsys) -> None:
-    """`rap eval --help` once listed rap (rap plan's methods) and `--methods rap` failed."""
+def test_eval_help_lists_the_methods_it_runs(capsys) -> None:
+    """`rap eval` runs the policy and the searches beside the planners (issue 18); only the
+    oracle is refused, with where to run it."""
     from rap.cli.main import build_parser
     from rap.planning.planners import SERVING_PLANNERS
 
     sub = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     methods = next(a for a in sub["eval"]._actions if a.dest == "methods")
-    assert "not rap" in methods.help and set(methods.default.split(",")) == set(SERVING_PLANNERS)
-    assert main(["eval", "--methods", "rap", "--out", "x"]) == 2
+    assert "rap (the shipped policy)" in methods.help and "surrogate-milp" in methods.help
+    assert set(methods.default.split(",")) == set(SERVING_PLANNERS)
+    assert main(["eval", "--methods", "oracle", "--out", "x"]) == 2
     err = capsys.readouterr().err
-    assert "does not run method 'rap'" in err and "compare_policies" in err
+    assert "does not run method 'oracle'" in err and "rap plan --method oracle" in err
     floor = next(a for a in sub["plan"]._actions if a.dest == "min_kept_fraction")
     from rap.serving.engine import EngineConfig
 
@@ -134,14 +136,15 @@ def test_eval_help_lists_only_methods_it_runs(capsys) -> None:
 
 @pytest.mark.slow
 def test_eval_on_the_default_model(tmp_path, capsys) -> None:
-    """A few items on the real model: the dense row is far better than a 40 % budget's."""
+    """A few items on the real model: the dense row is far better than a 40 % budget's; the
+    policy and the surrogate search run beside the planner, priced the same way."""
     out = tmp_path / "eval"
     args = [
         "eval",
         "--budgets",
         "1.0,0.4",
         "--methods",
-        "oneshot",
+        "oneshot,rap,surrogate-greedy",
         "--limit",
         "2",
         "--tasks",
@@ -155,7 +158,15 @@ def test_eval_on_the_default_model(tmp_path, capsys) -> None:
         str(out),
     ]
     assert main(args) == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert rows[0]["blocks_kept"] == 60 and 10 < rows[0]["ppl"] < 100
-    assert rows[1]["ppl"] > 2 * rows[0]["ppl"]
+    rows = {
+        (r["budget"], r["method"]): r
+        for r in json.loads((out / "results.json").read_text())["rows"]
+    }
+    dense = rows[(1.0, "oneshot")]
+    assert dense["blocks_kept"] == 60 and 10 < dense["ppl"] < 100
+    assert all(rows[(1.0, m)]["blocks_kept"] == 60 for m in ("rap", "surrogate-greedy"))
+    for method in ("oneshot", "rap", "surrogate-greedy"):
+        small = rows[(0.4, method)]
+        assert small["predicted_bytes"] <= small["budget_bytes"]
+        assert small["ppl"] > 2 * dense["ppl"]
     capsys.readouterr()
