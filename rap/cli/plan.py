@@ -115,7 +115,7 @@ def _print_plan(args: argparse.Namespace, mask: Any, report: dict[str, Any]) -> 
     print(
         f"memory      {used / MIB:,.2f} MiB predicted of a {budget / MIB:,.2f} MiB budget "
         f"(weights {report['weight_bytes'] / MIB:,.2f}, KV {report['kv_bytes'] / MIB:,.2f}, "
-        f"activations of a {report['prefill_tokens']}-token step "
+        f"activations of {args.batch} × {report['prefill_tokens']} prompt tokens "
         f"{report['activation_bytes'] / MIB:,.2f}; dense {report['dense_bytes'] / MIB:,.2f})"
     )
     if report["predicted_delta_lnppl"] is not None:
@@ -169,7 +169,7 @@ def add_commands(sub: Any) -> None:
         "--prefill-tokens",
         type=int,
         default=EngineConfig().max_step_tokens,
-        help="tokens of the step whose activations are priced (every method alike; default "
+        help="prompt tokens per row whose activations every method alike prices (default "
         "the engine's max_step_tokens: prompts are fed in chunks of it)",
     )
     plan.add_argument("--width", type=int, default=8, help="surrogate-beam: beam width")
