@@ -1,6 +1,6 @@
 """Every planner by name, behind the one `MaskPlanner` interface, so that `rap plan`, `rap eval`
 and the comparison price and plan every method the same way: weights + KV at (B, S) + the
-activations of one engine step (`prefill_tokens` tokens), `plan(budget, batch, seq, prefill)`.
+activations of batch × `prefill_tokens` prompt tokens, `plan(budget, batch, seq, prefill)`.
 
     stored-score planners  `SERVING_PLANNERS` (gsi, mem-greedy, ...) through `HeuristicPolicy`
     search                 `SEARCHES` (surrogate-greedy, -beam, -milp) through `SurrogateSearch`
