@@ -33,8 +33,8 @@ def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any
     act = memory.activation_bytes(cfg, args.batch, step, args.dtype)
     made = {m: make_planner(m, cfg, model.model_id, args.dtype) for m in args.method_list}
     for frac in args.budget_list:
-        # The paper's budget (a share of the dense weights + KV) plus the activations of B × P prompt tokens,
-        # which every method prices alike (one byte accounting): 1.0 is the dense model.
+        # The paper's budget (a share of the dense weights + KV) plus the activations of B × P
+        # prompt tokens, which every method prices alike: 1.0 is the dense model.
         budget = memory.budget_bytes(cfg, frac, args.batch, args.seq, args.dtype) + act
         for method in args.method_list:
             row: dict[str, Any] = {"budget": frac, "method": method, "budget_bytes": budget}
