@@ -14,7 +14,7 @@ a small over-budget term; −20 for ending over budget) climbs from about −9 t
 it); episodes are 9-13 removals. 120 iterations (240K env steps) take about 2 minutes on 2 idle
 CPU cores. Output: out/policy/ (the RLModule folder and its checked plain export),
 out/checkpoints/, out/train_log.jsonl, out/summary.json. `RAP_TRAIN_ITERATIONS` overrides the
-length; `--start-from DIR` continues from a trained policy. The shipped policy is this config
+length, `RAP_TRAIN_SEED` the seed (0); `--start-from DIR` continues from a trained policy. The shipped policy is this config
 plus three DAgger rounds: scripts/train_policy.sh.
 """
 
@@ -69,7 +69,7 @@ def make(smoke: bool = False, env_runners: int | None = None) -> TrainSpec:
                 },
             )
         )
-        .debugging(seed=0)
+        .debugging(seed=int(os.environ.get("RAP_TRAIN_SEED", 0)))
     )
     return TrainSpec(
         "ppo",

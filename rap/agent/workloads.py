@@ -10,7 +10,8 @@ A scenario is traffic plus memory pressure:
   is free; a batch of B requests with longest prompt P and longest total S (prompt + output)
   busies it for t = t_0 + c_p·B·P + c_d·(S − P) seconds;
 - memory: the bytes the device leaves the replica, `m(t) · reference` with `reference` the dense
-  model's peak at the scenario's (ref_batch, ref_seq) (`rap.core.memory.peak_bytes`) and m(t) one of
+  model's bytes at the scenario's (ref_batch, ref_seq) (`dense_bytes`: weights + KV + the engine
+  step, the one byte accounting) and m(t) one of
   steady (level + N(0, noise²)), steps (cycling through `levels` every `period_s`), ramp (linear
   from level to low over `period_s`, then back) or spikes (other tenants arrive as a Poisson
   process of rate 1/period_s and take up to `level − low` for an exponential time of mean
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from rap.agent.scenarios import Scenario, Situation, get
-from rap.core import memory
+from rap.core import byte_table, memory
 
 MAX_OVER = 1.2
 """A batch whose dense peak is above MAX_OVER × budget is split by admission."""
@@ -94,10 +95,18 @@ def batches(sc: Scenario, seed: int, admit: Admit | None = None) -> Iterator[Bat
         free_at += t0 + cp * len(batch) * p + cd * (s - p)
 
 
-def reference_bytes(sc: Scenario, config: Any, dtype: Any) -> int:
-    """The dense model's peak at (ref_batch, ref_seq): what m(t) = 1 gives the replica."""
+def dense_bytes(config: Any, batch: int, seq: int, prefill: int, dtype: Any) -> int:
+    """The dense model's bytes at (B, S, P) in the one byte accounting: weights + KV + the
+    engine step that feeds the prompts (`rap.core.byte_table.predicted_bytes`)."""
     dense = memory.dense_mask(config)
-    return memory.peak_bytes(config, dense, sc.ref_batch, sc.ref_seq, dtype)
+    return byte_table.predicted_bytes(
+        config, dense, batch, seq, dtype, include_activations=True, prefill_tokens=prefill
+    )
+
+
+def reference_bytes(sc: Scenario, config: Any, dtype: Any) -> int:
+    """The dense model's bytes at (ref_batch, ref_seq): what m(t) = 1 gives the replica."""
+    return dense_bytes(config, sc.ref_batch, sc.ref_seq, sc.ref_seq, dtype)
 
 
 def situations(
@@ -115,7 +124,6 @@ def situations(
     horizon = 4.0 * count / sc.rate_rps + 600.0
     grid = np.arange(0.0, horizon, 0.25)
     fracs = sc.memory.fractions(grid, rng)
-    dense = memory.dense_mask(config)
 
     def budget_at(t: float) -> int:
         return int(fracs[min(int(t / 0.25), len(fracs) - 1)] * ref)
@@ -123,7 +131,7 @@ def situations(
     def need(reqs: list[_Request]) -> int:
         s = max(r.prompt + r.output for r in reqs)
         p = max(r.prompt for r in reqs)
-        return memory.peak_bytes(config, dense, len(reqs), s, dtype, prefill_tokens=p)
+        return dense_bytes(config, len(reqs), s, p, dtype)
 
     def admit(t: float, head: list[_Request]) -> int:
         limit = max_over * budget_at(t)
@@ -146,10 +154,9 @@ def _grid_situations(
     assert sc.grid is not None
     batches_, seqs, lo, hi = sc.grid
     rng = np.random.default_rng(seed)
-    dense = memory.dense_mask(config)
     out = []
     for i in range(count):
         b, s = int(rng.choice(batches_)), int(rng.choice(seqs))
-        peak = memory.peak_bytes(config, dense, b, s, dtype)
+        peak = dense_bytes(config, b, s, s, dtype)
         out.append(Situation(float(i), b, s, s, int(rng.uniform(lo, hi) * peak), sc.name))
     return out

@@ -30,11 +30,11 @@ def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any
     rows: list[dict[str, Any]] = []
     masks = []
     cfg, step = model.config, min(args.prefill_tokens, args.seq)
-    act = memory.activation_bytes(cfg, args.batch, step, args.dtype)
+    act = memory.step_bytes(cfg, args.batch, step, args.dtype)
     made = {m: make_planner(m, cfg, model.model_id, args.dtype) for m in args.method_list}
     for frac in args.budget_list:
-        # The paper's budget (a share of the dense weights + KV) plus the activations of B × P
-        # prompt tokens, which every method prices alike: 1.0 is the dense model.
+        # The paper's budget (a share of the dense weights + KV) plus the engine step's
+        # activations, which every method prices alike: 1.0 is the dense model.
         budget = memory.budget_bytes(cfg, frac, args.batch, args.seq, args.dtype) + act
         for method in args.method_list:
             row: dict[str, Any] = {"budget": frac, "method": method, "budget_bytes": budget}
@@ -192,7 +192,8 @@ def add_commands(sub: Any) -> None:
         "--prefill-tokens",
         type=int,
         default=EngineConfig().max_step_tokens,
-        help="tokens of the step whose activations every method prices (the engine's step)",
+        help="prompt tokens per row: every method prices the engine step that feeds them, "
+        "min(batch × this, 256) tokens",
     )
     ev.add_argument("--batch", type=int, default=8, help="batch of the budget's workload")
     ev.add_argument("--seq", type=int, default=2048, help="tokens of the budget's workload")

@@ -9,7 +9,7 @@ from typing import Any
 
 from rap.cli.common import set_threads
 from rap.core import byte_table, memory
-from rap.core.constants import DTYPES, GIB, MIB
+from rap.core.constants import DTYPES, GIB, MIB, STEP_TOKENS
 from rap.core.errors import RapError
 from rap.core.loading import DEFAULT_MODEL, load_config, load_model
 from rap.core.scores import BlockScores
@@ -86,8 +86,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         weight_bytes=memory.weight_bytes(config, mask, args.dtype),
         kv_bytes=memory.kv_bytes(config, mask, args.batch, args.seq, args.dtype),
-        activation_bytes=memory.activation_bytes(config, args.batch, prefill, args.dtype),
+        activation_bytes=memory.step_bytes(config, args.batch, prefill, args.dtype),
         prefill_tokens=prefill,
+        step_tokens=min(args.batch * prefill, STEP_TOKENS),
         predicted_bytes=used,
         dense_bytes=byte_table.predicted_bytes(
             config, dense, args.batch, args.seq, args.dtype, **kw
@@ -115,7 +116,7 @@ def _print_plan(args: argparse.Namespace, mask: Any, report: dict[str, Any]) -> 
     print(
         f"memory      {used / MIB:,.2f} MiB predicted of a {budget / MIB:,.2f} MiB budget "
         f"(weights {report['weight_bytes'] / MIB:,.2f}, KV {report['kv_bytes'] / MIB:,.2f}, "
-        f"activations of {args.batch} × {report['prefill_tokens']} prompt tokens "
+        f"activations of the {report['step_tokens']}-token engine step "
         f"{report['activation_bytes'] / MIB:,.2f}; dense {report['dense_bytes'] / MIB:,.2f})"
     )
     if report["predicted_delta_lnppl"] is not None:
@@ -169,8 +170,8 @@ def add_commands(sub: Any) -> None:
         "--prefill-tokens",
         type=int,
         default=EngineConfig().max_step_tokens,
-        help="prompt tokens per row whose activations every method alike prices (default "
-        "the engine's max_step_tokens: prompts are fed in chunks of it)",
+        help="prompt tokens per row: every method alike prices the engine step that feeds "
+        "them, min(batch × this, 256) tokens (prompts go in chunks)",
     )
     plan.add_argument("--width", type=int, default=8, help="surrogate-beam: beam width")
     plan.add_argument("--seed", type=int, default=0, help="random planner's seed")

@@ -1,11 +1,14 @@
 """What each block frees at a workload: the memory model (`rap.core.memory`) laid out per block,
 so that planners, the agent's observations and the oracle add bytes rather than re-derive them.
 
-    bytes(mask) = base + Σ_kept attn_l + Σ_kept mlp_l,  base = resident [+ activations(B, P)]
+    bytes(mask) = base + Σ_kept attn_l + Σ_kept mlp_l,  base = resident [+ step(B, P)]
     attn_l = attention weights + kv_token · B · tokens_l(S),   mlp_l = MLP weights
 
 Dropping the attention block of layer l frees its weights and that layer's KV cache; dropping an
 MLP block frees its weights. Sums equal `rap.core.memory`'s totals exactly (tested).
+step(B, P) is the activations of the engine step that feeds the batch (`memory.step_bytes`:
+min(B · P, STEP_TOKENS) tokens flattened): the one activation term that every planner, the
+agent's observations and scenarios, and admission share.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def byte_table(
     attn = tuple(sh.attn + sh.kv_token * batch * memory.kv_tokens(w, seq) for w in sh.windows)
     base = sh.resident
     if include_activations:
-        base += memory.activation_bytes(config, batch, prefill_tokens or seq, dtype)
+        base += memory.step_bytes(config, batch, prefill_tokens or seq, dtype)
     return ByteTable(base, attn, (sh.mlp,) * len(sh.windows))
 
 
@@ -96,12 +99,12 @@ def predicted_bytes(
     include_activations: bool = False,
     prefill_tokens: int | None = None,
 ) -> int:
-    """weights(mask) + kv(mask, B, S) [+ activations(B, prefill_tokens or S)]."""
+    """weights(mask) + kv(mask, B, S) [+ step(B, prefill_tokens or S), the engine's step]."""
     total = memory.weight_bytes(config, mask, dtype) + memory.kv_bytes(
         config, mask, batch, seq, dtype
     )
     if include_activations:
-        total += memory.activation_bytes(config, batch, prefill_tokens or seq, dtype)
+        total += memory.step_bytes(config, batch, prefill_tokens or seq, dtype)
     return total
 
 

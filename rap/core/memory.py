@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from rap.core.arch import Dims, dims_of, spec_for
+from rap.core.constants import STEP_TOKENS
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 LOGITS_BYTES_PER_ELEMENT = 4
@@ -137,6 +138,18 @@ def step_activation_bytes(config: Any, step_tokens: int, rows: int, dtype: Any) 
     logits) + (rows − 1) · 2 · V · 4 for the other rows' logits."""
     extra_logits = 2 * max(rows - 1, 0) * dims_of(config).vocab * LOGITS_BYTES_PER_ELEMENT
     return activation_bytes(config, 1, step_tokens, dtype) + extra_logits
+
+
+def step_bytes(
+    config: Any, batch: int, prefill_tokens: int, dtype: Any, step_tokens: int = STEP_TOKENS
+) -> int:
+    """The activation term of the one byte accounting (planners, the agent's observations and
+    scenarios, admission): the engine step that feeds B rows of P-token prompts carries
+    T = min(B · P, step_tokens) tokens flattened, with logits for the B rows:
+    step(B, P) = step_activation_bytes(T, B). (`peak_bytes` is `generate()`'s peak, which
+    prefills whole prompts at once: not what the engine runs.)"""
+    tokens = max(1, min(batch * prefill_tokens, step_tokens))
+    return step_activation_bytes(config, tokens, batch, dtype)
 
 
 def kv_growth_bytes(config: Any, mask: MaskLike, batch: int, seq: int, dtype: Any) -> int:

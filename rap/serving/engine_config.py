@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from rap.core.constants import STEP_TOKENS
 from rap.serving.scheduler import SchedulerConfig
 
 
@@ -12,7 +13,12 @@ class EngineConfig(BaseModel):
     """How a replica schedules and admits work."""
 
     max_batch_size: int = Field(8, ge=1, description="Most rows running at once.")
-    max_step_tokens: int = Field(256, ge=1, description="New tokens in one step.")
+    max_step_tokens: int = Field(
+        STEP_TOKENS,
+        ge=1,
+        description="Tokens one step runs at most (prompts go in chunks of it); planners price "
+        "steps of rap.core.constants.STEP_TOKENS.",
+    )
     page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
     target_seq: int = Field(
         1024, ge=1, description="Tokens per row the pool is sized for at a full batch."

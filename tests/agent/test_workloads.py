@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from rap.agent import scenarios, workloads
-from rap.core import memory
 from rap.core.errors import RapError
 from tests.tiny import tiny_config
 
@@ -66,10 +65,9 @@ def test_weights_and_kv_dominated_scenarios_differ(cfg) -> None:
 
 
 def test_admission_splits_batches_far_over_budget(cfg) -> None:
-    dense = memory.dense_mask(cfg)
     for s in workloads.situations("long-kv-spikes", cfg, "float16", 0, 200):
-        peak = memory.peak_bytes(cfg, dense, s.batch, s.seq, "float16", prefill_tokens=s.prefill)
-        assert s.batch == 1 or peak <= workloads.MAX_OVER * s.budget_bytes
+        dense = workloads.dense_bytes(cfg, s.batch, s.seq, s.prefill, "float16")
+        assert s.batch == 1 or dense <= workloads.MAX_OVER * s.budget_bytes
 
 
 @pytest.mark.parametrize("kind", ["steady", "steps", "ramp", "spikes"])
@@ -94,7 +92,6 @@ def test_grid_scenarios_cover_the_controller_buckets(cfg) -> None:
     assert {(s.batch, s.seq) for s in sits} == {
         (b, q) for b in (1, 4, 8) for q in (256, 1024, 2048)
     }
-    dense = memory.dense_mask(cfg)
-    for s in sits:
-        peak = memory.peak_bytes(cfg, dense, s.batch, s.seq, "float16")
-        assert 0.75 * peak - 1 <= s.budget_bytes <= 0.97 * peak
+    for s in sits:  # the one byte accounting: weights + KV + the engine's step
+        dense = workloads.dense_bytes(cfg, s.batch, s.seq, s.seq, "float16")
+        assert 0.75 * dense - 1 <= s.budget_bytes <= 0.97 * dense
