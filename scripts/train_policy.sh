@@ -30,8 +30,8 @@ for r in $(seq 1 "$rounds"); do  # a finished round is kept: the script resumes
     "$py" bench/compare_policies.py --policy "$prev/policy" --split train --per-scenario 10 \
         --seeds 3 --keys-out "$keys"
     "$py" -m rap.importance.quality measure --part fit --keys "$keys" --threads 2 | tail -1
-    echo "surrogate on round $((r - 1))'s masks before the refit: $("$py" -m rap.planning.surrogate --check "$keys")"
+    echo "surrogate on round $((r - 1))'s masks before the refit: $("$py" -m rap.agent.surrogate_fit --check "$keys")"
     "$py" -m rap.importance.quality export --part fit
-    "$py" -m rap.planning.surrogate >"$out/surrogate$r.json"
+    "$py" -m rap.agent.surrogate_fit >"$out/surrogate$r.json"
     RAP_TRAIN_ITERATIONS=${ITERATIONS:-40} train "$out/round$r" "$prev"
 done
