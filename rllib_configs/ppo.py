@@ -14,8 +14,8 @@ a small over-budget term; −20 for ending over budget) climbs from about −9 t
 it); episodes are 9-13 removals. 120 iterations (240K env steps) take about 2 minutes on 2 idle
 CPU cores. Output: out/policy/ (the RLModule folder and its checked plain export),
 out/checkpoints/, out/train_log.jsonl, out/summary.json. `RAP_TRAIN_ITERATIONS` overrides the
-length, `RAP_TRAIN_SEED` the seed (0); `--start-from DIR` continues from a trained policy. The shipped policy is this config
-plus three DAgger rounds: scripts/train_policy.sh.
+length, `RAP_TRAIN_SEED` the seed (0); `--start-from DIR` continues from a trained policy. The
+shipped policy is this config plus three DAgger rounds: scripts/train_policy.sh.
 """
 
 from __future__ import annotations
