@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from rap.core.constants import STEP_TOKENS
 from rap.core.errors import RapError
 
 
@@ -67,3 +68,14 @@ def read_secret(path: str | None, env: str, what: str) -> str | None:
             fix=f"write it there, or set {env} instead",
         )
     return secret
+
+
+def add_prefill_tokens(parser: Any) -> None:
+    """`--prefill-tokens`, as `rap plan` and `rap eval` price it (one byte accounting)."""
+    parser.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=STEP_TOKENS,
+        help="prompt tokens per row: every method alike prices the engine step that feeds "
+        f"them, min(batch × this, {STEP_TOKENS}) tokens (prompts go in chunks)",
+    )

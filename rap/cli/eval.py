@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rap.cli.common import parse_list, set_threads, tqdm_progress
+from rap.cli.common import add_prefill_tokens, parse_list, set_threads, tqdm_progress
 from rap.core import byte_table, memory
 from rap.core.constants import DTYPES
 from rap.core.errors import BudgetError, RapError
@@ -20,7 +20,6 @@ from rap.importance.calibration import (
 from rap.importance.zeroshot import TASKS, task_size
 from rap.planning.planners import SCORES_FOR
 from rap.planning.registry import METHODS, make_planner
-from rap.serving.engine_config import EngineConfig
 
 
 def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -188,13 +187,7 @@ def add_commands(sub: Any) -> None:
         "random), search on the surrogate (surrogate-greedy, surrogate-beam, surrogate-milp) "
         "and rap (the shipped policy); not oracle; no quality floor",
     )
-    ev.add_argument(
-        "--prefill-tokens",
-        type=int,
-        default=EngineConfig().max_step_tokens,
-        help="prompt tokens per row: every method prices the engine step that feeds them, "
-        "min(batch × this, 256) tokens",
-    )
+    add_prefill_tokens(ev)
     ev.add_argument("--batch", type=int, default=8, help="batch of the budget's workload")
     ev.add_argument("--seq", type=int, default=2048, help="tokens of the budget's workload")
     ev.add_argument("--dtype", default="float16", choices=DTYPES, help="the budget's dtype")

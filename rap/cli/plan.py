@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rap.cli.common import set_threads
+from rap.cli.common import add_prefill_tokens, set_threads
 from rap.core import byte_table, memory
 from rap.core.constants import DTYPES, GIB, MIB, STEP_TOKENS
 from rap.core.errors import RapError
@@ -21,7 +21,6 @@ from rap.planning.planners import PLANNERS
 from rap.planning.policy import RapPolicy
 from rap.planning.search import SEARCHES, SurrogateSearch
 from rap.planning.surrogate import predicted_delta_lnppl
-from rap.serving.engine_config import EngineConfig
 
 
 def _budget(args: argparse.Namespace, config: Any) -> int:
@@ -166,13 +165,7 @@ def add_commands(sub: Any) -> None:
         help="quality floor: fewest blocks kept, as a share of all (default 0.0, no floor; "
         "serving's default is 0.5: pass 0.5 to plan as a replica would)",
     )
-    plan.add_argument(
-        "--prefill-tokens",
-        type=int,
-        default=EngineConfig().max_step_tokens,
-        help="prompt tokens per row: every method alike prices the engine step that feeds "
-        "them, min(batch × this, 256) tokens (prompts go in chunks)",
-    )
+    add_prefill_tokens(plan)
     plan.add_argument("--width", type=int, default=8, help="surrogate-beam: beam width")
     plan.add_argument("--seed", type=int, default=0, help="random planner's seed")
     plan.add_argument("--tokens", type=int, default=1024, help="oracle: calibration tokens")
