@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The policy pipeline (scripts/train_policy.sh: PPO + 3 DAgger rounds, each refitting the
-# surrogate) once per seed, every seed from the same shipped surrogate and measured table, so
-# that seeds differ only in their seed (the measurement cache is shared: a mask measured once
-# has one value). Each seed's refit surrogate and table are kept beside its policy:
+# surrogate) once per seed, every seed from the same shipped surrogate and measured table. The
+# measurement cache is shared (a mask measured once has one value), and each refit exports all
+# of it, so a later seed's DAgger refits see the masks earlier seeds measured too: seeds differ
+# in their seed and in that. Each seed's refit surrogate and table are kept beside its policy:
 #   $OUT/s$SEED/round3/policy, $OUT/s$SEED/data/{surrogate,fit table}.
 # Then compare them on the validation split (docs/results.md) and ship the best there:
 #   scripts/train_seeds.sh && for s in 0 1 2; do ...; done   (commands in docs/results.md)
