@@ -23,7 +23,7 @@ from deployments.metrics import ReplicaMetrics
 from rap.core.errors import RapError
 from rap.core.loading import load_model
 from rap.core.masks import KeepMask
-from rap.planning import HeuristicPolicy
+from rap.planning.registry import make_planner
 from rap.serving import faults
 from rap.serving.config import ServeAppConfig
 from rap.serving.engine import Engine, EngineError
@@ -45,7 +45,7 @@ class LLMReplica:
         self.name, self.cfg, self.controller = name, cfg, controller
         self.model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         m, e = self.model, cfg.engine
-        policy = HeuristicPolicy(m.config, m.model_id, m.dtype, cfg.planner, e.min_kept_fraction)
+        policy = make_planner(cfg.planner, m.config, m.model_id, m.dtype, e.min_kept_fraction)
         budget = initial_budget_bytes(self.model, spec.budget_gib, cfg)
         self.engine = Engine(self.model, e, budget, policy)
         self.engine.budget_from_device = spec.budget_gib is None and cfg.device == "cuda"

@@ -22,12 +22,18 @@ Block = tuple[str, int]
 """One block: (kind, layer) with kind "attn" or "mlp"."""
 
 MaskSource = Literal[
-    "controller:rap", "controller:rap-fallback", "controller:heuristic", "local", "user"
+    "controller:rap",
+    "controller:rap-fallback",
+    "controller:heuristic",
+    "controller:search",
+    "local",
+    "user",
 ]
 """Who chose a mask. The controller's masks name the planner that made them: the trained RAP
 policy (`controller:rap`), mem-greedy standing in where the policy stopped over budget
-(`controller:rap-fallback`), or the heuristic planner (`controller:heuristic`). `local`: a
-replica's own fallback; `user`: an operator or a command line."""
+(`controller:rap-fallback`), the heuristic planner (`controller:heuristic`), or search on the
+perplexity surrogate (`controller:search`, `rap.planning.search`). `local`: a replica's own
+fallback; `user`: an operator or a command line."""
 
 
 class MaskVersion(BaseModel):

@@ -13,8 +13,9 @@ from rap.core.errors import RapError
 from rap.core.loading import DEFAULT_MODEL_ID
 from rap.planning.heuristic import HeuristicPolicy
 from rap.planning.policy import RapPolicy
+from rap.planning.search import SEARCHES, SurrogateSearch
 
-ServingPolicy = HeuristicPolicy | RapPolicy
+ServingPolicy = HeuristicPolicy | RapPolicy | SurrogateSearch
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ def build_policy(
     min_kept_fraction: float,
 ) -> ServingPolicy:
     """The controller's policy object; a policy that cannot load raises one `RapError` line."""
+    if choice.kind == "heuristic" and planner in SEARCHES:
+        return SurrogateSearch(config, model_id, dtype, planner, min_kept_fraction)
     if choice.kind == "heuristic":
         return HeuristicPolicy(
             config, model_id, dtype, planner, min_kept_fraction, origin=choice.origin

@@ -81,7 +81,7 @@ class SurrogateSearch:
         self.decisions += 1
         kept = [float(1 - x) for x in dropped]
         mask = KeepMask.from_vector(self.model_id, kept)
-        return mask.model_copy(update={"source": f"controller:{self.method}"})
+        return mask.model_copy(update={"source": "controller:search"})
 
     def quality_cost(self, mask: KeepMask) -> float | None:
         return predicted_delta_lnppl(self.model_id, mask.key)

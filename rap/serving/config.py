@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rap.core.loading import load_config
 from rap.planning import SERVING_PLANNERS, build_policy, choose_policy
+from rap.planning.search import SEARCHES
 from rap.serving.controller import ControllerConfig
 from rap.serving.engine import EngineConfig
 from rap.serving.http_guard import HttpConfig
@@ -62,8 +63,9 @@ class ServeAppConfig(BaseModel):
     )
     planner: str = Field(
         "mem-greedy",
-        description="Stored-score planner for replicas' local fallback, and the controller's "
-        "when `policy` chooses the heuristic (one of rap.planning.planners.SERVING_PLANNERS).",
+        description="Planner for replicas' local fallback, and the controller's when `policy` "
+        "is null: a stored-score planner (rap.planning.planners.SERVING_PLANNERS) or search on "
+        "the perplexity surrogate (surrogate-greedy, surrogate-beam, surrogate-milp).",
     )
     policy: str | None = Field(
         "default",
@@ -85,10 +87,9 @@ class ServeAppConfig(BaseModel):
     @classmethod
     def _known_planner(cls, value: str) -> str:
 
-        if value not in SERVING_PLANNERS:
-            raise ValueError(
-                f"unknown planner {value!r}; expected one of {', '.join(SERVING_PLANNERS)}"
-            )
+        if value not in (*SERVING_PLANNERS, *SEARCHES):
+            known = ", ".join((*SERVING_PLANNERS, *SEARCHES))
+            raise ValueError(f"unknown planner {value!r}; expected one of {known}")
         return value
 
     @model_validator(mode="after")

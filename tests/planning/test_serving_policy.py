@@ -87,3 +87,21 @@ def test_planners_predict_the_quality_cost_of_a_mask_from_the_shipped_surrogate(
     assert cost is not None and fewer is not None and 0 < cost < fewer
     assert predicted_delta_lnppl(DEFAULT_MODEL_ID, "") == 0.0
     assert predicted_delta_lnppl("no-such-model", small.key) is None
+
+
+def test_the_app_config_can_choose_search_on_the_surrogate_for_the_controller() -> None:
+    """`policy: null, planner: surrogate-greedy`: the controller and the replicas' local planner
+    search the surrogate; its masks cross processes as `controller:search`."""
+    from rap.core.masks import KeepMask
+    from rap.planning.search import SurrogateSearch
+    from rap.serving.controller import Controller
+    from tests.serving.test_controller import tel
+
+    cfg = ServeAppConfig(policy=None, planner="surrogate-greedy").resolved()
+    search = controller_policy(cfg)
+    assert isinstance(search, SurrogateSearch) and search.min_kept_fraction == 0.5
+    plan = Controller(search, cfg.controller).report(tel(budget=600 * 2**20), now_s=1000.0)
+    assert plan is not None and plan.entries
+    for entry in plan.entries:
+        again = KeepMask.model_validate(entry.mask.model_dump())  # what a replica validates
+        assert again.source == "controller:search" and again.kept_fraction >= 0.5
