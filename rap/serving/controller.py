@@ -183,7 +183,8 @@ class Controller:
             if not mask.from_controller:
                 raise ValueError(
                     f"the controller's planner labelled a mask {mask.source!r}; expected one of "
-                    "controller:rap, controller:rap-fallback, controller:heuristic, controller:search"
+                    "controller:rap, controller:rap-fallback, controller:heuristic, "
+                    "controller:search"
                 )
             out[(b, s)] = mask
         return out
