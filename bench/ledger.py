@@ -18,11 +18,9 @@ LEDGER = Path(__file__).resolve().parent / "results" / "ledger.jsonl"
 
 
 def policy_digest(folder: Path) -> str:
-    """sha256 of the policy's weights and metadata (what makes it the same policy)."""
-    h = hashlib.sha256()
-    for name in ("rap-policy.json", "policy.safetensors"):
-        h.update((folder / name).read_bytes())
-    return h.hexdigest()[:16]
+    """sha256 of the policy's weights (what makes it the same policy: its metadata, such as
+    its provenance, may be written after the runs that chose it)."""
+    return hashlib.sha256((folder / "policy.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def finals(path: Path = LEDGER) -> dict[str, dict[str, Any]]:
