@@ -16,7 +16,8 @@ so how the replica moves between plans decides what each row is served under:
 
 The simulation is at mask level (no forward pass): Poisson arrivals whose rate swings between
 0.2 and 1.8 requests/s over two minutes, prompts of 32–768 tokens and 32–512 new tokens at 20
-tokens/s a row, at most 8 rows; the budget is 80 % of the dense peak at 8 rows × 1,024 tokens,
+tokens/s a row, at most 8 rows; the budget is 80 % of the dense bytes (weights + KV + the engine
+step, the planners' accounting) at 8 rows × 1,024 tokens,
 falling to 55 % and 65 % for two shocks. Planners: the shipped RAP policy and the heuristic
 planner (`gsi` scores), float16 byte accounting. Figures per finished row: the quality cost of
 the mask it was served under (the surrogate's Δ ln perplexity, and with `--measure` the ln
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from rap.core import memory
+from rap.core import byte_table, memory
 from rap.core.errors import BudgetError
 from rap.core.loading import load_config
 from rap.core.masks import KeepMask
@@ -89,6 +90,15 @@ def _round_up(value: int, edges: tuple[int, ...]) -> int:
     return next((e for e in edges if e >= value), edges[-1])
 
 
+def dense_bytes(config: Any, batch: int, seq: int, mask: Any = None) -> int:
+    """Bytes of `mask` (dense: None) at (B, S) in the one byte accounting the planners use:
+    weights + KV + the engine step (`rap.core.byte_table.predicted_bytes`)."""
+    mask = mask or memory.dense_mask(config)
+    return byte_table.predicted_bytes(
+        config, mask, batch, seq, DTYPE, include_activations=True, prefill_tokens=seq
+    )
+
+
 def trace(minutes: float, seed: int) -> tuple[list[list[tuple[int, float]]], list[float]]:
     """Arrivals per step ((tokens, seconds to run) each) and the budget share per step."""
     rng = np.random.default_rng(seed)
@@ -131,7 +141,7 @@ class Planned:
         return self.planner.plan(budget, 1, SEQS[0])
 
     def fits(self, mask: KeepMask, budget: int, batch: int, seq: int) -> bool:
-        return memory.peak_bytes(self.config, mask, batch, seq, DTYPE) <= budget
+        return dense_bytes(self.config, batch, seq, mask) <= budget
 
 
 RULES = ("per-bucket", "per-bucket+no-thrash", "engine")
@@ -251,7 +261,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/mask_rules.json")
     args = ap.parse_args()
     config, model_id = load_config("smollm2")
-    full = memory.peak_bytes(config, memory.dense_mask(config), MAX_ROWS, 1024, DTYPE)
+    full = dense_bytes(config, MAX_ROWS, 1024)
     arrivals, shares = trace(args.minutes, args.seed)
     tallies = {}
     for name, planner in planners(config, model_id).items():

@@ -23,11 +23,10 @@ def bench():
 
 
 def test_every_rule_serves_every_row_and_only_the_engine_rule_never_preempts(bench) -> None:
-    from rap.core import memory
     from rap.core.loading import load_config
 
     config, model_id = load_config("smollm2")
-    full = memory.peak_bytes(config, memory.dense_mask(config), bench.MAX_ROWS, 1024, bench.DTYPE)
+    full = bench.dense_bytes(config, bench.MAX_ROWS, 1024)
     arrivals, shares = bench.trace(2.0, seed=0)
     plan = bench.Planned(bench.planners(config, model_id)["rap"], config)
     tallies = {rule: bench.simulate(rule, plan, arrivals, shares, full) for rule in bench.RULES}
