@@ -71,7 +71,10 @@ class SurrogateSearch:
                 expected=f"a budget of at least {table.dense() - reachable:,.0f} B",
             )
         search = {"surrogate-greedy": self._greedy, "surrogate-beam": self._beam}
-        dropped = search.get(self.method, self._milp)(sizes, need, most)
+        if need <= 0:  # the dense model fits: nothing is dropped (the beam would drop one)
+            dropped = np.zeros(len(sizes))
+        else:
+            dropped = search.get(self.method, self._milp)(sizes, need, most)
         if float(dropped @ sizes) < need:
             raise BudgetError(
                 f"{self.method} reached {int(dropped.sum())} drops (the floor's most) without "

@@ -57,6 +57,14 @@ def test_every_search_fits_and_none_beats_the_optimum(smollm2, share: float) -> 
     assert cost["surrogate-milp"] <= cost["surrogate-greedy"] + 1e-9
 
 
+def test_where_the_dense_model_fits_no_search_drops_a_block(smollm2) -> None:
+    config, model_id = smollm2
+    dense = byte_table.byte_table(config, 1, 512, "float16", True, 256).dense()
+    for method in SEARCHES:
+        mask = SurrogateSearch(config, model_id, "float16", method).plan(dense, 1, 512, 256)
+        assert mask.kept_fraction == 1.0, method
+
+
 def test_rap_plan_prices_every_method_the_same_way_and_prints_the_terms(capsys) -> None:
     """The policy counted a step's activations and gsi did not: two byte accountings in one
     table. Now every method is priced weights + KV + one step's activations."""
