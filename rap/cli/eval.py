@@ -152,6 +152,9 @@ def _eval_result(
             "dtype": args.dtype,
             "dense_bytes": memory.weight_bytes(model.config, dense, args.dtype)
             + memory.kv_bytes(model.config, dense, args.batch, args.seq, args.dtype),
+            "step_bytes": memory.step_bytes(
+                model.config, args.batch, min(args.prefill_tokens, args.seq), args.dtype
+            ),
         },
         "perplexity_text": {**text.model_dump(), "file": SOURCES[PERPLEXITY_SOURCE]},
         "limit": args.limit,

@@ -45,9 +45,10 @@ def header(result: dict[str, Any]) -> list[str]:
         f"# Quality at memory budgets: {result['model']}",
         "",
         f"- **Budget**: a fraction of the dense model's weights + KV cache at batch {w['batch']} "
-        f"× {w['seq']:,} tokens in {w['dtype']} (dense: {w['dense_bytes'] / MIB:,.1f} MiB; "
-        "activations excluded, the paper's definition). Each planner drops blocks until its "
-        "mask's predicted bytes fit.",
+        f"× {w['seq']:,} tokens in {w['dtype']} (dense: {w['dense_bytes'] / MIB:,.1f} MiB, the "
+        "paper's definition), plus the activations of the engine step that feeds the prompts "
+        f"({w.get('step_bytes', 0) / MIB:,.1f} MiB), which every method prices alike. Each "
+        "planner drops blocks until its mask's weights + KV + that step fit (the MiB column).",
         f"- **Perplexity**: {ppl['source']} ({ppl['file']}), {ppl['tokens']:,} tokens in chunks "
         f"of {ppl['seq_len']:,}; disjoint from the C4 calibration text that scored the blocks.",
     ]
