@@ -135,6 +135,6 @@ class SurrogateSearch:
         return best
 
     def _milp(self, sizes: np.ndarray, need: float, most: int) -> np.ndarray:
-        from rap.planning.search_milp import solve
+        from rap.planning.search_milp import solve  # lazy: heavy (scipy)
 
         return solve(np.asarray(self.surrogate.coef), sizes, need, most)
