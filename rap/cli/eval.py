@@ -28,7 +28,7 @@ def _eval_plan(args: argparse.Namespace, model: Any) -> tuple[list[dict[str, Any
 
     rows: list[dict[str, Any]] = []
     masks = []
-    cfg, step = model.config, min(args.prefill_tokens, args.seq)
+    cfg, step = model.config, args.step_prefill
     act = memory.step_bytes(cfg, args.batch, step, args.dtype)
     made = {m: make_planner(m, cfg, model.model_id, args.dtype) for m in args.method_list}
     for frac in args.budget_list:
@@ -83,6 +83,7 @@ def _check_eval_args(args: argparse.Namespace) -> list[str]:
 
     args.budget_list = parse_list(args.budgets, "--budgets", float)
     args.method_list = parse_list(args.methods, "--methods", str)
+    args.step_prefill = min(args.prefill_tokens, args.seq)  # prompt tokens priced per row
     tasks = parse_list(args.tasks, "--tasks", str) if args.tasks else list(TASKS)
     for frac in args.budget_list:
         if not 0.0 < frac <= 1.0:
@@ -153,7 +154,7 @@ def _eval_result(
             "dense_bytes": memory.weight_bytes(model.config, dense, args.dtype)
             + memory.kv_bytes(model.config, dense, args.batch, args.seq, args.dtype),
             "step_bytes": memory.step_bytes(
-                model.config, args.batch, min(args.prefill_tokens, args.seq), args.dtype
+                model.config, args.batch, args.step_prefill, args.dtype
             ),
         },
         "perplexity_text": {**text.model_dump(), "file": SOURCES[PERPLEXITY_SOURCE]},

@@ -11,11 +11,8 @@ from typing import Any, Literal
 
 from rap.core.errors import RapError
 from rap.core.loading import DEFAULT_MODEL_ID
-from rap.planning.heuristic import HeuristicPolicy
 from rap.planning.policy import RapPolicy
-from rap.planning.search import SEARCHES, SurrogateSearch
-
-ServingPolicy = HeuristicPolicy | RapPolicy | SurrogateSearch
+from rap.planning.registry import ServingPolicy, make_planner
 
 
 @dataclass(frozen=True)
@@ -50,11 +47,9 @@ def build_policy(
     min_kept_fraction: float,
 ) -> ServingPolicy:
     """The controller's policy object; a policy that cannot load raises one `RapError` line."""
-    if choice.kind == "heuristic" and planner in SEARCHES:
-        return SurrogateSearch(config, model_id, dtype, planner, min_kept_fraction)
-    if choice.kind == "heuristic":
-        return HeuristicPolicy(
-            config, model_id, dtype, planner, min_kept_fraction, origin=choice.origin
+    if choice.kind == "heuristic":  # a stored-score planner or search, by the `planner` name
+        return make_planner(
+            planner, config, model_id, dtype, min_kept_fraction, origin=choice.origin
         )
     try:
         return RapPolicy.load(choice.path, config, model_id, dtype, min_kept_fraction)

@@ -16,10 +16,10 @@ from rap.core.errors import RapError
 from rap.planning.heuristic import HeuristicPolicy
 from rap.planning.planners import SERVING_PLANNERS
 from rap.planning.policy import RapPolicy
-from rap.planning.protocol import MaskPlanner
 from rap.planning.search import SEARCHES, SurrogateSearch
 
 METHODS = (*SERVING_PLANNERS, *SEARCHES, "rap")
+ServingPolicy = HeuristicPolicy | RapPolicy | SurrogateSearch
 
 
 def make_planner(
@@ -29,12 +29,16 @@ def make_planner(
     dtype: Any,
     min_kept_fraction: float = 0.0,
     policy: str | None = None,
-) -> MaskPlanner:
-    """The planner called `method` (module doc), or a `RapError` naming the known ones."""
+    origin: str | None = None,
+) -> ServingPolicy:
+    """The planner called `method` (module doc), or a `RapError` naming the known ones.
+    `origin`: why this planner, for operators (`describe()`; the default names the method)."""
     if method == "rap":
         return RapPolicy.load(policy, config, model_id, dtype, min_kept_fraction)
     if method in SEARCHES:
-        return SurrogateSearch(config, model_id, dtype, method, min_kept_fraction)
+        why = origin or f"search on the surrogate ({method})"
+        return SurrogateSearch(config, model_id, dtype, method, min_kept_fraction, origin=why)
     if method in SERVING_PLANNERS:
-        return HeuristicPolicy(config, model_id, dtype, method, min_kept_fraction)
+        why = origin or "heuristic planner"
+        return HeuristicPolicy(config, model_id, dtype, method, min_kept_fraction, origin=why)
     raise RapError(f"unknown method {method!r}", expected=f"some of {', '.join(METHODS)}")

@@ -49,6 +49,7 @@ class SurrogateSearch:
     min_kept_fraction: float = 0.0
     width: int = 8
     decisions: int = 0
+    origin: str = "search on the surrogate"
 
     def __post_init__(self) -> None:
         if self.method not in SEARCHES:
@@ -90,7 +91,12 @@ class SurrogateSearch:
         return predicted_delta_lnppl(self.model_id, mask.key)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "SurrogateSearch", "planner": self.method, "decisions": self.decisions}
+        return {
+            "kind": "SurrogateSearch",
+            "planner": self.method,
+            "origin": self.origin,
+            "decisions": self.decisions,
+        }
 
     # -- searches ---------------------------------------------------------------------------
     def _delta(self, drops: np.ndarray) -> np.ndarray:
