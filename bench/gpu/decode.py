@@ -1,0 +1,128 @@
+"""Part 3 of the GPU run: engine v2's decode step, dense and masked, beside `generate()`.
+
+For each mask (dense, keeping 80 % and 60 % of the weight bytes), batch B ∈ {1, 8, 32} and
+context C ∈ {512, 2048}: B rows of C prompt tokens are prefilled through
+`rap.serving.scheduler.Scheduler`, then `STEPS` decode steps are timed (CUDA synchronised at
+both ends):
+
+    ms/step = elapsed / STEPS,   tokens/s = B · STEPS / elapsed
+    bytes read per step = weights(mask) − embedding table (a lookup reads B of its rows)
+                          + Σ_rows KV(row's tokens, kept attention layers)
+    roofline share = bytes read per step / step time / device bandwidth
+
+where the device bandwidth is a measured device-to-device copy, counted as 2 · bytes / time (a
+copy reads and writes each byte). `generate()` (transformers, the model's own SDPA attention
+and a `DynamicCache`) runs the same shapes in the same process: its decode time per step is
+(time of 1 + STEPS new tokens − time of 1) / STEPS, which takes the prefill out.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from common import apply, copy_bandwidth, mask_keeping, prompt_ids, sync
+
+from rap.core import memory
+from rap.serving.kv_pages import PagePool
+from rap.serving.rows import Request
+from rap.serving.scheduler import Scheduler, SchedulerConfig
+
+STEPS = 16
+WARM = 2
+GRID = [(32, 2048), (8, 2048), (1, 2048), (32, 512), (8, 512), (1, 512)]
+PAGE_TOKENS = 16
+
+
+def bytes_read_per_step(model: Any, batch: int, context: int) -> int:
+    cfg, dt, mask = model.config, model.dtype, model.mask
+    embedding = model.dims.vocab * model.dims.hidden * memory.dtype_bytes(dt)
+    kv = memory.kv_bytes(cfg, mask, batch, context, dt)
+    return memory.weight_bytes(cfg, mask, dt) - embedding + kv
+
+
+def engine_decode(model: Any, batch: int, context: int) -> dict[str, Any]:
+    """Prefill `batch` rows of `context` tokens, then time STEPS decode steps."""
+    d = model.dims
+    total = context + WARM + STEPS + 1
+    per_row = -(-total // PAGE_TOKENS)
+    kept = [i for i, k in enumerate(model.mask.attn) if k]
+    pool = PagePool(
+        kept, batch * per_row, PAGE_TOKENS, d.kv_heads, d.head_dim, model.dtype, model.device
+    )
+    config = SchedulerConfig(
+        max_running=batch,
+        max_step_tokens=max(4096, context),
+        page_tokens=PAGE_TOKENS,
+        max_wait_s=600,
+    )
+    sched = Scheduler(model, pool, config)
+    done: list[dict[str, Any]] = []
+    for r in range(batch):
+        ids = prompt_ids(model, context, r)
+        sched.add(Request(ids, WARM + STEPS + 2, ignore_eos=True), done.append)
+    while not sched.running or any(row.prefilling for row in sched.running):
+        sched.step()
+    for _ in range(WARM):
+        sched.step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        sched.step()
+    sync()
+    elapsed = time.perf_counter() - start
+    errors = [e for e in done if e["type"] == "error"]
+    if errors:
+        raise RuntimeError(f"engine rows failed: {errors[0]['message']}")
+    while not sched.idle:
+        sched.step()
+    return {"ms_per_step": 1e3 * elapsed / STEPS, "tokens_per_s": batch * STEPS / elapsed}
+
+
+def generate_decode(model: Any, batch: int, context: int) -> dict[str, Any]:
+    ids = [prompt_ids(model, context, r) for r in range(batch)]
+    model.generate_ids(ids, 2, stop_at_eos=False)  # warm-up (kernels, allocator)
+    times = {}
+    for n in (1, 1 + STEPS):
+        sync()
+        start = time.perf_counter()
+        model.generate_ids(ids, n, stop_at_eos=False)
+        sync()
+        times[n] = time.perf_counter() - start
+    per_step = (times[1 + STEPS] - times[1]) / STEPS
+    return {"ms_per_step": 1e3 * per_step, "tokens_per_s": batch / per_step}
+
+
+def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
+    out = report.part("decode")
+    bw = copy_bandwidth(1 << (20 if toy else 31))["d2d_bytes_per_s"]
+    out["device_bytes_per_s"] = bw
+    masks = {"dense": model.dense_mask(), "keep-80%": mask_keeping(model, 0.8)}
+    masks["keep-60%"] = mask_keeping(model, 0.6)
+    points = [(m, b, c, s) for b, c in GRID for m in masks for s in ("engine", "generate")]
+    for name, batch, context, system in points:
+        if time.monotonic() > deadline:
+            out["status"] = "partial (time)"
+            return
+        apply(model, masks[name])
+        context = context // 16 if toy else context
+        run = engine_decode if system == "engine" else generate_decode
+        row: dict[str, Any] = {"system": system, "mask": name, "batch": batch, "context": context}
+        row.update(run(model, batch, context))
+        read = bytes_read_per_step(model, batch, context + STEPS // 2)
+        row["bytes_read_per_step"] = read
+        row["weight_share"] = memory.weight_bytes(
+            model.config, model.mask, model.dtype
+        ) / memory.weight_bytes(model.config, model.dense_mask(), model.dtype)
+        step_s = row["ms_per_step"] / 1e3
+        row["roofline_share"] = None if bw is None else read / step_s / bw
+        out["rows"].append(row)
+        print(
+            f"decode {system:8s} {name:9s} B={batch:<3d} C={context:<5d} "
+            f"{row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s "
+            f"roofline {row['roofline_share']}",
+            flush=True,
+        )
+        report.save()
+    apply(model, model.dense_mask())
+    out["status"] = "done"

@@ -1,0 +1,61 @@
+"""`bench/gpu/run.sh --dry-run`: the GPU run's every part, on a toy model on this CPU, before
+GPU time is spent on it (issue 19). It checks the arguments, the imports, the output format and
+that the run says CUDA is absent; it measures nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+ROW_KEYS = {
+    "memory": {"path", "mask", "batch", "predicted", "measured", "error"},
+    "blocks": {"kind", "predicted_bytes", "released_bytes", "restore_s", "bit_identical"},
+    "decode": {"system", "mask", "batch", "context", "ms_per_step", "bytes_read_per_step"},
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU's side")
+def test_dry_run_runs_every_part_and_says_cuda_is_absent(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "RAP_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["--dry-run", "--parts", "memory,blocks,decode,scan", "--budget-s", "40"]
+    run = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu/run.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "CUDA is absent" in run.stdout
+    assert "working tree:" in run.stdout  # the carry sizes are printed
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["format"] == "rap-gpu-run/1"
+    assert {"torch", "transformers", "commit", "device"} <= report["env"].keys()
+    parts = report["parts"]
+    for name, keys in ROW_KEYS.items():
+        assert parts[name]["status"] == "done", parts[name].get("error")
+        assert parts[name]["rows"], name
+        assert all(keys <= row.keys() for row in parts[name]["rows"]), name
+        assert all(row.get("measured") is None for row in parts[name]["rows"])  # no CUDA
+    assert all(row["bit_identical"] for row in parts["blocks"]["rows"])
+    assert parts["scan"]["status"].startswith("dry run")
+    assert parts["scan"]["cpu"]["seconds"] > 0
+
+
+def test_run_sh_refuses_unknown_arguments(tmp_path: Path) -> None:
+    run = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu/run.sh"), "--frobnicate"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert run.returncode == 2
+    assert "expected --install" in run.stderr
