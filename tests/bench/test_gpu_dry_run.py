@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,13 @@ def test_dry_run_runs_every_part_and_says_cuda_is_absent(tmp_path: Path) -> None
     assert all(row["bit_identical"] for row in parts["blocks"]["rows"])
     assert parts["scan"]["status"].startswith("dry run")
     assert parts["scan"]["cpu"]["seconds"] > 0
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "bench/gpu/summarize.py"), str(tmp_path / "gpu.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    assert "| engine | dense |" in summary.stdout
 
 
 def test_run_sh_refuses_unknown_arguments(tmp_path: Path) -> None:

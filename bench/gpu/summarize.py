@@ -1,0 +1,124 @@
+"""The GPU run's figures as Markdown tables (for docs/results.md and the issue note).
+
+python bench/gpu/summarize.py bench/results/gpu/gpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+
+
+def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    """A figure, or n/a where the run measured none (a dry run: no CUDA)."""
+    return "n/a" if value is None else format(value / scale, fmt)
+
+
+def memory_table(part: dict[str, Any]) -> list[str]:
+    lines = [
+        "| path | mask | B | tokens | predicted GiB | measured GiB | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in part["rows"]:
+        tokens = r.get("seq") or r.get("prompt")
+        lines.append(
+            f"| {r['path']} | {r['mask']} | {r['batch']} | {tokens} "
+            f"| {num(r['predicted'], '.2f', GIB)} "
+            f"| {num(r['measured'], '.2f', GIB)} | {num(r['error'], '+.1%')} |"
+        )
+    for path in ("engine", "generate"):
+        errs = [
+            abs(r["error"]) for r in part["rows"] if r["path"] == path and r["error"] is not None
+        ]
+        if errs:
+            lines.append(
+                f"\n{path}: mean |error| {statistics.mean(errs):.1%}, worst {max(errs):.1%}, "
+                f"{sum(e <= 0.05 for e in errs)}/{len(errs)} within 5 %"
+            )
+    return lines
+
+
+def blocks_table(part: dict[str, Any]) -> list[str]:
+    bw = part["bandwidth"]
+    lines = [
+        f"pinned host→device {num(bw['h2d_pinned_bytes_per_s'], '.1f', 1e9)} GB/s, "
+        f"device-to-device {num(bw['d2d_bytes_per_s'], '.0f', 1e9)} GB/s (2 · bytes / time)\n",
+        "| block | predicted MiB | freed (allocator) MiB | freed (NVML) MiB | drop ms | restore ms "
+        "| restore GB/s | share of H2D | bit-identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in part["rows"]:
+        lines.append(
+            f"| {r['kind']} L{r['layer']} | {r['predicted_bytes'] / 2**20:.1f} "
+            f"| {num(r['freed_allocated_bytes'], '.1f', 2**20)} "
+            f"| {num(r['freed_nvml_bytes'], '.1f', 2**20)} "
+            f"| {1e3 * r['drop_s']:.1f} | {1e3 * r['restore_s']:.1f} "
+            f"| {r['restore_bytes_per_s'] / 1e9:.1f} | {num(r['restore_share_of_h2d'], '.0%')} "
+            f"| {r['bit_identical']} |"
+        )
+    return lines
+
+
+def decode_table(part: dict[str, Any]) -> list[str]:
+    lines = [
+        f"device bandwidth (device-to-device copy, 2 · bytes / time): "
+        f"{num(part['device_bytes_per_s'], '.2f', 1e12)} TB/s\n",
+        "| mask (weight share) | B | context | engine ms/step | engine tok/s | engine roofline "
+        "| generate() ms/step | generate() tok/s | generate() roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for r in part["rows"]:
+        rows.setdefault((r["mask"], r["batch"], r["context"]), {})[r["system"]] = r
+    for (mask, batch, context), by in rows.items():
+        cells = []
+        for system in ("engine", "generate"):
+            r = by.get(system)
+            cells += (
+                [
+                    f"{r['ms_per_step']:.2f}",
+                    f"{r['tokens_per_s']:.0f}",
+                    num(r["roofline_share"], ".0%"),
+                ]
+                if r
+                else ["–", "–", "–"]
+            )
+        share = next(iter(by.values()))["weight_share"]
+        lines.append(f"| {mask} ({share:.2f}) | {batch} | {context} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> int:
+    report = json.loads(Path(sys.argv[1]).read_text())
+    env = report["env"]
+    print(
+        f"{env.get('device')}, driver {env.get('driver')}, torch {env['torch']} "
+        f"(CUDA {env['cuda_runtime']}), transformers {env['transformers']}, commit "
+        f"{str(env['commit'])[:7]}\n"
+    )
+    tables = {"memory": memory_table, "blocks": blocks_table, "decode": decode_table}
+    for name, part in report["parts"].items():
+        print(f"### {name} ({part['status']}, {part.get('seconds', 0):.0f} s)\n")
+        if name in tables and part.get("rows"):
+            print("\n".join(tables[name](part)))
+        elif name == "scan" and part["status"] == "done":
+            c = part["compare"]
+            print(
+                f"one-shot scan: GPU {part['gpu']['seconds']:.1f} s ({part['gpu']['device']}) vs "
+                f"CPU {part['cpu']['seconds']:.1f} s ({part['cpu']['threads']} threads): "
+                f"{part['speedup']:.0f}×; Spearman ρ ranks {c['spearman_ranks']:.3f}, scores "
+                f"{c['spearman_scores']:.3f}, first 10 in common {c['first_10_in_common']}"
+            )
+        if part.get("error"):
+            print("error:\n```\n" + part["error"][-1500:] + "\n```")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
