@@ -173,6 +173,39 @@ class PagePool:
         v = self.values[layer].index_select(0, idx).flatten(0, 1)[:n]
         return k, v
 
+    def write_tokens(
+        self, layer: int, rows: list[RowPages], key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Append one token to each of `rows` (a decode step): `key`/`value` [rows, n_kv, d].
+        Row b's token goes where `write` would put it, at page pages_b[-1] (a new one when the
+        last is full) and slot (length_b − start_b) mod page_tokens; then one indexed store
+        per slab, K_l[page_b, slot_b] = key_b, instead of one small copy per row."""
+        pages, slots = [], []
+        for row in rows:
+            held = row.length - row.start
+            slot = held % self.page_tokens
+            if slot == 0 and held == len(row.pages) * self.page_tokens:
+                row.pages.append(self.alloc(layer))
+            pages.append(row.pages[-1])
+            slots.append(slot)
+            row.length += 1
+        where = device_longs(pages + slots, self.keys[layer].device)
+        at = (where[: len(rows)], where[len(rows) :])
+        self.keys[layer][at] = key
+        self.values[layer][at] = value
+
+    def read_rows(self, layer: int, rows: list[RowPages]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Keys and values of several rows in one gather, padded: [rows, M · page_tokens, n_kv,
+        d] with M the most pages a row holds; row b's position start_b + j sits at index j for
+        j < length_b − start_b. Shorter rows repeat their first page (or page 0) to M: the
+        caller masks those indices out. Returns (keys, values, M · page_tokens)."""
+        most = max(len(row.pages) for row in rows)
+        ids = [p for row in rows for p in _padded(row.pages, most)]
+        idx = device_longs(ids, self.keys[layer].device).view(len(rows), most)
+        k = self.keys[layer][idx].flatten(1, 2)  # [rows, most, P, n_kv, d] → [rows, L, ...]
+        v = self.values[layer][idx].flatten(1, 2)
+        return k, v, most * self.page_tokens
+
     def trim_window(self, layer: int, row: RowPages, keep_from: int) -> None:
         """Hand back the pages that hold only positions below `keep_from` (a sliding window)."""
         while row.pages and row.start + self.page_tokens <= keep_from:
@@ -194,6 +227,22 @@ def slab(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str)
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     return cpu_block_buffer(math.prod(shape), dtype).view(shape)
+
+
+def device_longs(values: list[int], device: torch.device | str) -> torch.Tensor:
+    """Small int64 index tensor on `device`. On a GPU, from pinned memory without blocking:
+    a plain copy from pageable memory waits for the GPU to drain first, once per layer and
+    step otherwise (torch's pinned allocator keeps the buffer until the copy has run)."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    host = torch.tensor(values, dtype=torch.long, pin_memory=True)
+    return host.to(device, non_blocking=True)
+
+
+def _padded(pages: list[int], most: int) -> list[int]:
+    """`pages` repeated-first to `most` entries (any held page will do: it is masked out)."""
+    fill = pages[0] if pages else 0
+    return pages + [fill] * (most - len(pages))
 
 
 def _give_back(device: torch.device | str) -> None:

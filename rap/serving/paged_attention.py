@@ -12,9 +12,22 @@ calls `paged_attention`, which attends row by row over that row's pages only:
     mask_r[i, j] = 0 if pos(j) ≤ pos(i) and (no window or pos(i) − pos(j) < W), else −∞
 
 (tanh soft-capping of the scores where the model has it, Gemma 2). Rows never see each other,
-there is no padding, and a layer whose attention block is dropped is never called, so it holds
-no pages. transformers builds no mask for an attention implementation it has no mask function
-for, so nothing else of the model changes.
+and a layer whose attention block is dropped is never called, so it holds no pages.
+transformers builds no mask for an attention implementation it has no mask function for, so
+nothing else of the model changes.
+
+Rows that bring one token each (decoding; at least two of them) go together, so that a step
+costs a few kernels per layer rather than a few per row and layer: one indexed store appends
+their keys and values (`PagePool.write_tokens`), one gather pads their pages to the longest
+row's M pages (`PagePool.read_rows`: key index j of row b holds position start_b + j), and one
+attention call covers them all with a per-row key range instead of the mask above:
+
+    out_b = softmax(q_b · K_bᵀ · scale + mask_b) · V_b,   K_b, V_b : [M · page_tokens, n_kv, d]
+    mask_b[j] = 0 if lo_b ≤ j < hi_b, else −∞   (`_key_range`: the keys mask_r allows; the
+                                                  padding past a row's own tokens never)
+
+The query heads are grouped by the KV head they read, q [B, n_kv, H / n_kv, d], so the call
+needs no head repetition. Rows prefilling a chunk keep the row-by-row path.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from rap.serving.kv_pages import PagePool, RowPages
+from rap.serving.kv_pages import PagePool, RowPages, device_longs
 
 IMPLEMENTATION = "rap_paged"
 
@@ -55,13 +68,29 @@ class PagedKV:
     windows: tuple[int | None, ...]
     """Per layer, the sliding window in tokens (None: full attention), from `rap.core.arch`."""
     written: set[int] = field(default_factory=set)
+    decoding: list[int] = field(init=False)
+    """Indices of the rows that go through the batched path (module doc); empty when fewer
+    than two rows bring one token, where batching saves nothing."""
+
+    def __post_init__(self) -> None:
+        one = [i for i, r in enumerate(self.rows) if r.count == 1]
+        self.decoding = one if len(one) >= 2 else []
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kw: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the step's keys and values ([1, n_kv, T, d]) to each row's pages."""
+        """Append the step's keys and values ([1, n_kv, T, d]) to each row's pages (the
+        decoding rows in one store)."""
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, n_kv, d]
-        for r in self.rows:
+        if self.decoding:
+            rows = [self.rows[i] for i in self.decoding]
+            held = [r.pages.setdefault(layer_idx, RowPages()) for r in rows]
+            offsets = [r.offset for r in rows]
+            self.pool.write_tokens(layer_idx, held, _take(k, offsets, 0), _take(v, offsets, 0))
+        batched = set(self.decoding)
+        for i, r in enumerate(self.rows):
+            if i in batched:
+                continue
             pages = r.pages.setdefault(layer_idx, RowPages())
             end = r.offset + r.count
             self.pool.write(layer_idx, pages, k[r.offset : end], v[r.offset : end])
@@ -71,10 +100,20 @@ class PagedKV:
     def attend(
         self, layer: int, query: torch.Tensor, scaling: float | None, softcap: float | None
     ) -> torch.Tensor:
-        """[1, H, T, d] queries → [1, T, H, d] outputs, each row over its own pages."""
+        """[1, H, T, d] queries → [1, T, H, d] outputs, each row over its own pages (the
+        decoding rows in one call, `_attend_decoding`)."""
         window = self.windows[layer]
+        together = None
+        if self.decoding:
+            together = self._attend_decoding(layer, query, scaling, softcap)  # [B, H, d]
+            if len(self.decoding) == len(self.rows):
+                return together.unsqueeze(0)
+        where = {i: b for b, i in enumerate(self.decoding)}
         outs = []
-        for r in self.rows:
+        for i, r in enumerate(self.rows):
+            if together is not None and i in where:
+                outs.append(together[where[i]][None, None])  # [1, 1, H, d]
+                continue
             pages = r.pages[layer]
             k, v = self.pool.read(layer, pages)
             k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
@@ -82,6 +121,31 @@ class PagedKV:
             mask = _mask(r.first_pos, r.count, pages.start, pages.length, window, q.device)
             outs.append(_attention(q, k, v, mask, scaling, softcap).transpose(1, 2))
         return torch.cat(outs, dim=1)
+
+    def _attend_decoding(
+        self, layer: int, query: torch.Tensor, scaling: float | None, softcap: float | None
+    ) -> torch.Tensor:
+        """The decoding rows' outputs [B, H, d] from one gather and one attention call over
+        their padded pages (module doc)."""
+        rows = [self.rows[i] for i in self.decoding]
+        held = [r.pages[layer] for r in rows]
+        k, v, span = self.pool.read_rows(layer, held)  # [B, L, n_kv, d]
+        window = self.windows[layer]
+        ranges = [
+            _key_range(r.first_pos, p.start, p.length, window)
+            for r, p in zip(rows, held, strict=True)
+        ]
+        bounds = device_longs([lo for lo, _ in ranges] + [hi for _, hi in ranges], query.device)
+        lo, hi = bounds.view(2, len(rows), 1)
+        j = torch.arange(span, device=query.device)
+        mask = ((j >= lo) & (j < hi))[:, None, None, :]  # [B, 1, 1, L]: over heads and queries
+        batch, kv_heads, d = len(rows), k.shape[2], query.shape[-1]
+        q = _take(query[0], [r.offset for r in rows], 1).transpose(0, 1)  # [B, H, d]
+        # Query head h reads KV head h // (H / n_kv) (GQA's repeat_interleave): grouping the
+        # heads that share a KV head as that head's queries gives the same scores, unrepeated.
+        q = q.reshape(batch, kv_heads, -1, d)
+        out = _attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, scaling, softcap)
+        return out.reshape(batch, -1, d)
 
     def narrow_positions(self, positions: torch.Tensor) -> PagedKV:
         """The rows whose tokens are at `positions` (whole rows, in order; `rap.core.gates`),
@@ -127,6 +191,25 @@ def _mask(
     return allowed
 
 
+def _key_range(first_pos: int, start: int, length: int, window: int | None) -> tuple[int, int]:
+    """Key indices [lo, hi) that a row's one new token (at `first_pos`) may see among the keys
+    it holds (index j: position start + j): `_mask`'s rule as a range, all of them where
+    `_mask` gives None, else start + j ≤ first_pos and first_pos − (start + j) < W."""
+    held = length - start
+    if window is None or held <= window:
+        return 0, held
+    return max(0, first_pos - window + 1 - start), min(held, first_pos + 1 - start)
+
+
+def _take(t: torch.Tensor, offsets: list[int], dim: int) -> torch.Tensor:
+    """`t` at `offsets` along `dim`: a view where they run consecutively (decoding rows come
+    first in a step, `Scheduler._compose`), one gather otherwise."""
+    first, n = offsets[0], len(offsets)
+    if offsets == list(range(first, first + n)):
+        return t.narrow(dim, first, n)
+    return t.index_select(dim, device_longs(offsets, t.device))
+
+
 def _attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -135,7 +218,8 @@ def _attention(
     scaling: float | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Grouped-query attention of one row: q [1, H, n, d], k/v [1, n_kv, L, d] → [1, H, n, d]."""
+    """Grouped-query attention: q [B, H, n, d], k/v [B, n_kv, L, d] → [B, H, n, d] (B = 1: one
+    row; the mask [n, L] or [B, 1, n, L] True where a key may be seen)."""
     if softcap is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
