@@ -48,7 +48,7 @@ from rap.serving.rows import (
     done_event,
     too_big_event,
 )
-from rap.serving.sampling import sample
+from rap.serving.sampling import greedy_many, sample
 from rap.serving.text_stream import TextStream
 
 
@@ -160,10 +160,24 @@ class Scheduler:
             return
         kv.finish_step()
         self.stats.steps += 1
-        for (row, step), row_logits in zip(rows, logits, strict=True):
+        for row, step in rows:
             row.held += step.count
-            if row_logits is not None:
-                self._next_token(row, row_logits)
+        wanted = [(row, lg) for (row, _), lg in zip(rows, logits, strict=True) if lg is not None]
+        for row, token in self._pick(wanted):
+            self._next_token(row, token)
+
+    def _pick(self, wanted: list[tuple[Row, torch.Tensor]]) -> list[tuple[Row, int]]:
+        """Each row's next token: greedy rows together (`greedy_many`), sampled rows with
+        their own generator; in the rows' order."""
+        greedy = [(row, lg) for row, lg in wanted if row.request.temperature <= 0]
+        tokens = greedy_many([lg for _, lg in greedy])
+        picked = {row.id: t for (row, _), t in zip(greedy, tokens, strict=True)}
+        return [
+            (row, picked[row.id])
+            if row.id in picked
+            else (row, sample(lg, row.request.temperature, row.request.top_p, row.generator))
+            for row, lg in wanted
+        ]
 
     def _forward(
         self,
@@ -225,9 +239,8 @@ class Scheduler:
                 self.stats.prefill_tokens += n
         return rows, ids, positions
 
-    def _next_token(self, row: Row, logits: torch.Tensor) -> None:
+    def _next_token(self, row: Row, token: int) -> None:
         req = row.request
-        token = sample(logits, req.temperature, req.top_p, row.generator)
         self.stats.generated += 1
         if token in self.eos and not req.ignore_eos:
             self._end(row, done_event(row, "stop", counted=1))

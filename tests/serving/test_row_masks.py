@@ -26,13 +26,14 @@ from tests.tiny import ARCHS
 def record_logits(sched: Scheduler) -> dict[int, list[torch.Tensor]]:
     """Each row's logits at every token it samples, by row id."""
     seen: dict[int, list[torch.Tensor]] = defaultdict(list)
-    original = sched._next_token
+    original = sched._pick
 
-    def next_token(row: Any, logits: torch.Tensor) -> None:
-        seen[row.id].append(logits.clone())
-        original(row, logits)
+    def pick(wanted: list[tuple[Any, torch.Tensor]]) -> list[tuple[Any, int]]:
+        for row, logits in wanted:
+            seen[row.id].append(logits.clone())
+        return original(wanted)
 
-    sched._next_token = next_token  # type: ignore[method-assign]
+    sched._pick = pick  # type: ignore[method-assign]
     return seen
 
 

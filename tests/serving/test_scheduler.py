@@ -202,3 +202,26 @@ def test_rows_with_different_sampling_share_steps_and_seeds_repeat(served) -> No
 
 def test_sliding_archs_are_the_ones_tested_with_windows() -> None:
     assert set(SLIDING) <= set(ARCHS)
+
+
+def test_greedy_rows_pick_together_what_each_picks_alone() -> None:
+    """`greedy_many` (one argmax for the step's greedy rows) equals per-row `sample` at
+    temperature 0, ties included (the first maximum)."""
+    from rap.serving.sampling import greedy_many, sample
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(50, generator=g) for _ in range(7)]
+    rows.append(torch.zeros(50))  # all tied: index 0
+    assert greedy_many(rows) == [sample(r, 0.0, 1.0, None) for r in rows]
+    assert greedy_many([]) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_row_seeded_on_the_cpu_samples_from_gpu_logits() -> None:
+    from rap.serving.sampling import sample
+
+    logits = torch.randn(1000, device="cuda")
+    a = sample(logits, 0.8, 0.9, torch.Generator().manual_seed(3))
+    b = sample(logits, 0.8, 0.9, torch.Generator().manual_seed(3))
+    assert a == b and 0 <= a < 1000
