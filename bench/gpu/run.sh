@@ -3,7 +3,8 @@
 #   bash bench/gpu/run.sh --install            Ray set + gguf from .whl into /tmp/site
 #   bash bench/gpu/run.sh --take .carryN        one part of the model tar into /tmp/stage
 #   bash bench/gpu/run.sh --unpack              the model tar, reassembled, into /tmp/site
-#   bash bench/gpu/run.sh [--parts P,..] [--budget-s S]   measure (default: memory,blocks,decode)
+#   bash bench/gpu/run.sh [--parts P,..] [--budget-s S]   measure (default: memory,blocks,decode;
+#                                               also: scan, tests = the suite's gpu-marked tests)
 #   bash bench/gpu/run.sh --dry-run             here on the CPU: sizes, imports, arguments, format
 # Writes $OUT/gpu.json (the device tool's folder; ./out/gpu elsewhere), rewritten after each point,
 # so a run cut off returns what it measured. Parts: measure.py's (memory, blocks, decode) on a
@@ -48,10 +49,13 @@ if [ -n "$dry" ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>/dev/null \
   || echo "nvidia-smi: none (CUDA is absent)"
-measure=$(echo "$parts" | tr , '\n' | grep -v '^scan$' | paste -sd, -)
+measure=$(echo "$parts" | tr , '\n' | grep -vx 'scan\|tests' | paste -sd, -)
 if [ -n "$measure" ]; then
   $py bench/gpu/measure.py --out "$out" --parts "$measure" --budget-s "$budget" $dry
 fi
 if echo "$parts" | tr , '\n' | grep -qx scan; then
   $py bench/gpu/scan.py --out "$out" $dry
+fi
+if echo "$parts" | tr , '\n' | grep -qx tests; then  # the suite's gpu-marked tests, here
+  $py -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15 | tee "$out/gpu-tests.log"
 fi

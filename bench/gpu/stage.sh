@@ -37,7 +37,7 @@ for d in .whl .carry1 .carry2; do
 done
 cat <<'CALLS'
 Device calls, back to back (run tool; each `carry` names one folder):
-  1. carry [.whl]    bash bench/gpu/run.sh --install && bash bench/gpu/run.sh
+  1. carry [.whl]    bash bench/gpu/run.sh --install && bash bench/gpu/run.sh --parts memory,blocks,decode,tests
   2. carry [.carry1] bash bench/gpu/run.sh --take .carry1
   3. carry [.carry2] bash bench/gpu/run.sh --take .carry2 && bash bench/gpu/run.sh --unpack \
                        && bash bench/gpu/run.sh --parts scan
