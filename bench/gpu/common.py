@@ -102,11 +102,16 @@ def environment() -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
+    """`RAP_COMMIT` when the caller names it (the device machine's copy of `.git` can lag the
+    working tree it runs: its HEAD read 0cfc288 on 2026-11-27 while the tree was 45a320e),
+    else git's HEAD."""
+    if os.environ.get("RAP_COMMIT"):
+        return os.environ["RAP_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or os.environ.get("RAP_COMMIT")
+        return out.stdout.strip() or None
     except OSError:
-        return os.environ.get("RAP_COMMIT")
+        return None
 
 
 def random_llama(toy: bool, dtype: torch.dtype = torch.bfloat16) -> Any:
@@ -152,9 +157,16 @@ def prompt_ids(model: Any, tokens: int, row: int) -> list[int]:
     return [5 + (i * 7 + row) % span for i in range(tokens)]
 
 
+restored_blocks: set[tuple[str, int]] = set()
+"""Blocks this process has restored at least once (their buffers are no longer the ones the
+model was built with): the decode part reports how many of a mask's blocks are such."""
+
+
 def apply(model: Any, mask: KeepMask) -> Any:
     """Make `mask` current at the model's mask version (benchmarks switch freely)."""
-    return model.apply(mask.model_copy(update={"version": model.mask.version}))
+    change = model.apply(mask.model_copy(update={"version": model.mask.version}))
+    restored_blocks.update(change.restored)
+    return change
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> dict[str, float | None]:

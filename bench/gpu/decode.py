@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from common import apply, copy_bandwidth, mask_keeping, prompt_ids, sync
+from common import apply, copy_bandwidth, cuda, mask_keeping, prompt_ids, restored_blocks, sync
 
 from rap.core import memory
 from rap.serving.kv_pages import PagePool
@@ -41,8 +41,9 @@ def bytes_read_per_step(model: Any, batch: int, context: int) -> int:
     return memory.weight_bytes(cfg, mask, dt) - embedding + kv
 
 
-def engine_decode(model: Any, batch: int, context: int) -> dict[str, Any]:
-    """Prefill `batch` rows of `context` tokens, then time STEPS decode steps."""
+def engine_decode(model: Any, batch: int, context: int, profile: bool = False) -> dict[str, Any]:
+    """Prefill `batch` rows of `context` tokens, then time STEPS decode steps; with `profile`,
+    also the profiler's top operators over two more steps (where a step's time goes)."""
     d = model.dims
     total = context + WARM + STEPS + 1
     per_row = -(-total // PAGE_TOKENS)
@@ -74,9 +75,25 @@ def engine_decode(model: Any, batch: int, context: int) -> dict[str, Any]:
     errors = [e for e in done if e["type"] == "error"]
     if errors:
         raise RuntimeError(f"engine rows failed: {errors[0]['message']}")
+    out = {"ms_per_step": 1e3 * elapsed / STEPS, "tokens_per_s": batch * STEPS / elapsed}
+    if profile:
+        out["profile"] = _profile(sched, 2)
     while not sched.idle:
         sched.step()
-    return {"ms_per_step": 1e3 * elapsed / STEPS, "tokens_per_s": batch * STEPS / elapsed}
+    return out
+
+
+def _profile(sched: Any, steps: int) -> str:
+    """The profiler's table of the operators that took most device (else CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            sched.step()
+        sync()
+    key = "cuda_time_total" if cuda() else "cpu_time_total"
+    return str(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 def generate_decode(model: Any, batch: int, context: int) -> dict[str, Any]:
@@ -99,6 +116,11 @@ def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
     out["device_bytes_per_s"] = bw
     masks = {"dense": model.dense_mask(), "keep-80%": mask_keeping(model, 0.8)}
     masks["keep-60%"] = mask_keeping(model, 0.6)
+    # A dense step on blocks never dropped, profiled, before any mask changes here (the H200
+    # run of 2026-11-27 saw dense steps ~3× slower than masked ones after restores).
+    fresh = engine_decode(model, 8, 512 // 16 if toy else 512, profile=True)
+    out["dense_before_masks"] = {**fresh, "restored_blocks": sorted(restored_blocks)}
+    report.save()
     points = [(m, b, c, s) for b, c in GRID for m in masks for s in ("engine", "generate")]
     for name, batch, context, system in points:
         if time.monotonic() > deadline:
@@ -109,6 +131,7 @@ def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
         run = engine_decode if system == "engine" else generate_decode
         row: dict[str, Any] = {"system": system, "mask": name, "batch": batch, "context": context}
         row.update(run(model, batch, context))
+        row["restored_blocks_kept"] = sum(model.mask.keeps(b) for b in restored_blocks)
         read = bytes_read_per_step(model, batch, context + STEPS // 2)
         row["bytes_read_per_step"] = read
         row["weight_share"] = memory.weight_bytes(
@@ -125,4 +148,6 @@ def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
         )
         report.save()
     apply(model, model.dense_mask())
+    again = engine_decode(model, 8, 512 // 16 if toy else 512, profile=True)
+    out["dense_after_masks"] = {**again, "restored_blocks": sorted(restored_blocks)}
     out["status"] = "done"

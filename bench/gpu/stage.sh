@@ -35,10 +35,11 @@ echo "working tree: $((tree / 1000000)) MB"
 for d in .whl .carry1 .carry2; do
   echo "$d: $(($(du -sb $d | cut -f1) / 1000000)) MB"
 done
-cat <<'CALLS'
-Device calls, back to back (run tool; each `carry` names one folder):
-  1. carry [.whl]    bash bench/gpu/run.sh --install && bash bench/gpu/run.sh --parts memory,blocks,decode,tests
+head=$(git rev-parse --short HEAD)
+cat <<CALLS
+Device calls, back to back (run tool; each \`carry\` names one folder; commit what runs first):
+  1. carry [.whl]    bash bench/gpu/run.sh --install && RAP_COMMIT=$head bash bench/gpu/run.sh --parts memory,blocks,decode,tests
   2. carry [.carry1] bash bench/gpu/run.sh --take .carry1
-  3. carry [.carry2] bash bench/gpu/run.sh --take .carry2 && bash bench/gpu/run.sh --unpack \
-                       && bash bench/gpu/run.sh --parts scan
+  3. carry [.carry2] bash bench/gpu/run.sh --take .carry2 && bash bench/gpu/run.sh --unpack \\
+                       && RAP_COMMIT=$head bash bench/gpu/run.sh --parts scan
 CALLS

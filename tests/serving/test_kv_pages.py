@@ -42,6 +42,11 @@ def test_on_a_gpu_dropped_and_cut_slabs_leave_the_allocators_reserve() -> None:
     reserved = torch.cuda.memory_reserved()
     pool.drop_layer(1)
     assert torch.cuda.memory_reserved() <= reserved - 2 * 32 * 2**20
-    reserved = torch.cuda.memory_reserved()
+    reserved, allocated = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
     pool.resize(256, [])
-    assert torch.cuda.memory_reserved() <= reserved - 2 * 24 * 2**20
+    assert torch.cuda.memory_allocated() == allocated - 2 * 24 * 2**20
+    # The two new 8 MiB slabs share one of the allocator's 20 MiB segments (requests of 1-10
+    # MiB are served from such segments), so 44 of the 48 MiB cut leave its reserve (seen on
+    # an H200: 64 → 20 MiB); what it keeps beyond live tensors is under one segment.
+    assert torch.cuda.memory_reserved() <= reserved - 40 * 2**20
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 20 * 2**20
