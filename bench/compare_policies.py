@@ -19,7 +19,10 @@ rap against each method situation by situation. `--split train --keys-out` lists
 policy chooses on training scenarios instead (the DAgger step of scripts/train_policy.sh).
 Quality is the surrogate's (`rap.planning.surrogate`) unless `--measure`: then every distinct
 mask is measured on the `eval` part of the perplexity text (`rap.importance.quality`, wiki
-tokens 512-1536, never used to fit the surrogate), cached.
+tokens 512-1536, never used to fit the surrogate), cached; on the test split, on the test
+text instead (`rap.importance.doc_text`: 33 whole documents each of wiki and C4 that no score,
+fit or validation read, NLL per document), with intervals over documents and clustered mask
+pairs (~37 s a mask on 2 CPU threads).
 """
 
 from __future__ import annotations
@@ -201,20 +204,30 @@ def stored_oracle(sits: list[scenarios.Situation], path: str) -> tuple[list[int]
     return idx, rows
 
 
-def quality(keys: set[str], measure: bool) -> dict[str, float]:
-    """ln perplexity per mask key: measured on the eval text, or the surrogate's."""
+def quality(keys: set[str], measure: bool, split: str) -> tuple[dict[str, float], dict | None]:
+    """ln perplexity per mask key — the surrogate's, or measured: on the validation's eval
+    text, or for the test split on the test text (`rap.importance.doc_text`: whole documents
+    of wiki and C4, whose NLL per document comes back too, for intervals)."""
     if not measure:
         sur = load_surrogate()
         ks = sorted(keys)
-        return dict(zip(ks, sur.predict(ks).tolist(), strict=True))
+        return dict(zip(ks, sur.predict(ks).tolist(), strict=True)), None
     import torch
+    from tqdm import tqdm
 
     from rap.core.loading import load_model
+    from rap.importance.doc_text import DocMeter, lnppl
     from rap.importance.quality import Meter
 
-    torch.set_num_threads(1)
-    meter = Meter(load_model("smollm2", dtype="float32", device="cpu"), "eval")
-    return {k: meter.lnppl(k) for k in sorted(keys, key=len)}
+    torch.set_num_threads(2)
+    model = load_model("smollm2", dtype="float32", device="cpu")
+    ordered = sorted(keys, key=len)
+    if split != "test":
+        meter = Meter(model, "eval")
+        return {k: meter.lnppl(k) for k in tqdm(ordered, desc="eval text")}, None
+    docs = DocMeter(model)
+    nll = {k: docs.nll(k) for k in tqdm(ordered, desc="test text, masks")}
+    return {k: lnppl(v) for k, v in nll.items()}, nll
 
 
 def summarize(rows: list[dict], q: dict[str, float], dense: float, idx: list[int]) -> dict:
@@ -235,23 +248,33 @@ def summarize(rows: list[dict], q: dict[str, float], dense: float, idx: list[int
     }
 
 
-def paired(rows: dict, q: dict[str, float], against: str = "rap", seed: int = 0) -> dict:
+def paired(
+    rows: dict, q: dict[str, float], nll: dict | None = None, against: str = "rap", seed: int = 0
+) -> dict:
     """`against` vs each other method on the situations both planned: situations it was better
     (worse) in by more than 1e-4 nats, and the mean difference in ln perplexity (negative = it
-    is better) with a 95 % bootstrap interval over situations (text noise is not in it)."""
+    is better) with a 95 % bootstrap interval: over situations (text noise not in it), or with
+    per-document NLL (`nll`, the test text) over documents and clustered mask pairs
+    (`rap.importance.doc_text.bootstrap_pairs`)."""
+    from rap.importance.doc_text import bootstrap_pairs
+
     rng = np.random.default_rng(seed)
     out = {}
     for m, rs in rows.items():
-        pairs = [
-            (q[a["key"]], q[b["key"]])
+        keys = [
+            (a["key"], b["key"])
             for a, b in zip(rows[against], rs, strict=True)
             if a.get("key") is not None and b.get("key") is not None
         ]
+        pairs = [(q[a], q[b]) for a, b in keys]
         if m == against or not pairs:
             continue
         d = np.array([a - b for a, b in pairs])
-        boot = d[rng.integers(0, len(d), (2000, len(d)))].mean(1)
-        ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        if nll is None:
+            boot = d[rng.integers(0, len(d), (2000, len(d)))].mean(1)
+            ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        else:
+            ci = bootstrap_pairs(nll, keys, seed=seed)["ci95"]
         out[m] = {
             "n": len(d),
             "mean_diff": float(d.mean()),
@@ -313,8 +336,8 @@ def main() -> None:
         for i, r in zip(oracle_idx, orows, strict=True):
             rows["oracle"][i] = r
     keys = {r["key"] for rs in rows.values() for r in rs if r.get("key") is not None} | {""}
-    q = quality(keys, args.measure)
-    report = tables(rows, q, sits, oracle_idx, policy, args)
+    q, nll = quality(keys, args.measure, args.split)
+    report = tables(rows, q, sits, oracle_idx, policy, args, nll)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=float))
     ledger_append(ledger_record(report, args, digest))
@@ -348,8 +371,10 @@ def tables(
     oracle_idx: list[int],
     policy: RapPolicy,
     args: argparse.Namespace,
+    nll: dict | None = None,
 ) -> dict[str, Any]:
     dense = q[""]
+    text = "test text (wiki + C4 documents)" if nll is not None else "eval text"
     groups = {
         "all": list(range(len(sits))),
         "weights-dominated (batch 1)": [i for i, s in enumerate(sits) if s.batch == 1],
@@ -360,13 +385,14 @@ def tables(
     if oracle_idx:
         groups["oracle subset"] = oracle_idx
     return {
-        "quality": "measured (eval text)" if args.measure else "surrogate",
+        "quality": f"measured ({text})" if args.measure else "surrogate",
         "dense_ppl": float(np.exp(dense)),
         "situations": len(sits),
         "split": args.split,
         "scenarios": scenarios.names(args.split),
         "policy": {**policy.net.meta, "decisions": policy.decisions, "fallbacks": policy.fallbacks},
-        "rap_vs": paired(rows, q),
+        "rap_vs": paired(rows, q, nll),
+        "nll_per_document": nll,
         "groups": {
             g: {
                 m: summarize(rs, q, dense, idx)
