@@ -81,10 +81,17 @@ class Engine:
     ) -> None:
         self.model, self.config, self.planner = model, config, planner
         self.budget_bytes = budget_bytes
+        self.requested_budget_bytes = budget_bytes
+        """The last budget asked for (= budget_bytes unless `follow_budget` is off)."""
         self.budget_from_device = False  # set by the replica when NVML shares decide it
         self.plan: MaskPlan | None = None
-        self.ceiling: KeepMask | None = None
-        """An operator's pushed mask: no block it drops runs until it is released."""
+        self.ceiling: KeepMask | None = (
+            KeepMask.from_key(model.model_id, model.num_layers, config.static_mask)
+            if config.static_mask is not None
+            else None
+        )
+        """An operator's pushed mask (or the configured static one): no block it drops runs
+        until it is released."""
         self.stats = EngineStats()
         self.error: BaseException | None = None
         self.sizing = Sizing(model, config)
@@ -156,7 +163,7 @@ class Engine:
         if self.plan is not None and not self.plan.version < plan.version:
             return False
         self.plan = plan
-        if plan.budget_bytes is not None:
+        if plan.budget_bytes is not None and self.config.follow_budget:
             self.budget_bytes = plan.budget_bytes
         self._retarget()
         return True
@@ -170,11 +177,19 @@ class Engine:
                 f"quality floor of {self.config.min_kept_fraction:.1%}",
                 fix="push a mask that keeps more blocks, or lower engine.min_kept_fraction",
             )
+        if ceiling is None and self.config.static_mask is not None:
+            ceiling = KeepMask.from_key(
+                self.model.model_id, self.model.num_layers, self.config.static_mask
+            )  # released: back to the configured static mask
         self.ceiling = ceiling
         self._retarget()
 
     def set_budget(self, budget_bytes: int) -> None:
-        """An operator's budget: it overrides the device-derived one from now on."""
+        """An operator's budget: it overrides the device-derived one from now on (recorded but
+        not followed when `follow_budget` is off: the replica stays as it was sized)."""
+        self.requested_budget_bytes = budget_bytes
+        if not self.config.follow_budget:
+            return
         self.budget_bytes = budget_bytes
         self.budget_from_device = False
         self._retarget()

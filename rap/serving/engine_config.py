@@ -41,6 +41,18 @@ class EngineConfig(BaseModel):
         description="A grow also waits until the budget has held for this many times its "
         "restore's predicted copy time (measured rate of the last restore read).",
     )
+    follow_budget: bool = Field(
+        True,
+        description="False: mask and KV pool are sized once, for the budget at start, and later "
+        "budgets (an operator's, the controller's) change nothing: what a server with a fixed "
+        "gpu_memory_utilization does (the `dense-high` and `dense-low` baselines of rap bench).",
+    )
+    static_mask: str | None = Field(
+        None,
+        pattern=r"^([am][0-9]+(,[am][0-9]+)*)?$",
+        description="Dropped blocks (`a3,m10`) of a mask the replica runs at most, all the time: "
+        "its ceiling from the start (the `static` baseline: one pruned model); None: none.",
+    )
     default_max_tokens: int | None = Field(
         None,
         ge=1,

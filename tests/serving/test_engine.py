@@ -169,3 +169,37 @@ def test_steps_run_off_the_event_loop(served_dir) -> None:
 
     asyncio.run(main())
     assert ticks >= 15
+
+
+def test_a_replica_that_does_not_follow_its_budget_stays_as_sized(served_dir) -> None:
+    """`follow_budget: false` (the dense-high / dense-low baselines): a budget drop, from an
+    operator or a plan, is recorded and changes neither the mask nor the pool."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    small = keep_first(model, 2, 2)
+    config = CONFIG.model_copy(update={"follow_budget": False})
+    engine = Engine(model, config, roomy(model), FnPlanner(lambda b, B, S: small))
+    pages = engine.scheduler.pool.capacity
+    engine.set_budget(roomy(model) // 4)
+    plan = MaskPlan(replica="r", version=MaskVersion(epoch=1), budget_bytes=roomy(model) // 4)
+    engine.set_plan(plan)
+    (events,) = run(engine, [[5, 6, 7]])
+    assert events[-1]["type"] == "done"
+    assert model.mask.kept_fraction == 1.0 and engine.scheduler.pool.capacity == pages
+    assert engine.budget_bytes == roomy(model) and engine.requested_budget_bytes < roomy(model)
+    follows = Engine(model, CONFIG, roomy(model), FnPlanner(lambda b, B, S: small))
+    follows.set_budget(memory.weight_bytes(model.config, small, model.dtype) + 200_000)
+    run(follows, [[5, 6, 7]])
+    assert model.mask.key == small.key  # the default follows it
+
+
+def test_a_static_mask_is_the_ceiling_from_the_start_and_after_a_release(served_dir) -> None:
+    model = rap.load_model(str(served_dir), device="cpu")
+    config = CONFIG.model_copy(update={"static_mask": "a1,m3"})
+    engine = Engine(model, config, roomy(model), None)
+    (events,) = run(engine, [[5, 6, 7]])
+    assert events[-1]["type"] == "done" and model.mask.key == "a1,m3"
+    engine.set_ceiling(keep_first(model, 1, 4))  # an operator's mask replaces it...
+    engine.set_ceiling(None)  # ...and releasing it goes back to the static one
+    assert engine.ceiling is not None and engine.ceiling.key == "a1,m3"
+    with pytest.raises(ValueError, match="static_mask"):
+        EngineConfig(static_mask="attn1")
