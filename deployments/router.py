@@ -80,6 +80,7 @@ class Router:
             )
         sampling = {k: getattr(body, k) for k in ("temperature", "top_p", "seed")}
         sampling["min_kept_fraction"] = body.min_kept_fraction
+        sampling["ignore_eos"] = body.ignore_eos
         call = {"model": body.model, **prompt, "max_tokens": body.max_new_tokens(), **sampling}
         call["stop"] = body.stop_list()
         call["timeout_s"] = request_timeout_s(request.headers.get("x-request-timeout"), self.http)

@@ -84,6 +84,7 @@ class Intake:
             req.seed,
             deadline_s=deadline,
             min_kept_fraction=req.min_kept_fraction,
+            ignore_eos=req.ignore_eos,
         )
         self.engine.check(request)
         return request

@@ -48,6 +48,11 @@ class _Request(BaseModel):
         "share of the blocks (1.0: the dense model only); it waits, or gets a 503, rather than "
         "run below it.",
     )
+    ignore_eos: bool = Field(
+        False,
+        description="Extension (vLLM's name): generate max_tokens whatever the model says, "
+        "end-of-sequence included; benchmarks use it so every system does equal work.",
+    )
     # Known OpenAI fields this server does not implement: accepted only at their neutral value.
     logprobs: bool | int | None = None
     top_logprobs: int | None = None

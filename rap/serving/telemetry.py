@@ -36,6 +36,7 @@ class GenerateCall(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = Field(None, description="Sampling seed: the same seed repeats a sample.")
     min_kept_fraction: float = Field(0.0, ge=0.0, le=1.0, description="The request's floor.")
+    ignore_eos: bool = Field(False, description="Generate max_tokens whatever the model says.")
     timeout_s: float | None = Field(
         None, gt=0, description="Seconds from arrival after which the request ends (a 504)."
     )

@@ -91,3 +91,14 @@ def test_chat_without_max_tokens_may_use_the_context_and_unknown_models_are_404(
     with pytest.raises(EngineError) as exc:
         asyncio.run(intake.request(call(max_tokens=0)))
     assert exc.value.status == 400
+
+
+def test_ignore_eos_reaches_the_engine_request(model) -> None:
+    """vLLM's `ignore_eos` extension, for benchmarks that need equal work everywhere."""
+    from rap.serving.openai_api import CompletionRequest
+
+    engine = Engine(model, CONFIG, roomy(model), None)
+    intake = Intake(model, engine, "m")
+    assert asyncio.run(intake.request(call(ignore_eos=True))).ignore_eos
+    assert not asyncio.run(intake.request(call())).ignore_eos
+    assert CompletionRequest(model="m", prompt="a", ignore_eos=True).ignore_eos
