@@ -308,11 +308,13 @@ class Relay:
         self.prompt_tokens = event["prompt_tokens"]
 
     def _ended(self, event: dict[str, Any]) -> None:
-        """The mask the row was served under (the smallest it ran under), how often it shrank
-        under the request, and the planner's predicted Δ ln perplexity of it (an estimate)."""
+        """The mask the row was served under (the smallest it ran under: its fingerprint and its
+        dropped blocks, `a3,m10`), how often it shrank under the request, and the planner's
+        predicted Δ ln perplexity of it (an estimate)."""
         self.fingerprint = event.get("fingerprint", self.fingerprint)
         self.served = {
             "mask": self.fingerprint,
+            "mask_key": event.get("mask_key"),
             "mask_changes": event.get("mask_changes", 0),
             "predicted_delta_lnppl": event.get("predicted_delta_lnppl"),
         }

@@ -437,6 +437,7 @@ def test_seeded_sampling_repeats_and_chat_without_max_tokens_is_not_cut_at_16(se
     assert c.completions.create(**ask, seed=1234).choices[0].text == out.choices[0].text
     served = out.model_extra["rap"]  # the mask that served it and its predicted quality cost
     assert served["mask"] == out.system_fingerprint and served["predicted_delta_lnppl"] >= 0
+    assert isinstance(served["mask_key"], str)  # its dropped blocks ("" for the dense model)
     chat = c.chat.completions.create(
         model=MODEL,
         temperature=0,
