@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rap.cli import bench as bench_cli
 from rap.cli import eval as eval_cli
 from rap.cli import importance as importance_cli
 from rap.cli import plan as plan_cli
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     importance_cli.add_commands(sub)
     plan_cli.add_commands(sub)
     eval_cli.add_commands(sub)
+    bench_cli.add_commands(sub)
     add_train_commands(sub)
     return parser
 
