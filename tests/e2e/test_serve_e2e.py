@@ -530,6 +530,54 @@ def test_a_malformed_plan_is_contained_and_the_plan_comes_again(server, fault_di
     assert state(server)["replicas"]["replica-1"]["budget_bytes"] == int(0.42 * 2**30)
 
 
+def test_fuzzing_the_openapi_schema_finds_no_server_error(server) -> None:
+    """The campaign's fuzz, short (issue 15): schemathesis generates positive and negative data
+    for every operation of the app's own OpenAPI schema, sent with the API key and without it
+    (admin endpoints without the admin token, so the fuzz changes no budget or mask), every
+    answer capped at 4 tokens and half the bodies naming the served model so that they reach a
+    replica: no response is a 5xx, every 4xx of /v1 and /admin is in OpenAI's error shape, and
+    the replicas ran the requests that were valid."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
+
+    auth = {"Authorization": f"Bearer {KEY}"}  # the schema is behind the API key too
+    schema = schemathesis.openapi.from_url(server + "/openapi.json", headers=auth)
+    steps = {n: t["steps"] for n, t in state(server)["replicas"].items()}
+    seen: dict[int, int] = {}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=8, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            def fuzz(case) -> None:
+                if isinstance(case.body, dict):
+                    if len(str(case.body)) % 2:  # half of them, deterministically
+                        case.body["model"] = MODEL
+                    for cap in ("max_tokens", "max_completion_tokens"):  # short answers
+                        if isinstance(case.body.get(cap), int) or cap == "max_tokens":
+                            case.body[cap] = 4
+                for headers in (auth, {}):
+                    resp = case.call(base_url=server, headers=headers, timeout=120)
+                    seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
+                    assert resp.status_code < 500, (case.method, case.path, case.body, resp.text)
+                    if resp.status_code >= 400 and case.path.startswith(("/v1", "/admin")):
+                        err = resp.json()["error"]
+                        assert isinstance(err["message"], str) and isinstance(err["type"], str)
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # an operation without inputs has no negative data
+                assert mode is GenerationMode.NEGATIVE, op.label
+    assert sum(seen.values()) > 100 and any(400 <= c < 500 for c in seen), seen
+    assert 200 in seen, seen
+    now = {n: t["steps"] for n, t in state(server)["replicas"].items()}
+    assert sum(now.values()) > sum(steps.values()), (steps, now)  # the fuzz reached them
+
+
 def test_a_redeploy_drains_running_requests(server) -> None:
     """Runs last: it replaces the app. A stream that runs while the app is redeployed finishes
     on its old replica (Serve's graceful shutdown, `drain_timeout_s`); new requests reach the
