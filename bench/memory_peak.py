@@ -38,25 +38,6 @@ def masks_for(model_id: str, n: int) -> dict[str, KeepMask]:
     }
 
 
-def llama7b(device: str):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rap.core.model import PrunableModel
-
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
-    with torch.device(device):
-        hf = LlamaForCausalLM(config).to(torch.float16)
-    return PrunableModel(hf, "llama-7b-shaped-random", None, None, device)
-
-
 def measure(model, mask: KeepMask, batch: int, prompt: int) -> dict:  # type: ignore[no-untyped-def]
     model.apply(mask)
     cfg, dt = model.config, model.dtype
@@ -97,7 +78,9 @@ def main() -> int:
         return 0
     models = [rap.load_model(args.model, device="cuda", dtype="float16")]
     if args.llama7b:
-        models.append(llama7b("cuda"))
+        from gpu.common import random_llama  # bench/gpu/common.py: the one 7B-shaped model
+
+        models.append(random_llama(toy=False, dtype=torch.float16))
     rows = []
     for model in models:
         for name, mask in masks_for(model.model_id, model.num_layers).items():
