@@ -54,6 +54,9 @@ def server(fault_dir):
         ],
         "engine": {"max_batch_size": 4, "target_seq": 256, "grow_after_s": 1.0},
         "telemetry_period_s": 0.3,
+        # The redeploy test's stream must end within the drain: on a busy 2-core machine its 80
+        # tokens took longer than the default 30 s (the stream was cut, 2026-11-27).
+        "drain_timeout_s": 120.0,
     }
     serve.run(build_app(config), name="rap", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
