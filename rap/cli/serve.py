@@ -55,8 +55,9 @@ def add_commands(sub: Any) -> None:
     serve.add_argument(
         "--policy",
         default="default",
-        help="the controller's planner: 'default' (the shipped RAP policy for the default model, "
-        "else the heuristic), a folder exported by `rap train`, or 'none' (heuristic mem-greedy)",
+        help="the controller's planner: 'default' (surrogate-greedy search for the default "
+        "model, the test split's winner; mem-greedy for other models), 'rap' (the shipped RAP "
+        "policy), a folder exported by `rap train`, or 'none' (heuristic mem-greedy)",
     )
     # Secrets come from the environment or a file, never a flag's value: `ps` shows those.
     serve.add_argument(

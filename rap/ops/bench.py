@@ -72,9 +72,9 @@ def system_config(name: str, scale: Scale, static_key: str, batch: int) -> dict[
         engine.update(static_mask=static_key, follow_budget=False, min_kept_fraction=0.0)
         budget = low
     elif name == "rap":
-        app["policy"] = "default"
+        app["policy"] = "rap"  # the shipped RAP policy
     elif name == "rap-heuristic":
-        app["planner"] = "mem-greedy"
+        app["planner"] = "surrogate-greedy"  # the best non-learned planner offline (issue 18)
     else:
         raise ValueError(f"unknown system {name!r}; expected one of {SYSTEMS}")
     replica = {"name": REPLICA, "budget_gib": budget, "num_cpus": 1}

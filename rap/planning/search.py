@@ -96,6 +96,9 @@ class SurrogateSearch:
             "planner": self.method,
             "origin": self.origin,
             "decisions": self.decisions,
+            "fallbacks": 0,  # a search never falls back: it fits or raises BudgetError
+            "fallback_rate": 0.0,
+            "last_fallback": "",
         }
 
     # -- searches ---------------------------------------------------------------------------

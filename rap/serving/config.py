@@ -69,9 +69,10 @@ class ServeAppConfig(BaseModel):
     )
     policy: str | None = Field(
         "default",
-        description="The controller's policy: 'default' (the RAP policy shipped for the default "
-        "model; the heuristic planner for other models), a path to an exported policy from "
-        "`rap train`, or None for the heuristic planner.",
+        description="The controller's policy: 'default' (for the default model, search on the "
+        "surrogate, surrogate-greedy, which beat the RAP policy on the test split; for other "
+        "models the `planner`), 'rap' (the RAP policy shipped for the default model), a path "
+        "to an exported policy from `rap train`, or None for the `planner`.",
     )
     telemetry_period_s: float = Field(0.5, gt=0, description="Replica → controller period.")
     gpu_margin_gib: float = Field(1.0, ge=0, description="NVML free memory kept in reserve.")

@@ -46,5 +46,6 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(target: str, tmp_path) -> N
     assert rc == 0 and "RAP Serve stopped" in text, text[-3000:]
     assert "SIGTERM received" not in text  # Ray's abort handler did not run
     assert "graceful_shutdown failed" not in text  # Ray's noise on every stop, filtered
-    assert "controller policy: RapPolicy (shipped default" in text
+    # The default for the default model: the test split's winner (rap.planning.choice).
+    assert "controller policy: SurrogateSearch (policy: default (surrogate-greedy" in text
     assert "metrics: http://127.0.0.1:" in text and "[rap-" in text

@@ -48,6 +48,9 @@ def server(fault_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {
         "model": "smollm2",
+        # The RAP policy explicitly (the default is search on the surrogate): this module
+        # serves it live; the redeploy test below and tests/e2e/test_cli_serve.py the default.
+        "policy": "rap",
         "replicas": [
             {"name": "replica-0", "budget_gib": 0.6, "num_cpus": 0.5},
             {"name": "replica-1", "budget_gib": 0.45, "num_cpus": 0.5},
@@ -168,7 +171,7 @@ def test_replicas_with_different_budgets_run_different_masks(server) -> None:
 
 
 def test_a_lowered_budget_is_served_on_the_rap_policys_masks(server) -> None:
-    """The app's default policy is the shipped RAP policy: after a budget drop, responses come
+    """With `policy: rap`, the shipped RAP policy plans: after a budget drop, responses come
     from masks it decided (`controller:rap`, fewer blocks), its decisions grow and it does not
     fall back to mem-greedy. Sequential requests then go to the replica that keeps more."""
     before = state(server)["controller"]["policy"]
@@ -610,4 +613,6 @@ def test_a_redeploy_drains_running_requests(server) -> None:
     assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]", lines[-3:]
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop"), chunks[-1]
     assert "error" not in chunks[-1]
-    assert list(state(server)["replicas"]) == ["replica-0"]  # the new app answers
+    after = state(server)
+    assert list(after["replicas"]) == ["replica-0"]  # the new app answers
+    assert after["controller"]["policy"]["kind"] == "SurrogateSearch"  # the default policy

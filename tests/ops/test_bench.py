@@ -66,7 +66,8 @@ def test_each_system_is_a_configuration_of_the_app() -> None:
         assert e.follow_budget == (name not in ("dense-high", "dense-low", "static"))
         assert (e.min_kept_fraction == 1.0) == name.startswith("dense")
         assert (e.static_mask == "a3,m10") == (name == "static")
-        assert (cfg.policy == "default") == (name == "rap")
+        assert (cfg.policy == "rap") == (name == "rap")
+        assert (cfg.planner == "surrogate-greedy") == (name == "rap-heuristic")
     with pytest.raises(ValueError, match="unknown system"):
         bench.system_config("vllm", scale, "", 8)
 

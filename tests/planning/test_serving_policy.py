@@ -3,6 +3,7 @@ and named wherever operators look (no Ray here; the live app is tested in test_s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,23 +12,47 @@ from pydantic import ValidationError
 
 from rap.core.errors import RapError
 from rap.planning import DEFAULT_POLICY_DIR, HeuristicPolicy, RapPolicy, choose_policy
+from rap.planning.choice import DEFAULT_MODEL_SEARCH
 from rap.serving.config import ServeAppConfig, controller_policy
 
 DEFAULT_ID = "SmolLM2-135M-Instruct"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_policy_setting_maps_to_a_planner() -> None:
-    shipped = choose_policy("default", "mem-greedy", DEFAULT_ID)
+    default = choose_policy("default", "mem-greedy", DEFAULT_ID)
+    assert default.kind == "heuristic" and default.planner == DEFAULT_MODEL_SEARCH
+    shipped = choose_policy("rap", "mem-greedy", DEFAULT_ID)
     assert shipped.kind == "rap" and shipped.path is None
     other = choose_policy("default", "mem-greedy", "some-other-model")
-    assert other.kind == "heuristic" and "no RAP policy ships" in other.origin
+    assert other.kind == "heuristic" and other.planner is None
+    assert "no RAP policy ships" in other.origin
     assert choose_policy(None, "gsi", DEFAULT_ID).kind == "heuristic"
     path = choose_policy("/runs/x/policy", "mem-greedy", DEFAULT_ID)
     assert path.kind == "rap" and path.path == "/runs/x/policy"
 
 
-def test_the_default_app_serves_the_shipped_rap_policy_at_the_serving_floor() -> None:
-    cfg = ServeAppConfig().resolved()
+def test_the_default_is_the_test_splits_winner() -> None:
+    """Issue 18's rule: the controller's default is whichever wins on the test split. The
+    final run's figures decide it (bench/pairwise.py): search beats the policy there with an
+    interval above 0, and no method with a lower mean is separated from the cheaper default."""
+    spec = importlib.util.spec_from_file_location("pairwise", ROOT / "bench" / "pairwise.py")
+    assert spec and spec.loader
+    pairwise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairwise)
+    doc = json.loads((ROOT / "bench" / "results" / "compare_test.json").read_text())
+    assert doc["split"] == "test"
+    name, _ = pairwise.winner(doc)
+    assert name == DEFAULT_MODEL_SEARCH
+    assert pairwise.against(doc, "rap", name)["ci95"][0] > 0  # the policy is worse
+    search = controller_policy(ServeAppConfig().resolved())
+    d = search.describe()
+    assert d["kind"] == "SurrogateSearch" and d["planner"] == DEFAULT_MODEL_SEARCH
+    assert d["fallbacks"] == 0 and "test split" in d["origin"]
+
+
+def test_the_shipped_rap_policy_serves_at_the_serving_floor() -> None:
+    cfg = ServeAppConfig(policy="rap").resolved()
     policy = controller_policy(cfg)
     assert isinstance(policy, RapPolicy)
     d = policy.describe()
