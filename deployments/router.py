@@ -24,7 +24,16 @@ from rap.serving.config import ServeAppConfig
 from rap.serving.http_guard import Guard, install, request_timeout_s
 from rap.serving.messages import BudgetChange, MaskPush
 from rap.serving.openai_api import ChatRequest, CompletionRequest, HTTPError, Relay
-from rap.serving.routing import ReplicaLoad, kept_fraction, order, readiness, watch
+from rap.serving.routing import (
+    ReplicaLoad,
+    kept_fraction,
+    mark_failed,
+    order,
+    readiness,
+    relayed,
+    replica_failed,
+    watch,
+)
 
 app = FastAPI(title="RAP Serve", docs_url=None, redoc_url=None)
 guard = Guard()  # filled in by the Router when it starts (one Router per process)
@@ -101,7 +110,7 @@ class Router:
         if body.stream:
             return StreamingResponse(relay.stream(tracked), media_type="text/event-stream")
         status, out = await relay.whole(tracked)
-        return JSONResponse(out, status)
+        return JSONResponse(out, status, headers={"Retry-After": "2"} if status == 503 else None)
 
     async def _start(self, call: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
         """Best replica first (`rap.serving.routing.order`); a memory 503 is retried once."""
@@ -118,6 +127,9 @@ class Router:
                     "retry_after": 2,
                     "message": f"{name} is busy: its queue is full",
                 }
+            except Exception as exc:  # dead or restarting: a 503, and the next replica tries
+                mark_failed(self.loads[name])
+                first = replica_failed(name, exc)
             memory_503 = first["type"] == "error" and first["status"] == 503
             if memory_503 and attempt == 0 and len(ranked) > 1:
                 self.loads[name].inflight -= 1
@@ -129,7 +141,7 @@ class Router:
     async def _tracked(self, name: str, events: Any) -> Any:
         """Relay a replica's events; a client that goes away cancels the request there."""
         try:
-            async for event in events:
+            async for event in relayed(name, events, self.loads[name]):
                 yield event
         finally:
             events.cancel()  # a no-op once the stream ended
@@ -162,14 +174,22 @@ class Router:
     @app.get("/admin/state")
     async def state(self) -> dict[str, Any]:
         names = sorted(self.replicas)
-        tels = await asyncio.gather(*(self.replicas[n].telemetry.remote() for n in names))
+        tels = await asyncio.gather(
+            *(asyncio.wait_for(self.replicas[n].telemetry.remote(), 5.0) for n in names),
+            return_exceptions=True,
+        )
+        replicas: dict[str, Any] = {}
         for n, tel in zip(names, tels, strict=True):
+            if isinstance(tel, BaseException):  # dead, restarting or stopped: say so, go on
+                replicas[n] = {"error": f"unreachable: {type(tel).__name__}"}
+                continue
             self.loads[n].kept_fraction, self.loads[n].answered = kept_fraction(tel), True
+            replicas[n] = tel
         try:
             controller = await asyncio.wait_for(self.controller.state.remote(), timeout=2.0)
         except Exception as exc:  # the controller may be down: replicas still answer
             controller = {"error": f"controller unreachable: {type(exc).__name__}"}
-        return {"replicas": dict(zip(names, tels, strict=True)), "controller": controller}
+        return {"replicas": replicas, "controller": controller}
 
     @app.get("/health")
     async def health(self) -> JSONResponse:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rap.cli import bench as bench_cli
+from rap.cli import campaign as campaign_cli
 from rap.cli import eval as eval_cli
 from rap.cli import importance as importance_cli
 from rap.cli import plan as plan_cli
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cli.add_commands(sub)
     eval_cli.add_commands(sub)
     bench_cli.add_commands(sub)
+    campaign_cli.add_commands(sub)
     add_train_commands(sub)
     return parser
 

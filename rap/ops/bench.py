@@ -158,6 +158,8 @@ def sample_state(url: str, token: str, t0: float) -> dict[str, Any] | None:
         req.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(req, timeout=5) as resp:
             tel = json.loads(resp.read())["replicas"][REPLICA]
+        if "error" in tel:  # the replica did not answer (restarting, stopped)
+            return None
     except (OSError, KeyError, ValueError):
         return None
     return {

@@ -6,12 +6,16 @@ answer at the same cost (a replica pruned to fit a small budget is the last choi
 unpruned one is as free); then by name, so that the order is stable. The share comes from each
 replica's telemetry, polled every telemetry period; until a replica has answered, it counts as
 dense. A memory 503 from the first choice is retried once on the second.
+
+A replica that fails (its actor died, it restarts, it is stopped and does not answer) is routed
+to last until its telemetry answers again, and a request it was running ends with an error
+event (`replica_failed`: a 503 the client may retry), never a connection cut without a word.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +30,10 @@ class ReplicaLoad:
     """Share of its 2L blocks its current mask keeps (telemetry; 1.0 until known)."""
     answered: bool = False
     """Whether it has answered a telemetry call: its model is loaded and its engine runs."""
+    failed: bool = False
+    """Its last call failed or timed out: routed to last until its telemetry answers again."""
+    failures: int = 0
+    """Calls to it that failed since the router started (requests and telemetry)."""
 
 
 def kept_fraction(telemetry: dict[str, int]) -> float:
@@ -48,7 +56,40 @@ def readiness(loads: dict[str, ReplicaLoad]) -> tuple[int, dict[str, Any]]:
 
 def order(loads: dict[str, ReplicaLoad]) -> list[str]:
     """Replica names, best first (module doc)."""
-    return sorted(loads, key=lambda n: (loads[n].inflight, -loads[n].kept_fraction, n))
+    return sorted(
+        loads, key=lambda n: (loads[n].failed, loads[n].inflight, -loads[n].kept_fraction, n)
+    )
+
+
+def replica_failed(name: str, exc: BaseException) -> dict[str, Any]:
+    """The error event a replica's failure becomes: a 503 with Retry-After (Serve restarts
+    the replica; the other replicas answer meanwhile)."""
+    return {
+        "type": "error",
+        "status": 503,
+        "retry_after": 2,
+        "code": "replica_failed",
+        "message": f"replica {name} failed while serving the request ({type(exc).__name__}); "
+        "retry it",
+    }
+
+
+def mark_failed(load: ReplicaLoad) -> None:
+    load.failed = True
+    load.failures += 1
+
+
+async def relayed(name: str, events: AsyncIterator[Any], load: ReplicaLoad) -> AsyncIterator[Any]:
+    """A replica's events, ended by `replica_failed`'s event if the replica fails mid-request
+    (the exception would otherwise abort the client's response without a word)."""
+    try:
+        async for event in events:
+            yield event
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the actor died or its call failed: the client hears of it
+        mark_failed(load)
+        yield replica_failed(name, exc)
 
 
 async def watch(
@@ -63,7 +104,7 @@ async def watch(
             try:
                 tel = await asyncio.wait_for(fetch(name), timeout=4 * period_s)
                 loads[name].kept_fraction = kept_fraction(tel)
-                loads[name].answered = True
+                loads[name].answered, loads[name].failed = True, False
             except Exception:  # any failure of one replica must not end the loop
-                continue
+                mark_failed(loads[name])
         await asyncio.sleep(period_s)

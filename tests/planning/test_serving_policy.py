@@ -130,3 +130,23 @@ def test_the_app_config_can_choose_search_on_the_surrogate_for_the_controller() 
     for entry in plan.entries:
         again = KeepMask.model_validate(entry.mask.model_dump())  # what a replica validates
         assert again.source == "controller:search" and again.kept_fraction >= 0.5
+
+
+def test_rap_serve_refuses_a_corrupt_scores_file_before_ray_starts(
+    tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model without shipped scores reads them from the cache: a corrupt file there is one
+    error line naming it, before Ray starts (issue 15's campaign: corrupt files at start)."""
+    from rap.cli.main import main
+    from rap.core.scores import METHODS
+
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "scores" / "0123abcd"
+    folder.mkdir(parents=True)
+    for method in METHODS:
+        (folder / f"{method}-c4-x.json").write_text('{"format": "rap-block-scores/1", "attn": [')
+    model = str(next(iter(tiny_dirs.values())))
+    assert main(["serve", "--model", model, "--policy", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a valid block-score file" in err[0], err
+    assert str(folder) in err[0]

@@ -44,6 +44,70 @@ def test_watch_follows_telemetry_and_outlives_a_replica_that_fails() -> None:
     assert loads["ok"].kept_fraction == 0.75 and loads["down"].kept_fraction == 0.9
     assert loads["ok"].answered and not loads["down"].answered
     assert seen.count("ok") > 2
+    assert loads["down"].failed and loads["down"].failures >= 2 and not loads["ok"].failed
+    assert order(loads) == ["ok", "down"]
+
+
+def test_a_failed_replica_is_routed_to_last_until_its_telemetry_answers() -> None:
+    loads = {"a": ReplicaLoad(inflight=0, failed=True), "b": ReplicaLoad(inflight=3)}
+    assert order(loads) == ["b", "a"]  # even with more in flight
+
+    async def fetch(_name: str) -> dict[str, int]:
+        return {"attn_kept": 10, "mlp_kept": 10, "num_layers": 10}
+
+    async def main() -> None:
+        task = asyncio.create_task(watch(loads, fetch, period_s=0.01))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())
+    assert not loads["a"].failed and order(loads) == ["a", "b"]
+
+
+def test_a_replica_that_dies_mid_request_ends_the_stream_with_a_503_event() -> None:
+    """Without this the exception aborts the client's response with no word (issue 15)."""
+    from rap.serving.routing import relayed
+
+    async def events():
+        yield {"type": "start"}
+        yield {"type": "token", "text": "Hi"}
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+    load = ReplicaLoad(inflight=1)
+
+    async def main() -> list[dict]:
+        return [e async for e in relayed("replica-0", events(), load)]
+
+    out = asyncio.run(main())
+    assert [e["type"] for e in out] == ["start", "token", "error"]
+    err = out[-1]
+    assert err["status"] == 503 and err["retry_after"] == 2 and err["code"] == "replica_failed"
+    assert "replica-0" in err["message"] and "RuntimeError" in err["message"]
+    assert load.failed and load.failures == 1
+
+
+def test_a_client_that_goes_away_is_not_a_replica_failure() -> None:
+    from rap.serving.routing import relayed
+
+    async def events():
+        yield {"type": "token", "text": "a"}
+        await asyncio.sleep(10)
+        yield {"type": "token", "text": "b"}
+
+    load = ReplicaLoad()
+
+    async def main() -> None:
+        async def consume() -> None:
+            async for _ in relayed("r", events(), load):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert not load.failed and load.failures == 0
 
 
 def test_health_is_503_until_every_replica_has_answered() -> None:

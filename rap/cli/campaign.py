@@ -1,0 +1,260 @@
+"""`rap campaign`: load, a budget shock and faults on a live app, judged (issue 15).
+
+    rap campaign [--duration 600] [--shock-gib 0.45] --out DIR
+
+Parse → build (a local Ray cluster, the app: two replicas of the default model, an API key, an
+admin token, a fault folder) → run (capacity in a closed loop; locust headless with the plan's
+shape; the shock and each fault at its time, `/admin/state` sampled) → report (DIR/campaign.json,
+DIR/campaign.md, DIR/timeline.png, locust's CSV). Exit 0 when every case held, 1 otherwise.
+`rap.ops.campaign` holds the plan and the judging, `rap.ops.locustfile` the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rap.cli.drills import (
+    MODEL,
+    REPLICAS,
+    Harness,
+    device_memory_fault,
+    disconnect_storm,
+    idle_check,
+    kill_controller,
+    kill_replica,
+    sigstop_replica,
+)
+from rap.core.constants import GIB
+from rap.ops import campaign
+from rap.ops.campaign import Plan
+
+PORT = 8766
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("campaign", help="load, a budget shock and faults on a live app, judged")
+    p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
+    p.add_argument("--shock-gib", type=float, default=0.45, help="both budgets in the shock")
+    p.add_argument("--capacity-s", type=float, default=30.0, help="closed-loop capacity run")
+    p.add_argument("--out", required=True, type=Path, help="folder for the report")
+    p.add_argument("--port", type=int, default=PORT)
+    p.set_defaults(func=cmd_campaign)
+
+
+def capacity(url: str, key: str, seconds: float, clients: int) -> float:
+    """Requests per second the app completes in a closed loop of `clients` (locust's mix)."""
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "prompt": "Write a short note about rivers.",
+            "max_tokens": 16,
+            "temperature": 0.7,
+        }
+    ).encode()
+    end = time.time() + seconds
+
+    def loop(_: int) -> int:
+        done = 0
+        while time.time() < end:
+            req = urllib.request.Request(f"{url}/v1/completions", data=body, method="POST")
+            req.add_header("Authorization", f"Bearer {key}")
+            req.add_header("Content-Type", "application/json")
+            with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=120) as r:
+                done += r.status == 200
+        return done
+
+    t0 = time.time()
+    with ThreadPoolExecutor(clients) as pool:
+        done = sum(pool.map(loop, range(clients)))
+    return done / (time.time() - t0)
+
+
+def run_events(h: Harness, plan: Plan, starts: dict[str, int], shock_bytes: int) -> None:
+    """The shock and every event at its time, each event in a thread of its own (a drill that
+    waits for its outcome must not delay the next); results into h.obs.events."""
+    actions = {
+        "kill-replica": lambda e: kill_replica(h),
+        "sigstop-replica": lambda e: sigstop_replica(h, e.seconds),
+        "kill-controller": lambda e: kill_controller(h),
+        "disconnect-storm": lambda e: disconnect_storm(h),
+        "device-memory-fault": lambda e: device_memory_fault(h, e.seconds),
+    }
+
+    def drill(event: Any) -> None:
+        try:
+            h.obs.events[event.name] = actions[event.name](event)
+        except Exception as exc:  # the harness's own failure is a failed case, not a crash
+            detail = f"{type(exc).__name__}: {exc}"
+            h.obs.events[event.name] = {"t": h.now(), "ok": False, "detail": detail}
+
+    lo, hi = plan.shock_s()
+    timetable: list[tuple[float, str, Any]] = [(lo, "shock", None), (hi, "shock-end", None)]
+    timetable += [(plan.at_s(e), e.name, e) for e in plan.events]
+    running = []
+    for at, name, event in sorted(timetable, key=lambda x: x[0]):
+        if h.stop.wait(max(0.0, at - h.now())):
+            break
+        if event is None:  # the co-tenant takes (gives back) memory on both replicas at once
+            with ThreadPoolExecutor(len(REPLICAS)) as pool:
+                nbytes = [shock_bytes if name == "shock" else starts[r] for r in REPLICAS]
+                list(pool.map(h.set_budget, REPLICAS, nbytes))
+            continue
+        running.append(threading.Thread(target=drill, args=(event,), daemon=True))
+        running[-1].start()
+    for t in running:
+        t.join(timeout=300)
+
+
+def run_locust(h: Harness, plan: Plan, out: Path) -> int | None:
+    """locust headless with the plan's shape; the number of requests it counted."""
+    # Its path only: importing it would let gevent patch this process (Ray's).
+    locustfile = Path(campaign.__file__).with_name("locustfile.py")
+    env = {
+        **os.environ,
+        "RAP_CAMPAIGN_OUT": str(out),
+        "RAP_API_KEY": h.key,
+        "RAP_CAMPAIGN_SHAPE": json.dumps(plan.shape()),
+        "RAP_CAMPAIGN_PACING_S": str(plan.pacing_s),
+        "RAP_CAMPAIGN_MODEL": MODEL,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(locustfile),
+        "--headless",
+        "--host",
+        h.url,
+        "--csv",
+        str(out / "locust"),
+        "--loglevel",
+        "WARNING",
+        "--only-summary",
+        "--stop-timeout",
+        "150",  # users finish the request they run: a hang is seen, not killed
+    ]
+    with open(out / "locust.log", "w") as log:
+        subprocess.run(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=plan.duration_s + 300,
+            check=False,
+        )
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        rows = (out / "locust_stats.csv").read_text().splitlines()
+        total = next(r for r in rows if ",Aggregated," in r).split(",")
+        return int(total[2])  # "Request Count" (failures are among them)
+    return None
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from rap.cli.bench import _deploy, _start_ray, _stop_ray  # lazy: heavy (ray, torch)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("requests-*.jsonl"):
+        old.unlink()
+    admin, key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    fault_dir = args.out / "faults"
+    fault_dir.mkdir(exist_ok=True)
+    os.environ.update(RAP_ADMIN_TOKEN=admin, RAP_API_KEY=key, RAP_FAULT_DIR=str(fault_dir))
+    url = f"http://127.0.0.1:{args.port}"
+    _start_ray(args.port)
+    try:
+        _deploy(app_config(), url)
+        h = Harness(url, admin, key, fault_dir)
+        starts = {n: h.state()["replicas"][n]["budget_bytes"] for n in REPLICAS}
+        cap = capacity(url, key, args.capacity_s, clients=16)
+        plan = Plan(args.duration, cap)
+        print(f"capacity {cap:.2f} req/s; load shape {plan.shape()}", flush=True)
+        result = _run(h, plan, starts, int(args.shock_gib * GIB), args.out)
+    finally:
+        _stop_ray()
+    _report(args.out, result, plan, starts, args)
+    return 0 if result["ok"] else 1
+
+
+def app_config() -> dict[str, Any]:
+    """The campaign's app: the default model and policy, two replicas, drains of 60 s."""
+    replicas = [{"name": n, "num_cpus": 0.5} for n in REPLICAS]
+    return {
+        "model": "smollm2",
+        "replicas": replicas,
+        "engine": {"max_batch_size": 8},
+        "drain_timeout_s": 60.0,
+        "num_threads": 1,
+    }
+
+
+def _run(h: Harness, plan: Plan, starts: dict[str, int], shock: int, out: Path) -> dict[str, Any]:
+    from tqdm import tqdm  # lazy: heavy (tqdm)
+
+    h.t0 = time.time()
+    threads = [
+        threading.Thread(target=h.sample, daemon=True),
+        threading.Thread(target=run_events, args=(h, plan, starts, shock), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    counted: list[int | None] = []
+    runner = threading.Thread(target=lambda: counted.append(run_locust(h, plan, out)))
+    runner.start()
+    with tqdm(total=round(plan.duration_s), desc="rap campaign", unit="s") as bar:
+        while runner.is_alive():
+            runner.join(1.0)
+            bar.n = min(round(h.now()), bar.total)
+            bar.refresh()
+    threads[1].join(timeout=300)
+    h.obs.events["disconnect-storm"] = idle_check(h, h.obs.events.get("disconnect-storm"))
+    h.stop.set()
+    records = [
+        json.loads(line)
+        for p in sorted(out.glob("requests-*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
+    return campaign.judge(records, counted[0] if counted else None, h.obs, starts, h.t0) | {
+        "obs": h.obs,
+        "records": records,
+    }
+
+
+def _report(
+    out: Path, result: dict[str, Any], plan: Plan, starts: dict[str, int], args: argparse.Namespace
+) -> None:
+    obs, records = result.pop("obs"), result.pop("records")
+    head = (
+        f"`rap campaign --duration {args.duration:.0f} --shock-gib {args.shock_gib}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    doc = {
+        "plan": {
+            "duration_s": plan.duration_s,
+            "capacity_rps": plan.capacity_rps,
+            "shape": plan.shape(),
+            "shock_s": plan.shock_s(),
+            "events": [vars(e) for e in plan.events],
+        },
+        "budget_starts": starts,
+        "result": result,
+        "samples": obs.samples,
+        "budget_steps": obs.budget_steps,
+    }
+    (out / "campaign.json").write_text(json.dumps(doc, indent=1, default=str))
+    text = campaign.markdown(result, plan, head)
+    (out / "campaign.md").write_text(text + "\n")
+    campaign.timeline(obs, records, plan, starts, out / "timeline.png")
+    print(text)

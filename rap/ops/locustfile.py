@@ -1,0 +1,134 @@
+"""The reliability campaign's load: a locust file, run headless in its own process.
+
+`rap campaign` starts `locust -f <this file> --headless --host URL` (gevent patches that process
+only) with its settings in the environment:
+
+    RAP_CAMPAIGN_OUT      folder for requests-<pid>.jsonl, one line per request (below)
+    RAP_CAMPAIGN_SHAPE    JSON [[until_s, users], ...]: the users from the previous step's end
+                          until `until_s` seconds of run time; the run ends after the last step
+    RAP_CAMPAIGN_PACING_S each user starts a request every so many seconds (closed loop: later
+                          if its last request took longer)
+    RAP_CAMPAIGN_MODEL    the served model's name;  RAP_API_KEY  the API key, if any
+
+Each request is written twice: `{"id", "phase": "sent"}` before it is sent, its outcome
+(`"phase": "done"`) after, so that a request never answered shows as lost. Each user sends
+streaming completions (1 in 4 not streamed; 1 in 20 invalid on purpose: a
+negative `max_tokens`, which must be a 400) and classifies every answer by what a client sees
+(`rap.ops.campaign.OUTCOMES`): `ok` (200, a finish reason, then [DONE]); `error_event` (200,
+then an error event in OpenAI's shape: a replica failed mid-request); `4xx`; `503` (with
+Retry-After); `503_no_retry_after`, `5xx`, `cut` (the stream ended without [DONE] or a body that
+is not a completion), `hung` (no byte for `READ_TIMEOUT_S`), `connect_error`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from locust import HttpUser, LoadTestShape, constant_pacing, task
+
+from rap.ops.campaign import classify_stream
+
+READ_TIMEOUT_S = 120.0
+PROMPTS = (
+    "The history of the printing press",
+    "Write a short note about rivers.",
+    "List three uses of copper:",
+    "Once upon a time in a small village,",
+    "Explain what a compiler does.",
+    "The weather today is",
+)
+
+
+def _record(out: dict[str, Any]) -> None:
+    folder = Path(os.environ["RAP_CAMPAIGN_OUT"])
+    with open(folder / f"requests-{os.getpid()}.jsonl", "a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
+class Client(HttpUser):
+    wait_time = constant_pacing(float(os.environ.get("RAP_CAMPAIGN_PACING_S", "4")))
+
+    def on_start(self) -> None:
+        key = os.environ.get("RAP_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.rng = random.Random(os.getpid() * 1000 + id(self) % 1000)
+
+    @task
+    def complete(self) -> None:
+        stream = self.rng.random() >= 0.25
+        body = {
+            "model": os.environ.get("RAP_CAMPAIGN_MODEL", "SmolLM2-135M-Instruct"),
+            "prompt": self.rng.choice(PROMPTS),
+            "max_tokens": self.rng.choice((8, 16, 24)),
+            "temperature": 0.7,
+            "stream": stream,
+        }
+        invalid = self.rng.random() < 0.05
+        if invalid:
+            body["max_tokens"] = -1
+        t0 = time.time()
+        rid = uuid.uuid4().hex[:16]
+        _record({"id": rid, "phase": "sent", "t": t0})  # a request without its answer is lost
+        out: dict[str, Any] = {"id": rid, "phase": "done", "t": t0, "stream": stream}
+        out["invalid"] = invalid
+        name = "stream" if stream else "whole"
+        try:
+            with self.client.post(
+                "/v1/completions",
+                json=body,
+                headers=self.headers,
+                stream=stream,
+                timeout=(10.0, READ_TIMEOUT_S),
+                catch_response=True,
+                name=name,
+            ) as resp:
+                out["status"] = resp.status_code
+                out["retry_after"] = resp.headers.get("Retry-After")
+                _classify(resp, t0, out)
+                if out["outcome"] in ("ok", "4xx", "503"):
+                    resp.success()
+                else:
+                    resp.failure(out["outcome"])
+        except Exception as exc:  # every failure is a record, never a lost one
+            text = f"{type(exc).__name__}: {exc}"
+            hung = "timed out" in text.lower() or "timeout" in type(exc).__name__.lower()
+            out.update(outcome="hung" if hung else "connect_error", error=text[:300])
+        out["e2e_s"] = time.time() - t0
+        _record(out)
+
+
+def _classify(resp: Any, t0: float, out: dict[str, Any]) -> None:
+    status = resp.status_code
+    if status == 200:
+        if out["stream"]:
+            classify_stream(resp.iter_lines(), t0, out)
+        else:
+            body = resp.json()
+            out["outcome"] = "ok" if body.get("choices") else "cut"
+            out["ttft_s"] = time.time() - t0
+    elif status == 503:
+        out["outcome"] = "503" if out["retry_after"] else "503_no_retry_after"
+    elif 400 <= status < 500:
+        out["outcome"] = "4xx"
+        out["error_code"] = (resp.json().get("error") or {}).get("code")
+    else:
+        out["outcome"] = "5xx"
+        out["error"] = resp.text[:300]
+
+
+class Shape(LoadTestShape):
+    """Users over run time from RAP_CAMPAIGN_SHAPE (module doc)."""
+
+    def tick(self) -> tuple[int, float] | None:
+        steps = json.loads(os.environ.get("RAP_CAMPAIGN_SHAPE", "[[60, 1]]"))
+        now = self.get_run_time()
+        for until_s, users in steps:
+            if now < until_s:
+                return int(users), max(float(users), 1.0)  # reach each level within a second
+        return None
