@@ -48,7 +48,13 @@ def add_commands(sub: Any) -> None:
         "rate is capacity_share × dense-high's measured capacity)",
     )
     p.add_argument("--port", type=int, default=PORT)
+    p.add_argument(
+        "--no-quality", action="store_true", help="skip measuring the served masks' quality"
+    )
     p.set_defaults(func=cmd_bench)
+    r = sub.add_parser("bench-quality", help="measure the quality of the masks a bench served")
+    r.add_argument("folder", type=Path, help="a `rap bench --out` folder (bench.json)")
+    r.set_defaults(func=cmd_bench_quality)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -90,10 +96,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         _stop_ray()
     rows = [bench_report.figures(r, trace, scale.high_bytes) for r in runs]
+    if not args.no_quality:
+        bench_report.add_measured(rows, measured_lnppl(rows))
     for r in runs:
         bench_report.timeline(r, scale.high_bytes, args.out / f"timeline-{r.system}.png")
     _write(args.out, trace, scale, static_key, cap, stretch, rows, runs, time.monotonic() - started)
     print(bench_report.markdown(rows))
+    return 0
+
+
+def measured_lnppl(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """ln perplexity of the dense model and of every mask the rows served, on the `served`
+    part of the perplexity text (`rap.importance.quality`: 1,024-token windows; cached)."""
+    from tqdm import tqdm  # lazy: heavy (tqdm)
+
+    from rap.core.loading import load_model  # lazy: heavy (torch, transformers)
+    from rap.importance.quality import Meter  # lazy: heavy (torch, transformers)
+
+    keys = sorted({"", *(k for r in rows for k in r["tokens_by_mask"] if k != "?")})
+    meter = Meter(load_model("smollm2", dtype="float32"), "served")
+    return {k: meter.lnppl(k) for k in tqdm(keys, desc="served masks' quality", unit="mask")}
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    """Measure the served masks of an existing run and rewrite its bench.json and bench.md."""
+    path = args.folder / "bench.json"
+    if not path.is_file():
+        raise RapError(f"{path} does not exist", expected="a folder written by `rap bench --out`")
+    doc = json.loads(path.read_text())
+    bench_report.add_measured(doc["systems"], measured_lnppl(doc["systems"]))
+    path.write_text(json.dumps(doc, indent=1))
+    md = args.folder / "bench.md"
+    head = md.read_text().split("\n\n", 1)[0] if md.is_file() else ""
+    md.write_text(head + "\n\n" + bench_report.markdown(doc["systems"]) + "\n")
+    print(bench_report.markdown(doc["systems"]))
     return 0
 
 

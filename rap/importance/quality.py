@@ -44,8 +44,11 @@ from rap.core.scores import find_scores
 from rap.importance.calibration import PERPLEXITY_SOURCE, encode, text_of, usable_tokenizer
 
 SEQ_LEN = 256
-PARTS = {"eval": (2, 6), "fit": (6, 14)}
+PARTS = {"eval": (2, 6), "fit": (6, 14), "served": (16, 32)}
 """part → [first, last) chunk of SEQ_LEN tokens of the perplexity text."""
+WINDOW = {"served": 1024}
+"""Tokens per window where a part is measured in longer windows than SEQ_LEN: `served`
+(`rap bench`'s measured quality) in windows at least as long as the sequences it serves."""
 
 
 # -- tables -----------------------------------------------------------------------------------
@@ -136,9 +139,9 @@ class Meter:
 
         if part not in PARTS:
             raise RapError(f"unknown text part {part!r}", expected=f"one of {sorted(PARTS)}")
-        lo, hi = PARTS[part]
         self.model, self.part = model, part
-        self.ev = NllEvaluator(model, part_ids(model, part), batch_size=hi - lo)
+        ids = part_ids(model, part)
+        self.ev = NllEvaluator(model, ids, batch_size=int(ids.shape[0]))
         self.known = read_cache(model.model_id, part)
         self.path = cache_path(model.model_id, part)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,9 +159,9 @@ class Meter:
 
 
 def part_ids(model: Any, part: str) -> Any:
-    """Token ids of one part, [chunks, SEQ_LEN]: contiguous from the start of the perplexity
-    text, tokenized here (not through `rap.importance.calibration.chunks`, whose sampling may
-    change), so the shipped tables keep meaning the same tokens."""
+    """Token ids of one part, [windows, WINDOW or SEQ_LEN]: contiguous from the start of the
+    perplexity text, tokenized here (not through `rap.importance.calibration.chunks`, whose
+    sampling may change), so the shipped tables keep meaning the same tokens."""
     import torch  # lazy: heavy (torch)
 
     lo, hi = PARTS[part]
@@ -168,7 +171,8 @@ def part_ids(model: Any, part: str) -> Any:
     stream = encode(usable_tokenizer(model.tokenizer, vocab), prefix, vocab)[: hi * SEQ_LEN]
     if len(stream) < hi * SEQ_LEN:
         raise RapError(f"the perplexity text gave {len(stream)} tokens, fewer than {hi * SEQ_LEN}")
-    return torch.tensor(stream, dtype=torch.long).view(hi, SEQ_LEN)[lo:hi]
+    window = WINDOW.get(part, SEQ_LEN)
+    return torch.tensor(stream[lo * SEQ_LEN :], dtype=torch.long).view(-1, window)
 
 
 def sample_keys(scores: dict[Block, float], count: int, seed: int, max_drops: int) -> list[str]:

@@ -39,6 +39,20 @@ def test_meter_measures_once_and_caches(tiny_dirs, tmp_path, monkeypatch) -> Non
     assert quality.read_cache(model.model_id, "fit")["a1,m2"] == dropped
 
 
+def test_the_served_part_is_measured_in_windows_longer_than_any_served_sequence(
+    tiny_dirs,
+) -> None:
+    """`rap bench`'s measured quality: tokens after the eval and fit parts, in 1,024-token
+    windows (the bench serves at most 512 + 96 tokens a row)."""
+    model = load_model(str(tiny_dirs["llama"]))
+    lo, hi = quality.PARTS["served"]
+    assert lo >= max(h for p, (_, h) in quality.PARTS.items() if p != "served")
+    ids = quality.part_ids(model, "served")
+    assert tuple(ids.shape) == ((hi - lo) * quality.SEQ_LEN // 1024, 1024)
+    fit = quality.part_ids(model, "fit")
+    assert tuple(fit.shape) == (8, quality.SEQ_LEN)  # the other parts are as they were
+
+
 def test_surrogate_recovers_a_compounding_truth_on_held_out_masks() -> None:
     rng = np.random.default_rng(0)
     n_layers = 6

@@ -54,6 +54,14 @@ def test_figures_count_refusals_service_levels_and_bytes_over_budget() -> None:
     assert "| x | 2/4 | 1 | 1 |" in bench_report.markdown([f])
 
 
+def test_measured_quality_is_token_weighted_over_the_dense_model() -> None:
+    rows = [{"tokens_by_mask": {"": 10, "a3": 30, "?": 5}}, {"tokens_by_mask": {"m9": 4}}]
+    bench_report.add_measured(rows, {"": 3.0, "a3": 3.2})
+    assert rows[0]["delta_lnppl_measured"] == pytest.approx(30 * 0.2 / 40)
+    assert rows[0]["unmeasured_masks"] == []
+    assert rows[1]["delta_lnppl_measured"] is None and rows[1]["unmeasured_masks"] == ["m9"]
+
+
 def test_each_system_is_a_configuration_of_the_app() -> None:
     from rap.serving.config import ServeAppConfig
 
@@ -89,6 +97,7 @@ def test_a_short_shock_against_the_live_app(tmp_path) -> None:
     for name, run in by.items():
         figures = next(s for s in doc["systems"] if s["system"] == name)
         assert figures["completed"] == 12 and figures["failed"] == 0, figures["failures"]
+        assert figures["delta_lnppl_measured"] is not None and not figures["unmeasured_masks"]
         (drop_t, low, _) = run["budget_steps"][1]
         (back_t, _, _) = run["budget_steps"][2]
         during = [s for s in run["samples"] if drop_t + 1 < s["t"] < back_t]
