@@ -5,13 +5,14 @@
 Parse → build (trace, budgets scaled to the model, prompts, the systems' app configs) → run
 (one local Ray; per system the app is deployed with its configuration, dense-high first, whose
 closed-loop capacity sets the arrival rate λ = capacity_share × capacity; the trace is played
-over HTTP) → report (DIR/bench.json, DIR/bench.md, DIR/timeline-<system>.png).
+over HTTP) → report (DIR/bench.json.gz, DIR/bench.md, DIR/timeline-<system>.png).
 `rap.ops.bench` holds the harness, `rap.ops.bench_report` the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
@@ -31,6 +32,17 @@ from rap.ops.bench import SYSTEMS, Scale
 from rap.ops.traces import load_trace
 
 PORT = 8765
+DOC = "bench.json.gz"
+"""Every request, sample and budget step: gzipped compact JSON (a full run's is ~1.5 MB raw)."""
+
+
+def read_doc(path: Path) -> dict[str, Any]:
+    return dict(json.loads(gzip.decompress(path.read_bytes())))
+
+
+def write_doc(path: Path, doc: dict[str, Any]) -> None:
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    path.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
 
 
 def add_commands(sub: Any) -> None:
@@ -38,7 +50,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--trace", default="shock", help="a committed trace name or a trace file")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"some of {','.join(SYSTEMS)}")
     p.add_argument("--duration", type=float, help="stop sending after S seconds (default: all)")
-    p.add_argument("--out", required=True, type=Path, help="folder for bench.json/.md/.png")
+    p.add_argument("--out", required=True, type=Path, help="folder for bench.json.gz/.md/.png")
     p.add_argument("--batch", type=int, default=8, help="rows a replica runs at once")
     p.add_argument("--capacity-requests", type=int, default=16, help="for dense-high's capacity")
     p.add_argument(
@@ -53,7 +65,7 @@ def add_commands(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_bench)
     r = sub.add_parser("bench-quality", help="measure the quality of the masks a bench served")
-    r.add_argument("folder", type=Path, help="a `rap bench --out` folder (bench.json)")
+    r.add_argument("folder", type=Path, help="a `rap bench --out` folder (bench.json.gz)")
     r.set_defaults(func=cmd_bench_quality)
 
 
@@ -119,13 +131,13 @@ def measured_lnppl(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    """Measure the served masks of an existing run and rewrite its bench.json and bench.md."""
-    path = args.folder / "bench.json"
+    """Measure the served masks of an existing run and rewrite its bench.json.gz and bench.md."""
+    path = args.folder / DOC
     if not path.is_file():
         raise RapError(f"{path} does not exist", expected="a folder written by `rap bench --out`")
-    doc = json.loads(path.read_text())
+    doc = read_doc(path)
     bench_report.add_measured(doc["systems"], measured_lnppl(doc["systems"]))
-    path.write_text(json.dumps(doc, indent=1))
+    write_doc(path, doc)
     md = args.folder / "bench.md"
     head = md.read_text().split("\n\n", 1)[0] if md.is_file() else ""
     md.write_text(head + "\n\n" + bench_report.markdown(doc["systems"]) + "\n")
@@ -220,6 +232,6 @@ def _write(out: Path, trace: Any, scale: Any, static_key: str, cap: float | None
             for r in runs
         ],
     }
-    (out / "bench.json").write_text(json.dumps(doc, indent=1))
+    write_doc(out / DOC, doc)
     head = f"Trace `{trace.name}` (sha256 {trace.sha256[:16]}…), λ = {1 / stretch:.3f} req/s\n\n"
     (out / "bench.md").write_text(head + bench_report.markdown(rows) + "\n")

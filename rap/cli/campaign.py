@@ -4,7 +4,7 @@
 
 Parse → build (a local Ray cluster, the app: two replicas of the default model, an API key, an
 admin token, a fault folder) → run (capacity in a closed loop; locust headless with the plan's
-shape; the shock and each fault at its time, `/admin/state` sampled) → report (DIR/campaign.json,
+shape; the shock and each fault at its time, `/admin/state` sampled) → report (DIR/campaign.json.gz,
 DIR/campaign.md, DIR/timeline.png, locust's CSV). Exit 0 when every case held, 1 otherwise.
 `rap.ops.campaign` holds the plan and the judging, `rap.ops.locustfile` the load.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import os
 import secrets
@@ -48,6 +49,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
     p.add_argument("--shock-gib", type=float, default=0.45, help="both budgets in the shock")
     p.add_argument("--capacity-s", type=float, default=30.0, help="closed-loop capacity run")
+    p.add_argument("--pacing-s", type=float, default=16.0, help="seconds between a user's calls")
     p.add_argument("--out", required=True, type=Path, help="folder for the report")
     p.add_argument("--port", type=int, default=PORT)
     p.set_defaults(func=cmd_campaign)
@@ -179,7 +181,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         h = Harness(url, admin, key, fault_dir)
         starts = {n: h.state()["replicas"][n]["budget_bytes"] for n in REPLICAS}
         cap = capacity(url, key, args.capacity_s, clients=16)
-        plan = Plan(args.duration, cap)
+        plan = Plan(args.duration, cap, pacing_s=args.pacing_s)
         print(f"capacity {cap:.2f} req/s; load shape {plan.shape()}", flush=True)
         result = _run(h, plan, starts, int(args.shock_gib * GIB), args.out)
     finally:
@@ -252,8 +254,13 @@ def _report(
         "result": result,
         "samples": obs.samples,
         "budget_steps": obs.budget_steps,
+        "paused": obs.paused,
+        "requests": records,
     }
-    (out / "campaign.json").write_text(json.dumps(doc, indent=1, default=str))
+    raw = json.dumps(doc, separators=(",", ":"), default=str).encode()
+    (out / "campaign.json.gz").write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
+    for part in out.glob("requests-*.jsonl"):  # in the document now
+        part.unlink()
     text = campaign.markdown(result, plan, head)
     (out / "campaign.md").write_text(text + "\n")
     campaign.timeline(obs, records, plan, starts, out / "timeline.png")

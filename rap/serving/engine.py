@@ -313,8 +313,9 @@ class Engine:
                 self._note_bytes()
                 return
             self._switch_in_place(mask, fetched)
-        if pages > sched.pool.capacity and self._can_grow_pool(mask, pages):
-            sched.pool.resize(pages, [r.pages for r in sched.running])
+        grown = self._grow_pages(mask, pages)
+        if grown > sched.pool.capacity:
+            sched.pool.resize(grown, [r.pages for r in sched.running])
         sched.admitting = True
         self._note_bytes()
 
@@ -325,12 +326,16 @@ class Engine:
         self.stats.switches += 1
         log.info("KV pool cut to %d pages per layer (%d rows preempted)", pages, preempted)
 
-    def _can_grow_pool(self, mask: KeepMask, pages: int) -> bool:
-        """Room for the grown pool and, while one layer is copied, its old slabs beside it."""
+    def _grow_pages(self, mask: KeepMask, pages: int) -> int:
+        """The largest pool up to `pages` that fits beside one old layer's slabs while that
+        layer is copied (pool.resize goes layer by layer). `pages` itself, sized to the whole
+        budget, never does: asking for it kept the pool small under running rows until they
+        all ended (the memory-shock bench, 2026-11-27), so grow as far as the copy allows now;
+        the rest comes when nothing runs."""
         d = self.model.dims
         old_layer = 2 * self.scheduler.pool.capacity * self.config.page_tokens * d.kv_heads
         old_layer *= d.head_dim * self.model.dtype.itemsize
-        return self.sizing.bytes_with(mask, pages) + old_layer <= self.budget_bytes
+        return min(pages, self.sizing.pages(mask, self.budget_bytes - old_layer))
 
     def _switch_in_place(self, mask: KeepMask, fetched: dict[Any, Any] | None = None) -> None:
         """Running rows go on (invariant 1): they lose what `mask` drops from the next step,

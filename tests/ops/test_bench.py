@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from rap.ops import bench, bench_report
@@ -84,6 +82,7 @@ def test_each_system_is_a_configuration_of_the_app() -> None:
 def test_a_short_shock_against_the_live_app(tmp_path) -> None:
     """dense-high ignores a deep shock (its measured bytes stay over the budget); rap gets
     within it while the shock lasts; every request completes on both."""
+    from rap.cli.bench import read_doc
     from rap.cli.main import main
 
     path = tmp_path / "short.json"
@@ -91,7 +90,7 @@ def test_a_short_shock_against_the_live_app(tmp_path) -> None:
     out = tmp_path / "out"
     args = ["bench", "--trace", str(path), "--systems", "dense-high,rap", "--rate", "1"]
     assert main([*args, "--batch", "4", "--out", str(out)]) == 0
-    doc = json.loads((out / "bench.json").read_text())
+    doc = read_doc(out / "bench.json.gz")
     assert doc["trace"]["sha256"] == short_trace().sha256
     by = {r["system"]: r for r in doc["runs"]}
     for name, run in by.items():

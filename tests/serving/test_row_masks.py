@@ -231,6 +231,40 @@ def test_a_budget_drop_under_running_rows_cuts_the_pool_at_once(served_dir_llama
     assert engine.scheduler.pool.used_pages() == 0
 
 
+def test_memory_that_returns_grows_the_pool_under_running_rows(served_dir_llama) -> None:
+    """The pool used to wait for every running row to end before it grew back (the new pool
+    sized to the whole budget never fit beside the old layer being copied): under a steady
+    queue the returned memory stayed unused (the memory-shock bench, 2026-11-27). Now it
+    grows while the rows run, as far as the copy allows, and stays within the budget."""
+    model = rap.load_model(str(served_dir_llama), device="cpu")
+    budget = roomy(model)
+    engine = Engine(model, CONFIG, budget, None)
+    full = engine.scheduler.pool.capacity
+
+    async def wait_until(check) -> None:
+        for _ in range(500):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+
+    async def main() -> list[list[dict]]:
+        streams = [engine.submit(Request([5 + i, 6, 7], 240, ignore_eos=True)) for i in range(2)]
+        firsts = [await s.__anext__() for s in streams]
+        assert all(f["type"] == "start" for f in firsts)
+        engine.set_budget(engine.sizing.bytes_with(model.mask, full // 4))
+        await wait_until(lambda: engine.scheduler.pool.capacity <= full // 4)
+        cut = engine.scheduler.pool.capacity
+        engine.set_budget(budget)
+        await wait_until(lambda: engine.scheduler.pool.capacity > cut)
+        assert engine.running >= 1 and engine.scheduler.pool.capacity > cut
+        held = model.weight_bytes() + engine.kv_bytes_held() + engine.sizing.step_bytes()
+        assert held <= budget
+        return [[e async for e in s] for s in streams]
+
+    results = asyncio.run(main())
+    assert all(r[-1]["type"] == "done" for r in results)
+
+
 def test_the_no_thrash_rule_shrinks_now_grows_when_settled_and_crosses_only_when_forced(
     served: dict[str, Path],
 ) -> None:
