@@ -98,8 +98,9 @@ EVENTS = (
         "disconnect-storm",
         0.70,
         0,
-        "40 streaming clients hang up after their first chunk: once the load ends every "
-        "replica holds no running row and no KV page",
+        "40 streaming clients hang up, after their first chunk or (none within 60 s) while "
+        "waiting, at least one mid-stream: once the load ends every replica holds no running "
+        "row and no KV page",
     ),
     Event(
         "device-memory-fault",
