@@ -173,10 +173,14 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     admin, key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     fault_dir = args.out / "faults"
     fault_dir.mkdir(exist_ok=True)
+    # Inherited by Ray's workers; put back afterwards, so that a caller in the same process
+    # (a test run) does not serve its next app behind this campaign's key.
+    names = ("RAP_ADMIN_TOKEN", "RAP_API_KEY", "RAP_FAULT_DIR")
+    saved = {n: os.environ.get(n) for n in names}
     os.environ.update(RAP_ADMIN_TOKEN=admin, RAP_API_KEY=key, RAP_FAULT_DIR=str(fault_dir))
     url = f"http://127.0.0.1:{args.port}"
-    _start_ray(args.port)
     try:
+        _start_ray(args.port)
         _deploy(app_config(), url)
         h = Harness(url, admin, key, fault_dir)
         starts = {n: h.state()["replicas"][n]["budget_bytes"] for n in REPLICAS}
@@ -186,6 +190,11 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         result = _run(h, plan, starts, int(args.shock_gib * GIB), args.out)
     finally:
         _stop_ray()
+        for n, value in saved.items():
+            if value is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = value
     _report(args.out, result, plan, starts, args)
     return 0 if result["ok"] else 1
 

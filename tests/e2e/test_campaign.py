@@ -16,8 +16,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_a_short_campaign_holds_every_case(tmp_path) -> None:
+def test_a_short_campaign_holds_every_case(tmp_path, monkeypatch) -> None:
+    import os
+
     from rap.cli.main import main
+
+    monkeypatch.delenv("RAP_API_KEY", raising=False)
 
     out = tmp_path / "campaign"
     args = ["--duration", "60", "--capacity-s", "10", "--pacing-s", "4"]  # fewer users on 2 cores
@@ -31,3 +35,4 @@ def test_a_short_campaign_holds_every_case(tmp_path) -> None:
     assert result["outcomes"]["ok"] > 50 and result["memory"]["checked"] > 50
     assert result["outcomes"]["4xx"] > 0  # the invalid bodies reached the server
     assert (out / "timeline.png").stat().st_size > 0 and (out / "campaign.md").exists()
+    assert "RAP_API_KEY" not in os.environ  # its key does not leak into the next module's app
