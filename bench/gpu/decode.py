@@ -11,7 +11,10 @@ both ends):
     roofline share = bytes read per step / step time / device bandwidth
 
 where the device bandwidth is a measured device-to-device copy, counted as 2 · bytes / time (a
-copy reads and writes each byte). `generate()` (transformers, the model's own SDPA attention
+copy reads and writes each byte). The engine runs twice per shape: `engine-graphs` replays each
+decoder layer from a CUDA graph (`rap.serving.decode_graphs`; captured in the warm-up steps,
+the captures and their seconds reported), `engine` launches every kernel from Python.
+`generate()` (transformers, the model's own SDPA attention
 and a `DynamicCache`) runs the same shapes in the same process: its decode time per step is
 (time of 1 + STEPS new tokens − time of 1) / STEPS, which takes the prefill out.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from common import apply, copy_bandwidth, cuda, mask_keeping, prompt_ids, restored_blocks, sync
 
 from rap.core import memory
@@ -41,9 +45,12 @@ def bytes_read_per_step(model: Any, batch: int, context: int) -> int:
     return memory.weight_bytes(cfg, mask, dt) - embedding + kv
 
 
-def engine_decode(model: Any, batch: int, context: int, profile: bool = False) -> dict[str, Any]:
+def engine_decode(
+    model: Any, batch: int, context: int, profile: bool = False, graphs: bool = False
+) -> dict[str, Any]:
     """Prefill `batch` rows of `context` tokens, then time STEPS decode steps; with `profile`,
-    also the profiler's top operators over two more steps (where a step's time goes)."""
+    also the profiler's top operators over two more steps (where a step's time goes); with
+    `graphs`, decode steps replay CUDA graphs (captured during the WARM steps)."""
     d = model.dims
     total = context + WARM + STEPS + 1
     per_row = -(-total // PAGE_TOKENS)
@@ -56,6 +63,7 @@ def engine_decode(model: Any, batch: int, context: int, profile: bool = False) -
         max_step_tokens=max(4096, context),
         page_tokens=PAGE_TOKENS,
         max_wait_s=600,
+        cuda_graphs=graphs,
     )
     sched = Scheduler(model, pool, config)
     done: list[dict[str, Any]] = []
@@ -75,11 +83,26 @@ def engine_decode(model: Any, batch: int, context: int, profile: bool = False) -
     errors = [e for e in done if e["type"] == "error"]
     if errors:
         raise RuntimeError(f"engine rows failed: {errors[0]['message']}")
-    out = {"ms_per_step": 1e3 * elapsed / STEPS, "tokens_per_s": batch * STEPS / elapsed}
+    out: dict[str, Any] = {
+        "ms_per_step": 1e3 * elapsed / STEPS,
+        "tokens_per_s": batch * STEPS / elapsed,
+    }
+    if sched.graphs is not None:
+        s = sched.graphs.stats
+        out["graphs"] = {
+            "captures": s.captures,
+            "capture_s": s.capture_s,
+            "graphed_steps": s.graphed_steps,
+            "reserved_bytes": torch.cuda.memory_reserved() if cuda() else None,
+        }
     if profile:
         out["profile"] = _profile(sched, 2)
     while not sched.idle:
         sched.step()
+    if sched.graphs is not None:
+        sched.drop_graphs()
+        if cuda():
+            torch.cuda.empty_cache()
     return out
 
 
@@ -121,16 +144,26 @@ def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
     fresh = engine_decode(model, 8, 512 // 16 if toy else 512, profile=True)
     out["dense_before_masks"] = {**fresh, "restored_blocks": sorted(restored_blocks)}
     report.save()
-    points = [(m, b, c, s) for b, c in GRID for m in masks for s in ("engine", "generate")]
+    systems = ("engine-graphs", "engine", "generate")
+    points = [(m, b, c, s) for b, c in GRID for m in masks for s in systems]
     for name, batch, context, system in points:
         if time.monotonic() > deadline:
             out["status"] = "partial (time)"
             return
         apply(model, masks[name])
         context = context // 16 if toy else context
-        run = engine_decode if system == "engine" else generate_decode
         row: dict[str, Any] = {"system": system, "mask": name, "batch": batch, "context": context}
-        row.update(run(model, batch, context))
+        try:
+            if system == "generate":
+                row.update(generate_decode(model, batch, context))
+            else:
+                row.update(engine_decode(model, batch, context, graphs=system == "engine-graphs"))
+        except Exception as exc:  # one system failing at one shape must not end the part
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            out["rows"].append(row)
+            print(f"decode {system} {name} B={batch} C={context}: {row['error']}", flush=True)
+            report.save()
+            continue
         row["restored_blocks_kept"] = sum(model.mask.keeps(b) for b in restored_blocks)
         read = bytes_read_per_step(model, batch, context + STEPS // 2)
         row["bytes_read_per_step"] = read
@@ -141,7 +174,7 @@ def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
         row["roofline_share"] = None if bw is None else read / step_s / bw
         out["rows"].append(row)
         print(
-            f"decode {system:8s} {name:9s} B={batch:<3d} C={context:<5d} "
+            f"decode {system:13s} {name:9s} B={batch:<3d} C={context:<5d} "
             f"{row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s "
             f"roofline {row['roofline_share']}",
             flush=True,

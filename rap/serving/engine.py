@@ -253,6 +253,7 @@ class Engine:
             self._change_under_rows(mask, pages, fetched)
             return
         self.scheduler.admitting = False
+        self.scheduler.drop_graphs()
         self.scheduler.pool = self.sizing.pool(None, 0)  # the old slabs go before the new mask
         del current
         started_s = time.monotonic()
@@ -321,6 +322,7 @@ class Engine:
 
     def _cut_pool(self, pages: int) -> None:
         sched = self.scheduler
+        sched.drop_graphs()
         preempted = sched.fit(pages)
         sched.pool.resize(pages, [r.pages for r in sched.running])
         self.stats.switches += 1
@@ -340,6 +342,7 @@ class Engine:
     def _switch_in_place(self, mask: KeepMask, fetched: dict[Any, Any] | None = None) -> None:
         """Running rows go on (invariant 1): they lose what `mask` drops from the next step,
         with those attention layers' slabs freed whole, and skip what it restores."""
+        self.scheduler.drop_graphs()
         row_masks.switch(self.scheduler, mask, self.config.min_kept_fraction, fetched)
         self.stats.switches += 1
         rows = len(self.scheduler.running)

@@ -62,6 +62,13 @@ class EngineConfig(BaseModel):
         "at once sets a number here.",
     )
 
+    cuda_graphs: bool = Field(
+        True,
+        description="On a GPU, replay decode steps from CUDA graphs (rap.serving.decode_graphs): "
+        "a graph per decoder layer, batch size and page span, captured on first use; False: "
+        "every step eager (to compare, or to rule graphs out).",
+    )
+
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(
             max_running=self.max_batch_size,
@@ -69,4 +76,5 @@ class EngineConfig(BaseModel):
             page_tokens=self.page_tokens,
             max_wait_s=self.max_wait_s,
             retry_after_s=self.retry_after_s,
+            cuda_graphs=self.cuda_graphs,
         )

@@ -26,6 +26,7 @@ An error in one step (the forward raising) fails the rows of that step; the sche
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from pydantic import BaseModel, Field
 from rap.core import memory
 from rap.core.gates import gating
 from rap.serving import row_masks
+from rap.serving.decode_graphs import DecodeGraphs
 from rap.serving.kv_pages import PagePool
 from rap.serving.paged_attention import PagedKV, RowStep, paged
 from rap.serving.rows import (
@@ -62,6 +64,11 @@ class SchedulerConfig(BaseModel):
     page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
+    cuda_graphs: bool = Field(
+        True,
+        description="On a GPU, replay decode steps from CUDA graphs (`rap.serving.decode_graphs`) "
+        "where they apply; ignored on a CPU.",
+    )
 
 
 class Scheduler:
@@ -81,6 +88,9 @@ class Scheduler:
         self._next_id = 0
         self.admitting = True
         """False while the engine switches masks: running rows finish, nobody new starts."""
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and torch.device(model.device).type == "cuda":
+            self.graphs = DecodeGraphs(model)
 
     # -- from any thread ---------------------------------------------------------------------
     def add(self, request: Request, sink: Sink) -> int:
@@ -113,6 +123,12 @@ class Scheduler:
         with self._lock:
             self.waiting.appendleft(row)
         self.stats.preempted += 1
+
+    def drop_graphs(self) -> None:
+        """Forget the decode graphs before the pool or the mask changes (their buffers hold
+        the pool, and their memory pool one step's transients: bytes go down first)."""
+        if self.graphs is not None:
+            self.graphs.reset()
 
     def fit(self, capacity: int) -> int:
         """Preempt the youngest running rows until every layer's reservations fit `capacity`
@@ -198,15 +214,23 @@ class Scheduler:
             torch.inference_mode(),
             self.model.holding_mask() as mask,
             paged(self.model.hf),
-            gating(self.model, row_masks.gate_positions(rows, mask, device)),
+            contextlib.ExitStack() as stack,
         ):
+            gates = row_masks.gate_positions(rows, mask, device)
+            step_kv: Any = kv
+            if self.graphs is not None and self.graphs.fits(kv.rows, bool(gates)):
+                step_kv = stack.enter_context(self.graphs.step(self.pool, kv.rows))
+            else:
+                stack.enter_context(gating(self.model, gates))
+                if self.graphs is not None:
+                    self.graphs.note_eager()
             out = self.model.hf(
                 input_ids=torch.tensor([ids], device=device),
                 position_ids=torch.tensor([positions], device=device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                past_key_values=kv,
+                past_key_values=step_kv,
                 use_cache=True,
-                rap_kv=kv,
+                rap_kv=step_kv,
                 logits_to_keep=keep,
             )
         self.stats.forwards += 1
