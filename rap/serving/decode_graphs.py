@@ -69,7 +69,8 @@ def cuda_capture(run: Callable[[bool], None], pool: Any) -> Replay:
         run(False)  # writes this step's keys/values; the replay writes the same values again
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: the restore thread (rap.serving.restores) may copy blocks meanwhile
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         run(True)
     return graph.replay
 

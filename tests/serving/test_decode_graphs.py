@@ -14,7 +14,8 @@ import torch
 
 import rap
 from rap.serving.decode_graphs import PAGE_SPAN, DecodeGraphs, eager_capture
-from rap.serving.scheduler import Request, Scheduler
+from rap.serving.kv_pages import PagePool
+from rap.serving.scheduler import Request, Scheduler, SchedulerConfig
 from tests.serving.test_row_masks import record_logits
 from tests.serving.test_scheduler import Collect, run, scheduler
 
@@ -122,7 +123,11 @@ def test_cuda_graphs_compute_what_eager_steps_do(served_dir: Path) -> None:
     gpu = rap.load_model(str(served_dir), dtype="float32", device="cuda")
     results = []
     for graphs in (False, True):
-        sched = scheduler(gpu, pages=256, max_step_tokens=8, cuda_graphs=graphs)
+        config = SchedulerConfig(page_tokens=4, max_step_tokens=8, cuda_graphs=graphs)
+        d = gpu.dims
+        layers = list(range(gpu.num_layers))
+        pool = PagePool(layers, 256, 4, d.kv_heads, d.head_dim, gpu.dtype, gpu.device)
+        sched = Scheduler(gpu, pool, config)
         assert (sched.graphs is not None) == graphs
         seen = record_logits(sched)
         out = Collect()
