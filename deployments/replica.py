@@ -46,7 +46,7 @@ class LLMReplica:
         self.model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         m, e = self.model, cfg.engine
         policy = make_planner(cfg.planner, m.config, m.model_id, m.dtype, e.min_kept_fraction)
-        budget = initial_budget_bytes(self.model, spec.budget_gib, cfg)
+        budget = initial_budget_bytes(self.model, spec.budget_gib, cfg, spec.num_gpus)
         self.engine = Engine(self.model, e, budget, policy)
         self.engine.budget_from_device = spec.budget_gib is None and cfg.device == "cuda"
         self.intake = Intake(self.model, self.engine, cfg.served_name or self.model.model_id)

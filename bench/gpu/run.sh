@@ -4,12 +4,16 @@
 #   bash bench/gpu/run.sh --take .carryN        one part of the model tar into /tmp/stage
 #   bash bench/gpu/run.sh --unpack              the model tar, reassembled, into /tmp/site
 #   bash bench/gpu/run.sh [--parts P,..] [--budget-s S]   measure (default: memory,blocks,decode;
-#                                               also: scan, tests = the suite's gpu-marked tests)
+#                                               also: scan, tests = the suite's gpu-marked tests,
+#                                               replicas = two 7B replicas under Ray Serve and a
+#                                               co-tenant; needs Ray: --install first;
+#                                               [--replicas-budget-s S], default 170)
 #   bash bench/gpu/run.sh --dry-run             here on the CPU: sizes, imports, arguments, format
 # Writes $OUT/gpu.json (the device tool's folder; ./out/gpu elsewhere), rewritten after each point,
 # so a run cut off returns what it measured. Parts: measure.py's (memory, blocks, decode) on a
 # Llama-2-7B-shaped random model, then `scan`: a one-shot block scan of the default model
-# (float32, as the committed CPU scan) beside the committed CPU time and scores.
+# (float32, as the committed CPU scan) beside the committed CPU time and scores. `replicas`
+# (bench/gpu/replicas.py) writes $OUT/gpu-replicas.json, same format, its own file.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -21,6 +25,7 @@ py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
 parts=memory,blocks,decode
 budget=200
+rbudget=170
 dry=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -35,8 +40,9 @@ while [ $# -gt 0 ]; do
       echo "model and calibration text unpacked into /tmp/site"; exit 0 ;;
     --parts) parts=$2; shift ;;
     --budget-s) budget=$2; shift ;;
+    --replicas-budget-s) rbudget=$2; shift ;;
     --dry-run) dry=--dry-run ;;
-    *) echo "unknown argument $1: expected --install, --take DIR, --unpack, --parts, --budget-s, --dry-run" >&2
+    *) echo "unknown argument $1: expected --install, --take DIR, --unpack, --parts, --budget-s, --replicas-budget-s, --dry-run" >&2
        exit 2 ;;
   esac
   shift
@@ -49,9 +55,13 @@ if [ -n "$dry" ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>/dev/null \
   || echo "nvidia-smi: none (CUDA is absent)"
-measure=$(echo "$parts" | tr , '\n' | grep -vx 'scan\|tests' | paste -sd, -)
+measure=$(echo "$parts" | tr , '\n' | grep -vx 'scan\|tests\|replicas' | paste -sd, -)
 if [ -n "$measure" ]; then
   $py bench/gpu/measure.py --out "$out" --parts "$measure" --budget-s "$budget" $dry
+fi
+if echo "$parts" | tr , '\n' | grep -qx replicas; then  # its own deadline; timeout: a backstop
+  timeout -k 10 $((${rbudget%.*} + 30)) \
+    $py bench/gpu/replicas.py --out "$out" --budget-s "$rbudget" $dry
 fi
 if echo "$parts" | tr , '\n' | grep -qx scan; then
   $py bench/gpu/scan.py --out "$out" $dry

@@ -38,7 +38,9 @@ done
 head=$(git rev-parse --short HEAD)
 cat <<CALLS
 Device calls, back to back (run tool; each \`carry\` names one folder; commit what runs first):
-  1. carry [.whl]    bash bench/gpu/run.sh --install && RAP_COMMIT=$head bash bench/gpu/run.sh --parts memory,blocks,decode,tests
+  1. carry [.whl]    bash bench/gpu/run.sh --install && RAP_COMMIT=$head bash bench/gpu/run.sh --parts memory,blocks,decode,replicas,tests
+     (Ray is there from this call on; the replicas part alone, ~2.5 min, 170 s deadline:
+      carry [.whl]    bash bench/gpu/run.sh --install && RAP_COMMIT=$head bash bench/gpu/run.sh --parts replicas)
   2. carry [.carry1] bash bench/gpu/run.sh --take .carry1
   3. carry [.carry2] bash bench/gpu/run.sh --take .carry2 && bash bench/gpu/run.sh --unpack \\
                        && RAP_COMMIT=$head bash bench/gpu/run.sh --parts scan

@@ -1,6 +1,6 @@
 """The GPU run's figures as Markdown tables (for docs/results.md and the issue note).
 
-python bench/gpu/summarize.py bench/results/gpu/gpu.json
+python bench/gpu/summarize.py bench/results/gpu/gpu.json   (or gpu-replicas.json)
 """
 
 from __future__ import annotations
@@ -68,16 +68,17 @@ def decode_table(part: dict[str, Any]) -> list[str]:
     lines = [
         f"device bandwidth (device-to-device copy, 2 · bytes / time): "
         f"{num(part['device_bytes_per_s'], '.2f', 1e12)} TB/s\n",
-        "| mask (weight share) | B | context | engine ms/step | engine tok/s | engine roofline "
+        "| mask (weight share) | B | context | graphs ms/step | graphs tok/s | graphs roofline "
+        "| engine ms/step | engine tok/s | engine roofline "
         "| generate() ms/step | generate() tok/s | generate() roofline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     for r in part["rows"]:
         rows.setdefault((r["mask"], r["batch"], r["context"]), {})[r["system"]] = r
     for (mask, batch, context), by in rows.items():
         cells = []
-        for system in ("engine", "generate"):
+        for system in ("engine-graphs", "engine", "generate"):
             r = by.get(system)
             cells += (
                 [
@@ -85,11 +86,50 @@ def decode_table(part: dict[str, Any]) -> list[str]:
                     f"{r['tokens_per_s']:.0f}",
                     num(r["roofline_share"], ".0%"),
                 ]
-                if r
+                if r and "ms_per_step" in r
                 else ["–", "–", "–"]
             )
         share = next(iter(by.values()))["weight_share"]
         lines.append(f"| {mask} ({share:.2f}) | {batch} | {context} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def replicas_table(part: dict[str, Any]) -> list[str]:
+    """The replicas part: each co-tenant step's reaction, bytes over share, accounting."""
+    dev, summ = part["device"], part["summary"]
+    sim = " (simulated: a dry run)" if dev.get("simulated") else ""
+    lines = [
+        f"device {num(dev['total_bytes'], '.1f', GIB)} GiB{sim}, co-tenant steps of "
+        f"{num(dev['step_bytes'], '.2f', GIB)} GiB, margin {num(dev['margin_bytes'], '.2f', GIB)}"
+        f" GiB; app up in {part.get('deploy_s', 0):.0f} s; requests {part.get('requests')}\n",
+        "| co-tenant | GiB held | NVML free before GiB | budgets moved s | replicas fit s "
+        "| NVML free ≥ margin s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summ["reactions"]:
+        lines.append(
+            f"| {r['event']} | {num(r['cotenant_bytes'], '.1f', GIB)} "
+            f"| {num(r.get('nvml_free_before'), '.2f', GIB)} | {num(r['budget_s'], '.2f')} "
+            f"| {num(r['fit_s'], '.2f')} | {num(r['nvml_free_s'], '.2f')} |"
+        )
+    lines += [
+        "",
+        "| replica | samples | over share | max over MiB | GiB·s over | max peak over MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, o in summ["over_share"].items():
+        lines.append(
+            f"| {name} | {o['samples']} | {o['samples_over']} | {o['max_over_bytes'] / 2**20:.1f} "
+            f"| {o['bytes_s_over'] / GIB:.3f} | {num(o['max_peak_over_bytes'], '.1f', 2**20)} |"
+        )
+    acc = summ["accounting"]
+    rel, gap = acc["allocated_vs_predicted"], acc["nvml_unaccounted_bytes"]
+    lines.append(
+        f"\nallocated vs predicted (Σ replicas): median "
+        f"{num(rel and rel['median'], '+.1%')}, range {num(rel and rel['min'], '+.1%')} .. "
+        f"{num(rel and rel['max'], '+.1%')}; NVML used − (Σ reserved + co-tenant): median "
+        f"{num(gap and gap['median'], '.2f', GIB)} GiB"
+    )
     return lines
 
 
@@ -101,7 +141,12 @@ def main() -> int:
         f"(CUDA {env['cuda_runtime']}), transformers {env['transformers']}, commit "
         f"{str(env['commit'])[:7]}\n"
     )
-    tables = {"memory": memory_table, "blocks": blocks_table, "decode": decode_table}
+    tables = {
+        "memory": memory_table,
+        "blocks": blocks_table,
+        "decode": decode_table,
+        "replicas": replicas_table,
+    }
     for name, part in report["parts"].items():
         print(f"### {name} ({part['status']}, {part.get('seconds', 0):.0f} s)\n")
         if name in tables and part.get("rows"):

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from rap.cli.common import read_secret
 from rap.core.constants import GIB
 from rap.core.errors import RapError
-from rap.core.loading import DEFAULT_MODEL, resolve
+from rap.core.loading import DEFAULT_MODEL, load_config
 
 
 def add_commands(sub: Any) -> None:
@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rap.serving.config import controller_policy  # lazy: heavy (torch, transformers)
 
     config = _validated(args)
-    resolve(args.model)  # convert the default model once, before replicas race to do it
+    load_config(args.model)  # convert the default model once, before replicas race to do it
     policy = controller_policy(config.resolved())  # one error line now, before Ray starts
     print(f"controller policy: {_policy_line(policy.describe())}", flush=True)
     # After the checks above, so a rejected start writes no token file; before Ray starts.

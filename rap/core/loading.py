@@ -17,6 +17,7 @@ from typing import Any
 
 from rap.core.arch import spec_for
 from rap.core.errors import ModelNotFoundError
+from rap.core.random_models import build_random, is_random, random_config
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -128,6 +129,8 @@ def load_config(name_or_path: str = DEFAULT_MODEL) -> tuple[Any, str]:
     """The transformers config and identity of a model, without loading its weights."""
     from transformers import AutoConfig  # lazy: heavy (transformers)
 
+    if is_random(name_or_path):
+        return random_config(name_or_path)
     folder, model_id = resolve(name_or_path)
     return AutoConfig.from_pretrained(str(folder)), model_id
 
@@ -146,18 +149,21 @@ def default_dtype(device: str) -> str:
 def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, device: str | None = None
 ) -> Any:
-    """Load a model as a `PrunableModel` (offline for the default and local folders)."""
+    """Load a model as a `PrunableModel` (offline for the default, local folders and the
+    random-weight presets, `random:llama-7b` and `random:toy`: `rap.core.random_models`)."""
     import torch  # lazy: heavy (torch)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy (transformers)
 
     from rap.core.model import PrunableModel  # lazy: heavy (torch, transformers)
     from rap.core.weights import SafetensorsSource  # lazy: heavy (torch)
 
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if is_random(name_or_path):
+        return build_random(name_or_path, dtype, device)
     folder, model_id = resolve(name_or_path)
     config, _ = load_config(str(folder))
     spec_for(config)  # refuse unsupported architectures before reading any weights
-    device = device or default_device()
-    dtype = dtype or default_dtype(device)
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -30,6 +30,19 @@ class DeviceMemory(_Message):
     free_bytes: int = Field(ge=0, description="NVML free (device-wide), or cap minus model bytes.")
 
 
+class ProcessMemory(_Message):
+    """The replica process's own device memory, beside NVML's device-wide figure: what torch's
+    caching allocator holds for it (None on a CPU). The GPU run (bench/gpu/replicas.py)
+    compares NVML use with these and with the memory model's prediction."""
+
+    pid: int = Field(ge=0, description="The replica's process (NVML lists per-process use).")
+    allocated_bytes: int | None = Field(None, description="torch.cuda.memory_allocated().")
+    peak_allocated_bytes: int | None = Field(
+        None, description="The most torch.cuda.max_memory_allocated() over the last second."
+    )
+    reserved_bytes: int | None = Field(None, description="torch.cuda.memory_reserved().")
+
+
 class QueueState(_Message):
     """What the replica is asked to do: waiting and running requests and recent batch shapes."""
 
@@ -80,6 +93,13 @@ class Telemetry(_Message):
     over_budget_bytes: int = Field(
         0, ge=0, description="High-water mark of (weights + KV pool + step − budget) at switches."
     )
+    predicted_bytes: int = Field(
+        0,
+        ge=0,
+        description="weights(mask) + the KV pool + one step, as the memory model "
+        "predicts them (rap.serving.sizing.Sizing.bytes_with) for the current mask and pool.",
+    )
+    process: ProcessMemory | None = Field(None, description="The process's own device memory.")
 
 
 class PlanEntry(_Message):

@@ -6,6 +6,8 @@ own bytes against the configured cap. `GenerateCall` is the router → replica r
 
 from __future__ import annotations
 
+import collections
+import os
 import time
 from typing import Any
 
@@ -13,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rap.core.constants import GIB
 from rap.serving import faults
-from rap.serving.messages import DeviceMemory, QueueState, Telemetry
+from rap.serving.messages import DeviceMemory, ProcessMemory, QueueState, Telemetry
 from rap.serving.openai_api import MAX_TOKENS_LIMIT
 from rap.serving.sizing import engine_peak_bytes
 
@@ -68,16 +70,52 @@ def device_memory(model: Any, engine: Any) -> DeviceMemory:
     return DeviceMemory(kind="cpu", total_bytes=cap, used_bytes=own, free_bytes=max(cap - own, 0))
 
 
-def initial_budget_bytes(model: Any, budget_gib: float | None, cfg: Any) -> int:
-    """A configured budget; else NVML free + own weights − margin on a GPU; else, on a CPU, what
+def initial_budget_bytes(
+    model: Any, budget_gib: float | None, cfg: Any, gpu_share: float = 1.0
+) -> int:
+    """A configured budget; else, on a GPU, own weights + `gpu_share` of (NVML free − margin),
+    `gpu_share` being the replica's Ray GPU fraction (capped at 1): two replicas at 0.5 that
+    start together must not both size their KV pools to all the free memory (the second's
+    would not fit; the controller's `GpuShares` rebalances from there); else, on a CPU, what
     the dense model needs for a full batch of `target_seq`-token rows (no pruning to start)."""
     if budget_gib is not None:
         return int(budget_gib * GIB)
     if model.device.type == "cuda":
-        free = nvml_memory(model.device.index or 0).free_bytes
-        return max(0, free + model.weight_bytes() - int(cfg.gpu_margin_gib * GIB))
+        free = nvml_memory(model.device.index or 0).free_bytes - int(cfg.gpu_margin_gib * GIB)
+        share = min(gpu_share, 1.0) if gpu_share > 0 else 1.0
+        return max(0, model.weight_bytes() + int(max(free, 0) * share))
     e = cfg.engine
     return engine_peak_bytes(model, e, model.dense_mask(), e.max_batch_size, e.target_seq)
+
+
+_PEAKS: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+PEAK_WINDOW_S = 1.0
+"""Each snapshot resets torch's peak; the peak reported is the most over the last second of
+snapshots, so that every reader (the replica's own reporter every period, an operator's
+/admin/state) sees a transient that another reader's snapshot reset."""
+
+
+def process_memory(model: Any) -> ProcessMemory:
+    """This process's allocator figures on the model's GPU, or only the pid on a CPU."""
+    if model.device.type != "cuda":
+        return ProcessMemory(pid=os.getpid())
+    import torch  # lazy: heavy (torch); only a GPU replica gets here
+
+    dev, now = model.device, time.monotonic()
+    _PEAKS.append((now, torch.cuda.max_memory_allocated(dev)))
+    torch.cuda.reset_peak_memory_stats(dev)
+    return ProcessMemory(
+        pid=os.getpid(),
+        allocated_bytes=torch.cuda.memory_allocated(dev),
+        peak_allocated_bytes=max(b for t, b in _PEAKS if t >= now - PEAK_WINDOW_S),
+        reserved_bytes=torch.cuda.memory_reserved(dev),
+    )
+
+
+def predicted_bytes(engine: Any) -> int:
+    """The memory model's bytes for the current mask and pool (`Sizing.bytes_with`)."""
+    pool = engine.scheduler.pool
+    return int(engine.sizing.bytes_with(engine.model.mask, pool.capacity))
 
 
 def snapshot(
@@ -116,4 +154,6 @@ def snapshot(
         tokens_per_s=max(tokens_per_s, 0.0),
         over_budget_bytes=max(stats.over_budget_bytes, 0),
         errors=errors,
+        predicted_bytes=predicted_bytes(engine),
+        process=process_memory(engine.model),
     )
