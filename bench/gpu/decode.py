@@ -52,15 +52,20 @@ def engine_decode(
     also the profiler's top operators over two more steps (where a step's time goes); with
     `graphs`, decode steps replay CUDA graphs (captured during the WARM steps)."""
     d = model.dims
-    total = context + WARM + STEPS + 1
-    per_row = -(-total // PAGE_TOKENS)
+    step_tokens = max(4096, context)
+    # Rows are prefilled a few per step and the first ones decode meanwhile: each row asks for
+    # enough tokens to still be running at the last timed step (the H100 run of 2026-11-27
+    # found rows leaving during the timed steps: B shrank as it was timed).
+    prefill_steps = -(-batch * context // step_tokens) + 1
+    new_tokens = prefill_steps + WARM + STEPS + 2
+    per_row = -(-(context + new_tokens + 1) // PAGE_TOKENS)
     kept = [i for i, k in enumerate(model.mask.attn) if k]
     pool = PagePool(
         kept, batch * per_row, PAGE_TOKENS, d.kv_heads, d.head_dim, model.dtype, model.device
     )
     config = SchedulerConfig(
         max_running=batch,
-        max_step_tokens=max(4096, context),
+        max_step_tokens=step_tokens,
         page_tokens=PAGE_TOKENS,
         max_wait_s=600,
         cuda_graphs=graphs,
@@ -69,11 +74,12 @@ def engine_decode(
     done: list[dict[str, Any]] = []
     for r in range(batch):
         ids = prompt_ids(model, context, r)
-        sched.add(Request(ids, WARM + STEPS + 2, ignore_eos=True), done.append)
+        sched.add(Request(ids, new_tokens, ignore_eos=True), done.append)
     while not sched.running or any(row.prefilling for row in sched.running):
         sched.step()
     for _ in range(WARM):
         sched.step()
+    held = sum(row.held for row in sched.running)
     sync()
     start = time.perf_counter()
     for _ in range(STEPS):
@@ -83,9 +89,13 @@ def engine_decode(
     errors = [e for e in done if e["type"] == "error"]
     if errors:
         raise RuntimeError(f"engine rows failed: {errors[0]['message']}")
+    if len(sched.running) != batch:
+        raise RuntimeError(f"{batch - len(sched.running)} rows left during the timed steps")
+    held += sum(row.held for row in sched.running)
     out: dict[str, Any] = {
         "ms_per_step": 1e3 * elapsed / STEPS,
         "tokens_per_s": batch * STEPS / elapsed,
+        "mean_context": held / (2 * batch),
     }
     if sched.graphs is not None:
         s = sched.graphs.stats
@@ -165,7 +175,8 @@ def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
             report.save()
             continue
         row["restored_blocks_kept"] = sum(model.mask.keeps(b) for b in restored_blocks)
-        read = bytes_read_per_step(model, batch, context + STEPS // 2)
+        mean_context = row.get("mean_context", context + STEPS // 2)  # engine: rows as held
+        read = bytes_read_per_step(model, batch, int(mean_context))
         row["bytes_read_per_step"] = read
         row["weight_share"] = memory.weight_bytes(
             model.config, model.mask, model.dtype

@@ -130,18 +130,20 @@ class GraphKV:
     comes from the bucket's device buffers (module doc), so a replay needs no Python."""
 
     def __init__(self, bucket: Bucket) -> None:
-        self.bucket = bucket
+        # No reference back to the bucket: a cycle would keep it (and its PagePool's slabs)
+        # alive after `reset()` until the garbage collector ran — on an H100 that held a
+        # 34 GB pool past its end and the next allocation failed.
+        self.pool = bucket.pool
         self.index = {layer: i for i, layer in enumerate(bucket.layers)}
         self.table, self.write_page, self.write_slot, self.seen = bucket.views(bucket.device)
-        self.key_index = torch.arange(
-            bucket.span * bucket.pool.page_tokens, device=bucket.device.device
-        )
+        tokens = bucket.span * bucket.pool.page_tokens
+        self.key_index = torch.arange(tokens, device=bucket.device.device)
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kw: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K_l[write_page_b, write_slot_b] = key_b for every row b ([1, n_kv, B, d] in)."""
-        pool, at = self.bucket.pool, (self.write_page[self.index[layer_idx]], self.write_slot)
+        pool, at = self.pool, (self.write_page[self.index[layer_idx]], self.write_slot)
         pool.keys[layer_idx][at] = key[0].transpose(0, 1)
         pool.values[layer_idx][at] = value[0].transpose(0, 1)
         return key, value
@@ -150,7 +152,7 @@ class GraphKV:
         self, layer: int, query: torch.Tensor, scaling: float | None, softcap: float | None
     ) -> torch.Tensor:
         """[1, H, B, d] queries → [1, B, H, d]: row b over its table's keys j < seen_b."""
-        pool = self.bucket.pool
+        pool = self.pool
         pages = self.table[self.index[layer]]  # [B, M]
         k = pool.keys[layer][pages].flatten(1, 2)  # [B, M · page_tokens, n_kv, d]
         v = pool.values[layer][pages].flatten(1, 2)
@@ -255,10 +257,12 @@ class DecodeGraphs:
         if isinstance(call.get("position_ids"), torch.Tensor):
             call["position_ids"] = b.positions
 
+        hidden = b.hidden  # not `b`: the replay must not keep its bucket alive (GraphKV)
+
         def run(write: bool) -> None:
-            out = layer(b.hidden, **call)
+            out = layer(hidden, **call)
             if write:
-                b.hidden.copy_(out)
+                hidden.copy_(out)
 
         if self._mempool is None and b.hidden.is_cuda:
             self._mempool = torch.cuda.graph_pool_handle()

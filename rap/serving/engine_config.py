@@ -63,10 +63,11 @@ class EngineConfig(BaseModel):
     )
 
     cuda_graphs: bool = Field(
-        True,
+        False,
         description="On a GPU, replay decode steps from CUDA graphs (rap.serving.decode_graphs): "
-        "a graph per decoder layer, batch size and page span, captured on first use; False: "
-        "every step eager (to compare, or to rule graphs out).",
+        "a graph per decoder layer, batch size and page span, captured on first use. Off by "
+        "default: the graphs' memory pool is not in the memory model yet (invariant 2), so a "
+        "replica with graphs can hold more than its budget says.",
     )
 
     def scheduler(self) -> SchedulerConfig:

@@ -65,7 +65,7 @@ class SchedulerConfig(BaseModel):
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
     cuda_graphs: bool = Field(
-        True,
+        False,
         description="On a GPU, replay decode steps from CUDA graphs (`rap.serving.decode_graphs`) "
         "where they apply; ignored on a CPU.",
     )

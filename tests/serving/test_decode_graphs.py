@@ -6,6 +6,8 @@ CUDA capture is checked by the gpu-marked test at the end and by `bench/gpu/run.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,26 @@ def test_a_mask_change_recaptures_only_the_layers_it_touches(model: Any) -> None
         assert all(out.done(i)["type"] == "done" for i in range(2))
     finally:
         model.apply(dense)
+
+
+def test_dropping_the_graphs_lets_the_pool_go_without_the_garbage_collector(model: Any) -> None:
+    """The engine replaces its pool after `drop_graphs()`; nothing of the graphs may keep the
+    old one (its slabs are the KV bytes the budget just took back)."""
+    sched = scheduler(model, pages=64)
+    sched.graphs = DecodeGraphs(model, capture=eager_capture)
+    out = Collect()
+    for i in range(2):
+        sched.add(Request([5 + i, 6, 7], 4, ignore_eos=True), out.sink(i))
+    run(sched)
+    assert sched.graphs.stats.graphed_steps > 0
+    old = weakref.ref(sched.pool)
+    gc.disable()
+    try:
+        sched.drop_graphs()
+        sched.pool = scheduler(model, pages=8).pool
+        assert old() is None, "a reference cycle keeps the old pool alive"
+    finally:
+        gc.enable()
 
 
 def test_steps_that_graphs_cannot_run_stay_eager(model: Any, served: dict[str, Path]) -> None:
