@@ -135,6 +135,9 @@ def gate_positions(
     """For each block the model keeps but some row of the step skips: the flat-sequence
     positions of the rows that use it (`steps`: (row, RowStep) pairs in sequence order)."""
     gates: dict[Block, torch.Tensor] = {}
+    key = model_mask.key
+    if all(r.mask is not None and r.mask.key == key for r, _ in steps):
+        return gates  # the usual step: every row runs the model's blocks (no per-block scan)
     for block in model_mask.kept_blocks():
         users = [s for r, s in steps if r.mask.keeps(block)]
         if len(users) == len(steps):

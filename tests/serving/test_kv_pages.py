@@ -38,6 +38,10 @@ def test_dropped_layers_and_cut_pools_leave_the_process_every_time() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_dropped_and_cut_slabs_leave_the_allocators_reserve() -> None:
     """What other tenants see: `memory_reserved` falls, not only `memory_allocated`."""
+    # Other gpu tests of the same process leave tensors and cached blocks behind (on an H100,
+    # 30 MiB of slack before this test began): measure this test's own slack only.
+    torch.cuda.empty_cache()
+    slack = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     pool = PagePool([0, 1], 1024, 16, 8, 128, torch.float16, device="cuda")  # 32 MiB a slab
     reserved = torch.cuda.memory_reserved()
     pool.drop_layer(1)
@@ -49,4 +53,4 @@ def test_on_a_gpu_dropped_and_cut_slabs_leave_the_allocators_reserve() -> None:
     # MiB are served from such segments), so 44 of the 48 MiB cut leave its reserve (seen on
     # an H200: 64 → 20 MiB); what it keeps beyond live tensors is under one segment.
     assert torch.cuda.memory_reserved() <= reserved - 40 * 2**20
-    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 20 * 2**20
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() - slack < 20 * 2**20
