@@ -1,10 +1,11 @@
 """The GPU run's figures as Markdown tables (for docs/results.md and the issue note).
 
-python bench/gpu/summarize.py bench/results/gpu/gpu.json   (or gpu-replicas.json)
+python bench/gpu/summarize.py bench/results/gpu/gpu.json   (or gpu-replicas.json[.gz])
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import sys
@@ -134,7 +135,9 @@ def replicas_table(part: dict[str, Any]) -> list[str]:
 
 
 def main() -> int:
-    report = json.loads(Path(sys.argv[1]).read_text())
+    path = Path(sys.argv[1])
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    report = json.loads(raw)
     env = report["env"]
     print(
         f"{env.get('device')}, driver {env.get('driver')}, torch {env['torch']} "

@@ -6,6 +6,12 @@ replica r on a device gets
     budget_r = own_r + (free − margin) / n
 
 where own_r is what it holds now (weights + reserved KV) and n the replicas on the device.
+(free − margin) is signed: when another tenant takes memory out of the margin, every replica's
+budget falls below what it holds by an equal part of the deficit, so the replicas give the
+margin back. (Until 2026-11-27 it was clamped at 0: on an H100, a co-tenant holding 16 GiB left
+1.1 GiB free against a 9.6 GiB margin, no budget moved, and its next 8 GiB step failed for
+30 s; `bench/results/gpu/h100-run2-replicas.json.gz`.)
+
 Changes smaller than `hysteresis_bytes` are ignored, and a budget rises only after `dwell_s`
 since its last change, so a replica that just freed memory is not handed it back at once (the
 co-tenant that needed it gets the time to take it). Decreases apply at once: they protect.
@@ -46,11 +52,11 @@ class GpuShares:
                 by_device.setdefault(t.device.device_id, []).append(t)
         out: dict[str, int] = {}
         for group in by_device.values():
-            free = max(0, min(t.device.free_bytes for t in group) - self.config.margin_bytes)
-            share = free // len(group)
+            spare = min(t.device.free_bytes for t in group) - self.config.margin_bytes
+            share = spare // len(group)  # negative: the margin is short by that much each
             for t in group:
                 own = t.weight_bytes + t.kv_bytes_reserved
-                out[t.replica] = self._settle(t.replica, own + share, now_s)
+                out[t.replica] = self._settle(t.replica, max(0, own + share), now_s)
         return out
 
     def _settle(self, replica: str, target: int, now_s: float) -> int:

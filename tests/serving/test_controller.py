@@ -138,6 +138,19 @@ def test_gpu_shares_split_free_memory_with_hysteresis_and_dwell() -> None:
     assert later == a
 
 
+def test_a_tenant_that_takes_the_margin_makes_every_replica_give_its_part_back() -> None:
+    """Free memory below the margin is a deficit the replicas share (the H100 run of
+    2026-11-27: with the deficit clamped at 0 no budget moved and the co-tenant's next step
+    failed)."""
+    shares = GpuShares(ShareConfig(margin_bytes=8 << 30, hysteresis_bytes=64 * MIB, dwell_s=10))
+    first = shares.assign([gpu_tel("a", 10 << 30, 40 << 30), gpu_tel("b", 10 << 30, 10 << 30)], 0)
+    assert first == {"a": (41 << 30), "b": (11 << 30)}
+    taken = shares.assign([gpu_tel("a", 2 << 30, 40 << 30), gpu_tel("b", 2 << 30, 10 << 30)], 1)
+    assert taken == {"a": (37 << 30), "b": (7 << 30)}  # 6 GiB short: 3 GiB each, at once
+    empty = shares.assign([gpu_tel("a", 0, 1 << 30), gpu_tel("b", 0, 1 << 30)], 2)
+    assert empty == {"a": 0, "b": 0}  # never negative
+
+
 def test_controller_assigns_device_budgets_in_plans() -> None:
     c = Controller(planner, ControllerConfig(shares=ShareConfig(margin_bytes=0)))
     c.report(gpu_tel("a", 200 * MIB, 60 * MIB), now_s=1000.0)
