@@ -19,25 +19,9 @@ import torch
 
 from rap.core import memory
 from rap.core.masks import KeepMask
+from rap.core.random_models import PRESETS
 
-LLAMA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-)
-TOY = dict(
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=4096,
-)
+LLAMA_7B, TOY = PRESETS["llama-7b"], PRESETS["toy"]  # the shapes `rap serve` knows too
 
 
 class Silent:

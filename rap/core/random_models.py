@@ -19,7 +19,7 @@ from rap.core.errors import ModelNotFoundError
 
 PREFIX = "random:"
 PRESETS: dict[str, dict[str, int]] = {
-    # Llama-2-7B's shape (bench/gpu/common.py's LLAMA_7B): 6.74 B parameters, 12.55 GiB in fp16.
+    # Llama-2-7B's shape (also bench/gpu's): 6.74 B parameters, 12.55 GiB in fp16.
     "llama-7b": dict(
         hidden_size=4096,
         intermediate_size=11008,
