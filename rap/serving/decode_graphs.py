@@ -274,7 +274,8 @@ class DecodeGraphs:
 
     def _bucket(self, pool: PagePool, rows: list[RowStep]) -> Bucket:
         layers = pool.layers
-        most = max((_pages_after(r.pages.get(layers[0]), pool) for r in rows), default=1)
+        first = layers[0] if layers else -1  # no attention layer kept: no pages at all
+        most = max((_pages_after(r.pages.get(first), pool) for r in rows), default=1)
         span = max(1, -(-most // PAGE_SPAN)) * PAGE_SPAN
         slabs = tuple(pool.keys[n].data_ptr() for n in layers)
         slabs += tuple(pool.values[n].data_ptr() for n in layers)

@@ -120,6 +120,27 @@ def test_dropping_the_graphs_lets_the_pool_go_without_the_garbage_collector(mode
         gc.enable()
 
 
+def test_a_model_that_keeps_no_attention_layer_decodes_from_graphs_too(model: Any) -> None:
+    dense = model.dense_mask()
+    model.apply(dense.without(*[("attn", i) for i in range(model.num_layers)]))
+    try:
+        tokens = []
+        for graphs in (False, True):
+            sched = scheduler(model)  # the pool of the mask: no slab at all
+            assert sched.pool.layers == []
+            if graphs:
+                sched.graphs = DecodeGraphs(model, capture=eager_capture)
+            out = Collect()
+            for i in range(2):
+                sched.add(Request([5 + i, 6, 7], 6, ignore_eos=True), out.sink(i))
+            run(sched)
+            tokens.append([out.done(i)["token_ids"] for i in range(2)])
+        assert sched.graphs is not None and sched.graphs.stats.graphed_steps > 0
+        assert tokens[0] == tokens[1]
+    finally:
+        model.apply(dense)
+
+
 def test_steps_that_graphs_cannot_run_stay_eager(model: Any, served: dict[str, Path]) -> None:
     graphs = DecodeGraphs(model, capture=eager_capture)
     from rap.serving.paged_attention import RowStep
