@@ -99,6 +99,13 @@ class Telemetry(_Message):
         description="weights(mask) + the KV pool + one step, as the memory model "
         "predicts them (rap.serving.sizing.Sizing.bytes_with) for the current mask and pool.",
     )
+    want_bytes: int = Field(
+        0,
+        ge=0,
+        description="The most the replica can use: its dense model with a KV pool in which "
+        "every row of a full batch holds the whole context, plus one step (0: unknown). GPU "
+        "shares never hand a replica more, and give the rest to the others.",
+    )
     process: ProcessMemory | None = Field(None, description="The process's own device memory.")
 
 

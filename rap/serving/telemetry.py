@@ -155,5 +155,15 @@ def snapshot(
         over_budget_bytes=max(stats.over_budget_bytes, 0),
         errors=errors,
         predicted_bytes=predicted_bytes(engine),
+        want_bytes=want_bytes(engine),
         process=process_memory(engine.model),
     )
+
+
+def want_bytes(engine: Any) -> int:
+    """The dense model with a pool in which every row of a full batch holds the whole context,
+    plus one step (`engine_peak_bytes`): admission reserves no row more than the context, so
+    pages beyond these are never used, and a larger budget buys the replica nothing."""
+    e, model = engine.config, engine.model
+    seq = engine.sizing.context_len
+    return int(engine_peak_bytes(model, e, model.dense_mask(), e.max_batch_size, seq))

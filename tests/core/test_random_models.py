@@ -12,6 +12,7 @@ from rap.core.loading import load_config, load_model
 from rap.core.masks import KeepMask
 from rap.core.random_models import PRESETS, ByteTokenizer
 from rap.core.weights import weights_digest
+from rap.serving.sizing import engine_peak_bytes
 
 
 def test_toy_loads_without_files_and_restores_bit_identically() -> None:
@@ -106,6 +107,10 @@ def test_an_engine_serves_the_toy_from_chat_text_and_reports_its_bytes() -> None
     )
     assert tel.process is not None and tel.process.pid == os.getpid()
     assert tel.process.allocated_bytes is None  # a CPU: no allocator figures
+    e = engine.config  # what GPU shares cap the replica at: dense, full rows, one step
+    context = model.config.max_position_embeddings
+    full = engine_peak_bytes(model, e, model.dense_mask(), e.max_batch_size, context)
+    assert tel.want_bytes == full > tel.predicted_bytes > 0
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ import pytest
 
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
-from rap.serving.budget import GpuShares, ShareConfig
+from rap.serving.budget import GpuShares, ShareConfig, water_fill
 from rap.serving.controller import Controller, ControllerConfig
 from rap.serving.messages import DeviceMemory, QueueState, Telemetry
 from tests.tiny import FnPlanner
@@ -124,14 +124,14 @@ def gpu_tel(name: str, free: int, own: int, t: float = 1000.0) -> Telemetry:
 def test_gpu_shares_split_free_memory_with_hysteresis_and_dwell() -> None:
     shares = GpuShares(ShareConfig(margin_bytes=1 << 30, hysteresis_bytes=64 * MIB, dwell_s=10))
     a = shares.assign([gpu_tel("a", 9 << 30, 2 << 30), gpu_tel("b", 9 << 30, 4 << 30)], 0.0)
-    assert a == {"a": (2 << 30) + (4 << 30), "b": (4 << 30) + (4 << 30)}
+    assert a == {"a": 7 << 30, "b": 7 << 30}  # (2 + 4 + 9 − 1) GiB, in equal parts
     small = shares.assign(
         [gpu_tel("a", (9 << 30) + 10 * MIB, 2 << 30), gpu_tel("b", (9 << 30) + 10 * MIB, 4 << 30)],
         1.0,
     )
     assert small == a  # below the hysteresis: unchanged
     down = shares.assign([gpu_tel("a", 3 << 30, 2 << 30), gpu_tel("b", 3 << 30, 4 << 30)], 2.0)
-    assert down["a"] == (2 << 30) + (1 << 30)  # decreases apply at once
+    assert down["a"] == 4 << 30  # decreases apply at once
     up = shares.assign([gpu_tel("a", 9 << 30, 2 << 30), gpu_tel("b", 9 << 30, 4 << 30)], 5.0)
     assert up == down  # a rise within the dwell time waits
     later = shares.assign([gpu_tel("a", 9 << 30, 2 << 30), gpu_tel("b", 9 << 30, 4 << 30)], 13.0)
@@ -139,16 +139,26 @@ def test_gpu_shares_split_free_memory_with_hysteresis_and_dwell() -> None:
 
 
 def test_a_tenant_that_takes_the_margin_makes_every_replica_give_its_part_back() -> None:
-    """Free memory below the margin is a deficit the replicas share (the H100 run of
-    2026-11-27: with the deficit clamped at 0 no budget moved and the co-tenant's next step
-    failed)."""
+    """Free memory below the margin lowers what the replicas may hold together (the H100 run
+    of 2026-11-27: with the deficit clamped at 0 no budget moved and the co-tenant's next step
+    failed); replicas that started at different sizes get equal parts (that run: 47.5 GB
+    against 8–13 GB throughout)."""
     shares = GpuShares(ShareConfig(margin_bytes=8 << 30, hysteresis_bytes=64 * MIB, dwell_s=10))
     first = shares.assign([gpu_tel("a", 10 << 30, 40 << 30), gpu_tel("b", 10 << 30, 10 << 30)], 0)
-    assert first == {"a": (41 << 30), "b": (11 << 30)}
-    taken = shares.assign([gpu_tel("a", 2 << 30, 40 << 30), gpu_tel("b", 2 << 30, 10 << 30)], 1)
-    assert taken == {"a": (37 << 30), "b": (7 << 30)}  # 6 GiB short: 3 GiB each, at once
+    assert first == {"a": 26 << 30, "b": 26 << 30}  # (40 + 10 + 10 − 8) / 2
+    taken = shares.assign([gpu_tel("a", 2 << 30, 26 << 30), gpu_tel("b", 2 << 30, 26 << 30)], 1)
+    assert taken == {"a": 23 << 30, "b": 23 << 30}  # 6 GiB short: 3 GiB each, at once
     empty = shares.assign([gpu_tel("a", 0, 1 << 30), gpu_tel("b", 0, 1 << 30)], 2)
     assert empty == {"a": 0, "b": 0}  # never negative
+
+
+def test_a_replica_never_gets_more_than_it_can_use_and_the_rest_goes_to_the_others() -> None:
+    shares = GpuShares(ShareConfig(margin_bytes=8 << 30, hysteresis_bytes=64 * MIB, dwell_s=10))
+    small = gpu_tel("a", 10 << 30, 10 << 30).model_copy(update={"want_bytes": 12 << 30})
+    got = shares.assign([small, gpu_tel("b", 10 << 30, 40 << 30)], 0)
+    assert got == {"a": 12 << 30, "b": 40 << 30}  # 52 GiB: a wants 12, b takes the other 40
+    assert water_fill(30, {"x": 5, "y": 50, "z": None}) == {"x": 5, "y": 12, "z": 13}
+    assert water_fill(30, {"x": 5, "y": 6}) == {"x": 5, "y": 6}  # the rest stays free
 
 
 def test_controller_assigns_device_budgets_in_plans() -> None:
