@@ -3,8 +3,9 @@
 Before any body is read, `rap.serving.http_guard` checks the API key or admin token, the
 per-client rate limit and the body's size; every error has OpenAI's shape (400, never FastAPI's
 422). The router sends each request to the least-loaded replica (ties: the one whose mask keeps
-the most, `rap.serving.routing`) and retries a memory 503 once on another. Replicas are separate
-deployments (replica-0, ...), so the router and operators can address each by a stable name.
+the most, `rap.serving.routing`) and retries a 503 once on another (not one waited out).
+Replicas are separate deployments (replica-0, ...), so the router and operators can address
+each by a stable name.
 `/openapi.json` is served (behind the API key when one is set); `/docs` and `/redoc` are not
 (their pages load scripts from a CDN that an offline cluster cannot reach).
 """
@@ -33,6 +34,7 @@ from rap.serving.routing import (
     relayed,
     replica_failed,
     watch,
+    worth_retrying,
 )
 
 app = FastAPI(title="RAP Serve", docs_url=None, redoc_url=None)
@@ -113,7 +115,8 @@ class Router:
         return JSONResponse(out, status, headers={"Retry-After": "2"} if status == 503 else None)
 
     async def _start(self, call: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-        """Best replica first (`rap.serving.routing.order`); a memory 503 is retried once."""
+        """Best replica first (`rap.serving.routing.order`); a 503 is retried once, unless
+        the request waited it out (`rap.serving.routing.worth_retrying`)."""
         ranked = order(self.loads)
         for attempt, name in enumerate(ranked[:2]):
             self.loads[name].inflight += 1
@@ -130,8 +133,7 @@ class Router:
             except Exception as exc:  # dead or restarting: a 503, and the next replica tries
                 mark_failed(self.loads[name])
                 first = replica_failed(name, exc)
-            memory_503 = first["type"] == "error" and first["status"] == 503
-            if memory_503 and attempt == 0 and len(ranked) > 1:
+            if worth_retrying(first) and attempt == 0 and len(ranked) > 1:
                 self.loads[name].inflight -= 1
                 events.cancel()
                 continue

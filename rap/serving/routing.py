@@ -5,7 +5,9 @@ the replica whose current mask keeps the largest share of blocks, since it gives
 answer at the same cost (a replica pruned to fit a small budget is the last choice while an
 unpruned one is as free); then by name, so that the order is stable. The share comes from each
 replica's telemetry, polled every telemetry period; until a replica has answered, it counts as
-dense. A memory 503 from the first choice is retried once on the second.
+dense. A 503 from the first choice is retried once on the second, unless the request already
+waited the replica's whole `max_wait_s` for it (code `waited_out`): retrying then doubled what
+a refused client waited (~61 s in the reliability campaign of 2026-11-27, `rap campaign`).
 
 A replica that fails (its actor died, it restarts, it is stopped and does not answer) is routed
 to last until its telemetry answers again, and a request it was running ends with an error
@@ -59,6 +61,12 @@ def order(loads: dict[str, ReplicaLoad]) -> list[str]:
     return sorted(
         loads, key=lambda n: (loads[n].failed, loads[n].inflight, -loads[n].kept_fraction, n)
     )
+
+
+def worth_retrying(first: dict[str, Any]) -> bool:
+    """Whether the first choice's first event sends the request to the second choice: a 503
+    (memory, a full queue, a failed replica) that came without the request having waited."""
+    return first["type"] == "error" and first["status"] == 503 and first.get("code") != "waited_out"
 
 
 def replica_failed(name: str, exc: BaseException) -> dict[str, Any]:

@@ -103,10 +103,12 @@ def done_event(row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
 
 
 def busy_event(retry_after_s: int, why: str) -> dict[str, Any]:
-    """A 503 for a request that cannot run now."""
+    """A 503 for a request that waited `max_wait_s` and could not start (code `waited_out`:
+    the router does not make it wait as long again elsewhere)."""
     return {
         "type": "error",
         "status": 503,
+        "code": "waited_out",
         "message": f"the replica is busy: {why}",
         "retry_after": retry_after_s,
     }

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from rap.serving.routing import ReplicaLoad, kept_fraction, order, watch
+from rap.serving.routing import (
+    ReplicaLoad,
+    kept_fraction,
+    order,
+    replica_failed,
+    watch,
+    worth_retrying,
+)
+from rap.serving.rows import busy_event
 
 
 def test_least_loaded_first_then_the_mask_that_keeps_most_then_the_name() -> None:
@@ -119,3 +127,14 @@ def test_health_is_503_until_every_replica_has_answered() -> None:
     assert body["replicas"] == {"replica-0": "ready", "replica-1": "starting"}
     loads["replica-1"].answered = True
     assert readiness(loads) == (200, {"status": "ok", "replicas": dict.fromkeys(loads, "ready")})
+
+
+def test_a_503_goes_to_the_next_replica_unless_the_request_waited_it_out() -> None:
+    """Waiting `max_wait_s` again on the next replica doubled what a refused client waited
+    (~61 s in the 2026-11-27 campaign); a 503 that came at once is worth the other replica."""
+    full = {"type": "error", "status": 503, "code": "queue_full", "message": "the queue is full"}
+    assert worth_retrying(full)
+    assert worth_retrying(replica_failed("replica-0", RuntimeError("gone")))
+    assert not worth_retrying(busy_event(2, "waited 30 s for KV pages"))
+    assert not worth_retrying({"type": "error", "status": 400, "message": "too long"})
+    assert not worth_retrying({"type": "start"})
