@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from rap.serving.kv_pages import PagePool, RowPages
-from rap.serving.paged_attention import RowStep, _attention
+from rap.serving.paged_attention import RowStep, grouped_attention
 
 PAGE_SPAN = 16
 """Pages a row's table grows by at a time (one capture per 256 tokens at 16-token pages)."""
@@ -159,7 +159,7 @@ class GraphKV:
         mask = (self.key_index[None, :] < self.seen[:, None])[:, None, None, :]
         batch, kv_heads, d = k.shape[0], k.shape[2], query.shape[-1]
         q = query[0].transpose(0, 1).reshape(batch, kv_heads, -1, d)  # heads grouped by KV head
-        out = _attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, scaling, softcap)
+        out = grouped_attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, scaling, softcap)
         return out.reshape(batch, -1, d).unsqueeze(0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -119,7 +119,7 @@ class PagedKV:
             k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
             q = query[:, :, r.offset : r.offset + r.count]
             mask = _mask(r.first_pos, r.count, pages.start, pages.length, window, q.device)
-            outs.append(_attention(q, k, v, mask, scaling, softcap).transpose(1, 2))
+            outs.append(grouped_attention(q, k, v, mask, scaling, softcap).transpose(1, 2))
         return torch.cat(outs, dim=1)
 
     def _attend_decoding(
@@ -144,7 +144,7 @@ class PagedKV:
         # Query head h reads KV head h // (H / n_kv) (GQA's repeat_interleave): grouping the
         # heads that share a KV head as that head's queries gives the same scores, unrepeated.
         q = q.reshape(batch, kv_heads, -1, d)
-        out = _attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, scaling, softcap)
+        out = grouped_attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, scaling, softcap)
         return out.reshape(batch, -1, d)
 
     def narrow_positions(self, positions: torch.Tensor) -> PagedKV:
@@ -210,7 +210,7 @@ def _take(t: torch.Tensor, offsets: list[int], dim: int) -> torch.Tensor:
     return t.index_select(dim, device_longs(offsets, t.device))
 
 
-def _attention(
+def grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

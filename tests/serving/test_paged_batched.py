@@ -83,13 +83,13 @@ def _together(
     pool, rows = _setup(held)
     keys, query = _inputs(sum(counts), seed=1)
     calls: list[int] = []
-    original = paged_attention._attention
+    original = paged_attention.grouped_attention
 
     def counted(q: torch.Tensor, *args: Any) -> torch.Tensor:
         calls.append(q.shape[0])  # rows in the call
         return original(q, *args)
 
-    monkeypatch.setattr(paged_attention, "_attention", counted)
+    monkeypatch.setattr(paged_attention, "grouped_attention", counted)
     offsets = [sum(counts[:i]) for i in range(len(counts))]
     steps = [RowStep(p, o, c, n) for p, o, c, n in zip(rows, offsets, counts, held, strict=True)]
     return _step(PagedKV(pool, steps, WINDOWS), keys, query, softcap), calls, pool, rows
@@ -151,9 +151,11 @@ def test_a_narrowed_step_batches_the_rows_it_keeps(monkeypatch: pytest.MonkeyPat
     assert narrow.decoding == [0, 1, 2]
     keys, query = _inputs(3, seed=1)
     calls: list[int] = []
-    original = paged_attention._attention
+    original = paged_attention.grouped_attention
     monkeypatch.setattr(
-        paged_attention, "_attention", lambda q, *a: calls.append(q.shape[0]) or original(q, *a)
+        paged_attention,
+        "grouped_attention",
+        lambda q, *a: calls.append(q.shape[0]) or original(q, *a),
     )
     got = _step(narrow, keys, query, None)
     assert calls == [3, 3]
