@@ -125,6 +125,8 @@ def kill_replica(h: Harness) -> dict[str, Any]:
         return "error" not in tel and tel["steps"] < before and tel
 
     tel = h.wait_for(back, 180)
+    if tel:  # budget steps sent meanwhile reach the new process only once it is up
+        h.obs.paused.append(("replica-0", t, h.now()))
     detail = f"killed at {t:.0f} s with {before} steps; " + (
         f"answered again at {h.now():.0f} s with {tel['steps']} steps (a new process)"
         if tel

@@ -152,7 +152,8 @@ class Observed:
     budget_steps: list[tuple[float, str, int]] = field(default_factory=list)
     """(t, replica, bytes) of every budget change the harness made."""
     paused: list[tuple[str, float, float]] = field(default_factory=list)
-    """(replica, from, to) while its process was stopped (SIGSTOP): it can give nothing back."""
+    """(replica, from, to) while it could not follow a budget step: its process stopped
+    (SIGSTOP), or killed until its successor answered."""
     admin_latency_s: list[float] = field(default_factory=list)
     """Seconds each budget change took to be acknowledged."""
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -169,8 +170,10 @@ def budget_at(obs: Observed, replica: str, t: float, start: int) -> int:
 
 def memory_check(obs: Observed, starts: dict[str, int]) -> dict[str, Any]:
     """Samples whose measured bytes (weights + KV pool) exceed the budget more than
-    COMPLIANCE_S after that replica's latest budget step. A stopped process frees nothing, so
-    its compliance clock restarts when it continues (`paused`, counted as `excused`)."""
+    COMPLIANCE_S after that replica's latest budget step. A stopped process frees nothing, and a
+    killed one's successor starts at its configured budget until the budget steps sent while it
+    was down reach it (Serve delivers them once it is up), so in both cases its compliance clock
+    restarts when it answers again (`paused`, counted as `excused`)."""
     over, checked, excused = [], 0, 0
     for s in obs.samples:
         for name, tel in s["replicas"].items():
