@@ -308,7 +308,7 @@ class DecodeGraphs:
                 held = pages.length - pages.start
                 if before not in (-1, held):
                     raise RuntimeError(f"row holds {before} and {held} tokens in two layers")
-                if held % page_tokens == 0 and held == len(pages.pages) * page_tokens:
+                if pages.full(page_tokens):
                     pages.pages.append(b.pool.alloc(layer))
                     table[li, i, len(pages.pages) - 1] = pages.pages[-1]
                 if whole:
@@ -329,9 +329,7 @@ def _pages_after(pages: RowPages | None, pool: PagePool) -> int:
     """Pages a row holds in a layer once this step's token is written."""
     if pages is None:
         return 1
-    held = pages.length - pages.start
-    full = held % pool.page_tokens == 0 and held == len(pages.pages) * pool.page_tokens
-    return len(pages.pages) + int(full)
+    return len(pages.pages) + int(pages.full(pool.page_tokens))
 
 
 def _new_bucket(model: Any, pool: PagePool, layers: list[int], batch: int, span: int) -> Bucket:

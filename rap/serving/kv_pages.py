@@ -38,6 +38,10 @@ class RowPages:
     length: int = 0
     """Tokens written so far (positions 0 .. length − 1 exist or existed)."""
 
+    def full(self, page_tokens: int) -> bool:
+        """Whether the next token needs a new page: every page held is full (or none is)."""
+        return self.length - self.start == len(self.pages) * page_tokens
+
 
 class PagePool:
     """K/V slabs for the attention layers that are kept, with a free list per layer."""
@@ -156,7 +160,7 @@ class PagePool:
         done, n = 0, key.shape[0]
         while done < n:
             slot = (row.length - row.start) % self.page_tokens
-            if slot == 0 and row.length - row.start == len(row.pages) * self.page_tokens:
+            if row.full(self.page_tokens):
                 row.pages.append(self.alloc(layer))
             page = row.pages[-1]
             take = min(self.page_tokens - slot, n - done)
@@ -182,12 +186,10 @@ class PagePool:
         per slab, K_l[page_b, slot_b] = key_b, instead of one small copy per row."""
         pages, slots = [], []
         for row in rows:
-            held = row.length - row.start
-            slot = held % self.page_tokens
-            if slot == 0 and held == len(row.pages) * self.page_tokens:
+            if row.full(self.page_tokens):
                 row.pages.append(self.alloc(layer))
             pages.append(row.pages[-1])
-            slots.append(slot)
+            slots.append((row.length - row.start) % self.page_tokens)
             row.length += 1
         where = device_longs(pages + slots, self.keys[layer].device)
         at = (where[: len(rows)], where[len(rows) :])
