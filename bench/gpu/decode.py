@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import torch
+from budget import Deadline
 from common import apply, copy_bandwidth, cuda, mask_keeping, prompt_ids, restored_blocks, sync
 
 from rap.core import memory
@@ -143,7 +144,7 @@ def generate_decode(model: Any, batch: int, context: int) -> dict[str, Any]:
     return {"ms_per_step": 1e3 * per_step, "tokens_per_s": batch / per_step}
 
 
-def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
+def part_decode(model: Any, report: Any, deadline: Deadline, toy: bool) -> None:
     out = report.part("decode")
     bw = copy_bandwidth(1 << (20 if toy else 31))["d2d_bytes_per_s"]
     out["device_bytes_per_s"] = bw
@@ -157,7 +158,7 @@ def part_decode(model: Any, report: Any, deadline: float, toy: bool) -> None:
     systems = ("engine-graphs", "engine", "generate")
     points = [(m, b, c, s) for b, c in GRID for m in masks for s in systems]
     for name, batch, context, system in points:
-        if time.monotonic() > deadline:
+        if deadline.passed():
             out["status"] = "partial (time)"
             return
         apply(model, masks[name])

@@ -4,11 +4,12 @@
 
 Writes DIR/gpu.json (`Report`): the environment (device, driver, torch, CUDA, transformers,
 commit), then per part its rows and a status: done, partial (time), or error with the
-traceback; a part that fails does not stop the next. Each part has a share of `--budget-s` and
-stops taking new points when its time is up. Parts: `memory` and `blocks`
-(`memory_parts.py`), `decode` (`decode.py`). The model is Llama-2-7B-shaped with random weights
-in bfloat16; `--dry-run` (or no CUDA) runs every part on a toy model on the CPU and says that
-nothing is measured.
+traceback; a part that fails does not stop the next. On a GPU each part has a share of
+`--budget-s` and stops taking new points when its time is up (`budget.Budget`). Parts: `memory`
+and `blocks` (`memory_parts.py`), `decode` (`decode.py`). The model is Llama-2-7B-shaped with
+random weights in bfloat16; `--dry-run` (or no CUDA) runs every part on a toy model on the CPU,
+says that nothing is measured, and has no budget: its fixed grid runs to the end however slow
+the machine is.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from budget import Budget, Clock
 from common import Report, cuda, environment, random_llama
 from decode import part_decode
 from memory_parts import part_blocks, part_memory
@@ -31,7 +33,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu.json")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {list(PARTS)}")
-    ap.add_argument("--budget-s", type=float, default=200.0, help="seconds for all parts")
+    ap.add_argument(
+        "--budget-s", type=float, default=200.0, help="seconds for all parts (a GPU run only)"
+    )
     ap.add_argument("--dry-run", action="store_true", help="toy model on the CPU")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]
@@ -44,6 +48,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report(args.out / "gpu.json", environment())
     print(f"environment: {report.data['env']}", flush=True)
+    budget = run_budget(toy, args.budget_s, parts)
+    report.data["budget_s"] = budget.seconds
+    if budget.seconds is None:
+        print("budget: none (a dry run does its fixed grid to the end)", flush=True)
     start = time.monotonic()
     model = random_llama(toy)
     report.data["model"] = {
@@ -53,10 +61,9 @@ def main() -> int:
         "build_s": time.monotonic() - start,
     }
     report.save()
-    total = sum(PARTS[p][1] for p in parts)
     for name in parts:
         fn, share = PARTS[name]
-        deadline = time.monotonic() + args.budget_s * share / total
+        deadline = budget.deadline(share)
         began = time.monotonic()
         try:
             fn(model, report, deadline, toy)
@@ -71,6 +78,15 @@ def main() -> int:
             torch.cuda.empty_cache()
     print(f"wrote {report.path}", flush=True)
     return 0
+
+
+def run_budget(
+    toy: bool, budget_s: float, parts: list[str], clock: Clock = time.monotonic
+) -> Budget:
+    """The GPU run's `budget_s`, shared by `parts` in PARTS' proportions; a toy (dry) run has
+    none."""
+    total = sum(PARTS[p][1] for p in parts)
+    return Budget(None if toy else budget_s, total, clock)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import torch
+from budget import Deadline
 from common import (
     allocated_bytes,
     apply,
@@ -106,7 +107,7 @@ def engine_point(model: Any, batch: int, seq: int) -> dict[str, Any]:
     return _row(predicted, measured, path="engine", batch=batch, seq=seq)
 
 
-def part_memory(model: Any, report: Any, deadline: float, toy: bool) -> None:
+def part_memory(model: Any, report: Any, deadline: Deadline, toy: bool) -> None:
     out = report.part("memory")
     masks = {"dense": model.dense_mask(), "keep-80%": mask_keeping(model, 0.8)}
     masks["keep-60%"] = mask_keeping(model, 0.6)
@@ -114,7 +115,7 @@ def part_memory(model: Any, report: Any, deadline: float, toy: bool) -> None:
     points = [("engine", m, b, s) for b, s in ENGINE_GRID for m in masks]
     points += [("generate", m, b, p) for b, p in GENERATE_GRID for m in masks]
     for path, name, batch, tokens in points:
-        if time.monotonic() > deadline:
+        if deadline.passed():
             out["status"] = "partial (time)"
             return
         apply(model, masks[name])
@@ -180,7 +181,7 @@ def block_cycle(model: Any, kind: str, layer: int) -> dict[str, Any]:
     }
 
 
-def part_blocks(model: Any, report: Any, deadline: float, toy: bool) -> None:
+def part_blocks(model: Any, report: Any, deadline: Deadline, toy: bool) -> None:
     out = report.part("blocks")
     layer = model.num_layers // 3
     largest = max(memory.block_bytes(model.config, k, model.dtype) for k in ("attn", "mlp"))
@@ -188,7 +189,7 @@ def part_blocks(model: Any, report: Any, deadline: float, toy: bool) -> None:
     h2d = out["bandwidth"]["h2d_pinned_bytes_per_s"]
     for _ in range(3):
         for kind in ("attn", "mlp"):
-            if time.monotonic() > deadline:
+            if deadline.passed():
                 out["status"] = "partial (time)"
                 return
             row = block_cycle(model, kind, layer)

@@ -11,13 +11,15 @@ decoding. The co-tenant (bench/gpu/cotenant.py) takes 10 % of the device four ti
 frees it. Every 0.25 s: /admin/state (each replica's budget, bytes, allocator, prediction,
 mask) and NVML (device-wide, per process). Writes DIR/gpu-replicas.json (the `Report` format
 of measure.py, part `replicas`) after every second of samples; the figures are
-`replicas_analysis.summary`. A hard deadline (`--budget-s`) cuts the run short; Ray and the
-co-tenant are always shut down.
+`replicas_analysis.summary`. On a GPU a hard deadline (`--budget-s`) cuts the run short; Ray
+and the co-tenant are always shut down (after SIGTERM too).
 
 `--dry-run` (or no CUDA): the same code on the CPU with `random:toy` and a co-tenant of host
 memory on a simulated device, whose shares the bench itself pushes as operator budgets
 (/admin/budget): it checks Ray, the app, the random model, the clients, the sampling, the
-co-tenant, the figures and the output format; nothing is measured.
+co-tenant, the figures and the output format; nothing is measured. A dry run has no deadline:
+each phase lasts its seconds and then until what it is for has happened (a request answered, each
+step's budgets seen moved), however slow the machine is.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import replicas_analysis as analysis
+from budget import hold
 from common import Report, cuda, environment
 from replicas_probes import (
     ADMIN,
@@ -47,10 +50,22 @@ from replicas_probes import (
 GIB = 2**30
 CLEANUP_S = 20.0
 """Seconds kept back from --budget-s for shutting the co-tenant, Serve and Ray down."""
+STEP_SAMPLES = 400
+"""Dry run: reads of the app's state (samples or failed reads) after a co-tenant step without
+its budgets seen moved, after which the run goes on without that figure (a broken budget path
+must not hold the run forever; counted in reads, not seconds, so that a slow machine gets as
+many chances as a fast one)."""
 
 
 class Deadline(Exception):
-    """The run's time is up (SIGALRM): stop measuring, shut down, keep what was measured."""
+    """The run's time is up (SIGALRM) or it was told to stop (SIGTERM): stop measuring, shut
+    down, keep what was measured."""
+
+
+def alarm_s(budget_s: float, gpu: bool) -> float | None:
+    """When the GPU run's hard deadline fires (seconds from the start, the shutdown's time kept
+    back); None for a dry run, which has no deadline."""
+    return max(budget_s - CLEANUP_S, 1.0) if gpu else None
 
 
 def plan(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
@@ -65,6 +80,7 @@ def plan(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
             baseline_s=6.0,
             hold_s=args.hold_s,
             regrow_s=14.0,
+            request_timeout_s=120.0,
         )
     return dict(
         model="random:toy",
@@ -75,6 +91,7 @@ def plan(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
         baseline_s=3.0,
         hold_s=min(args.hold_s, 4.0),
         regrow_s=5.0,
+        request_timeout_s=600.0,  # a loaded CPU: a backstop for a lost answer, not a budget
     )
 
 
@@ -119,6 +136,7 @@ class Run:
         self.ray_up = False
         self.url = ""
         self.base: dict[str, int] = {}
+        self.reads_at_step = 0
         total = nvml_reading()["total"] if gpu else 0  # type: ignore[index]
         self.margin = int(1.2 * args.step_frac * total) if gpu else None
 
@@ -158,7 +176,8 @@ class Run:
             "max_tokens": 8,
             "messages": [{"role": "user", "content": "Say something."}],
         }
-        status, out = http(f"{self.url}/v1/chat/completions", body, timeout=60.0)
+        url = f"{self.url}/v1/chat/completions"
+        status, out = http(url, body, timeout=self.shape["request_timeout_s"])
         self.part["chat"] = {
             "status": status,
             "usage": out.get("usage"),
@@ -168,9 +187,7 @@ class Run:
     def start_load(self) -> None:
         """Step sizes from the device (simulated on a CPU: the replicas' budgets are 60 % of
         it), then the co-tenant (its CUDA context before the baseline), sampler and clients."""
-        status, state = http(f"{self.url}/admin/state")
-        tels = state["replicas"] if status == 200 else {}
-        self.base = {n: t["budget_bytes"] for n, t in tels.items() if "budget_bytes" in t}
+        self.base = self.replica_budgets()
         total = nvml_reading()["total"] if self.gpu else int(sum(self.base.values()) / 0.6)  # type: ignore[index]
         step = int(self.args.step_frac * total)
         self.part["device"] = {
@@ -185,19 +202,66 @@ class Run:
         self.sampler.start()
         self.clients.start()
 
+    def replica_budgets(self) -> dict[str, int]:
+        """Each replica's budget once every replica reports one (a loaded machine's replicas
+        may not have sent telemetry yet), or what was there after STEP_SAMPLES reads."""
+        want = len(app_config(self.shape, self.gpu, 0)["replicas"])
+        base: dict[str, int] = {}
+        for _ in range(STEP_SAMPLES):
+            status, state = http(f"{self.url}/admin/state")
+            tels = state["replicas"] if status == 200 else {}
+            base = {n: t["budget_bytes"] for n, t in tels.items() if "budget_bytes" in t}
+            if len(base) >= want:
+                break
+            time.sleep(self.args.poll_s)
+        return base
+
     def phases(self) -> None:
         """Baseline, the co-tenant's steps (each held), the free, the regrowth."""
         assert self.cotenant is not None
-        self.wait(self.shape["baseline_s"])
+        self.hold(self.shape["baseline_s"], self.baseline_seen)
         for _ in range(self.args.steps):
             event = self.cotenant.command("alloc")
             print(f"co-tenant: {event}", flush=True)
-            self.simulate_shares()
-            self.wait(self.shape["hold_s"])
+            self.step_taken()
+            self.hold(self.shape["hold_s"], self.step_seen)
         print(f"co-tenant: {self.cotenant.command('free')}", flush=True)
-        self.simulate_shares()
-        self.wait(self.shape["regrow_s"])
+        self.step_taken()
+        self.hold(self.shape["regrow_s"], self.step_seen)
         self.part["status"] = "done"
+
+    def step_taken(self) -> None:
+        assert self.sampler is not None
+        self.reads_at_step = self.sampler.reads
+        self.simulate_shares()
+
+    def hold(self, seconds: float, ready: Any) -> None:
+        """A phase: `seconds` on a GPU; in a dry run, then also until `ready()`."""
+        hold(seconds, self.save, None if self.gpu else ready)
+
+    def baseline_seen(self) -> bool:
+        """A request answered and a sample of every replica (a step's figures need one)."""
+        assert self.clients is not None and self.sampler is not None
+        answered = self.clients.summary()["by_status"].get("200", 0) > 0
+        names = set(self.base)
+        return answered and any(names <= s["replicas"].keys() for s in self.sampler.samples)
+
+    def step_seen(self) -> bool:
+        """The last co-tenant step's budgets seen moved by a sample (its `budget_s`), or
+        STEP_SAMPLES reads since it without (noted in the part's `waits`)."""
+        assert self.cotenant is not None and self.sampler is not None
+        samples, events = list(self.sampler.samples), list(self.cotenant.events)
+        steps = [e for e in events if e["event"] in ("alloc", "free") and e.get("ok", True)]
+        if not steps:
+            return True
+        rows = analysis.reactions(samples, events, self.margin)
+        if len(rows) == len(steps) and rows[-1]["budget_s"] is not None:
+            return True
+        if self.sampler.reads - self.reads_at_step < STEP_SAMPLES:
+            return False
+        note = f"{steps[-1]['event']} at {steps[-1]['t']:.1f}: budgets not seen moved"
+        self.part.setdefault("waits", []).append(f"{note} in {STEP_SAMPLES} reads")
+        return True
 
     def simulate_shares(self) -> None:
         """Dry run only: the shares NVML would give on the simulated device, pushed as operator
@@ -207,13 +271,6 @@ class Run:
         for name, base in self.base.items():
             gib = max(base - self.cotenant.held // len(self.base), 1 << 20) / GIB
             http(f"{self.url}/admin/budget", {"replica": name, "gib": gib})
-
-    def wait(self, seconds: float) -> None:
-        """Sleep, saving the report every second (a cut-off run keeps its samples)."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
-            self.save()
 
     def save(self) -> None:
         samples = list(self.sampler.samples) if self.sampler else []
@@ -254,14 +311,16 @@ class Run:
         self.save()
 
 
-def _alarm(signum: int, frame: Any) -> None:
-    raise Deadline()
+def _stop(signum: int, frame: Any) -> None:
+    raise Deadline("deadline" if signum == signal.SIGALRM else signal.Signals(signum).name)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu-replicas.json")
-    ap.add_argument("--budget-s", type=float, default=170.0, help="hard deadline, all included")
+    ap.add_argument(
+        "--budget-s", type=float, default=170.0, help="hard deadline, all included (GPU only)"
+    )
     ap.add_argument("--dry-run", action="store_true", help="random:toy on the CPU")
     ap.add_argument("--steps", type=int, default=4, help="co-tenant steps")
     ap.add_argument("--step-frac", type=float, default=0.1, help="of the device per step")
@@ -281,17 +340,20 @@ def main() -> int:
     report = Report(args.out / "gpu-replicas.json", environment())
     run = Run(args, gpu, report)
     run.part.update(plan=run.shape, dry_run=not gpu)
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.signal(signal.SIGTERM, _alarm)  # run.sh's backstop `timeout`: shut down as well
-    signal.setitimer(signal.ITIMER_REAL, max(args.budget_s - CLEANUP_S, 1.0))
+    signal.signal(signal.SIGALRM, _stop)
+    signal.signal(signal.SIGTERM, _stop)  # run.sh's backstop `timeout`: shut down as well
+    alarm = alarm_s(args.budget_s, gpu)
+    run.part["deadline_s"] = alarm
+    if alarm is not None:
+        signal.setitimer(signal.ITIMER_REAL, alarm)
     began = time.monotonic()
     try:
         run.start_app()
         run.check_chat()
         run.start_load()
         run.phases()
-    except Deadline:
-        run.part["status"] = f"partial (deadline after {time.monotonic() - began:.0f} s)"
+    except Deadline as stop:
+        run.part["status"] = f"partial ({stop} after {time.monotonic() - began:.0f} s)"
     except Exception:
         run.part["status"] = "error"
         run.part["error"] = traceback.format_exc()

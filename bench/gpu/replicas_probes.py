@@ -93,6 +93,8 @@ class Sampler(threading.Thread):
         self.url, self.period_s, self.cotenant = url, period_s, cotenant
         self.samples: list[dict[str, Any]] = []
         self.errors: list[str] = []
+        self.reads = 0
+        """Reads tried, samples and failures alike (a dry run's phases count them)."""
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -102,6 +104,7 @@ class Sampler(threading.Thread):
                 self.samples.append(self.sample())
             except Exception as exc:  # a slow or failing read: note it, sample on
                 self.errors.append(f"{time.time():.1f} {type(exc).__name__}: {exc}"[:300])
+            self.reads += 1
             self.stop.wait(max(0.0, self.period_s - (time.monotonic() - began)))
 
     def sample(self) -> dict[str, Any]:
@@ -144,7 +147,8 @@ class Clients:
         while not self.stop.is_set():
             began = time.time()
             try:
-                status, out = http(f"{self.url}/v1/completions", body, timeout=120.0)
+                url, timeout_s = f"{self.url}/v1/completions", self.shape["request_timeout_s"]
+                status, out = http(url, body, timeout=timeout_s)
                 tokens = out.get("usage", {}).get("completion_tokens", 0) if status == 200 else 0
             except Exception as exc:
                 status, tokens = -1, 0

@@ -8,7 +8,9 @@
 #                                               replicas = two 7B replicas under Ray Serve and a
 #                                               co-tenant; needs Ray: --install first;
 #                                               [--replicas-budget-s S], default 170)
-#   bash bench/gpu/run.sh --dry-run             here on the CPU: sizes, imports, arguments, format
+#   bash bench/gpu/run.sh --dry-run             here on the CPU: sizes, imports, arguments, format;
+#                                               a fixed small amount of work, run to the end
+#                                               however slow the machine: no budget, no deadline
 # Writes $OUT/gpu.json (the device tool's folder; ./out/gpu elsewhere), rewritten after each point,
 # so a run cut off returns what it measured. Parts: measure.py's (memory, blocks, decode) on a
 # Llama-2-7B-shaped random model, then `scan`: a one-shot block scan of the default model
@@ -56,12 +58,21 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>/dev/null \
   || echo "nvidia-smi: none (CUDA is absent)"
 measure=$(echo "$parts" | tr , '\n' | grep -vx 'scan\|tests\|replicas' | paste -sd, -)
+# Budgets are the GPU run's (its device time is counted); a dry run does its fixed work.
 if [ -n "$measure" ]; then
-  $py bench/gpu/measure.py --out "$out" --parts "$measure" --budget-s "$budget" $dry
+  if [ -n "$dry" ]; then
+    $py bench/gpu/measure.py --out "$out" --parts "$measure" --dry-run
+  else
+    $py bench/gpu/measure.py --out "$out" --parts "$measure" --budget-s "$budget"
+  fi
 fi
-if echo "$parts" | tr , '\n' | grep -qx replicas; then  # its own deadline; timeout: a backstop
-  timeout -k 10 $((${rbudget%.*} + 30)) \
-    $py bench/gpu/replicas.py --out "$out" --budget-s "$rbudget" $dry
+if echo "$parts" | tr , '\n' | grep -qx replicas; then
+  if [ -n "$dry" ]; then
+    $py bench/gpu/replicas.py --out "$out" --dry-run
+  else  # its own deadline; timeout: a backstop
+    timeout -k 10 $((${rbudget%.*} + 30)) \
+      $py bench/gpu/replicas.py --out "$out" --budget-s "$rbudget"
+  fi
 fi
 if echo "$parts" | tr , '\n' | grep -qx scan; then
   $py bench/gpu/scan.py --out "$out" $dry

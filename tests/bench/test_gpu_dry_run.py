@@ -1,6 +1,8 @@
 """`bench/gpu/run.sh --dry-run`: the GPU run's every part, on a toy model on this CPU, before
 GPU time is spent on it (issue 19). It checks the arguments, the imports, the output format and
-that the run says CUDA is absent; it measures nothing."""
+that the run says CUDA is absent; it measures nothing. It has no budget (the GPU run's, in
+seconds, is tested on a fake clock in test_gpu_budget.py): its fixed grid runs to the end
+however slow the machine is, and every part ends done."""
 
 from __future__ import annotations
 
@@ -26,19 +28,20 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU's side")
 def test_dry_run_runs_every_part_and_says_cuda_is_absent(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "RAP_CACHE_DIR": str(tmp_path / "cache")}
-    args = ["--dry-run", "--parts", "memory,blocks,decode,scan", "--budget-s", "40"]
+    args = ["--dry-run", "--parts", "memory,blocks,decode,scan"]
     run = subprocess.run(
         ["bash", str(ROOT / "bench/gpu/run.sh"), *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=840,  # a backstop under the slow tier's per-test limit, not a budget
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "CUDA is absent" in run.stdout
     assert "working tree:" in run.stdout  # the carry sizes are printed
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["format"] == "rap-gpu-run/1"
+    assert report["budget_s"] is None  # a dry run's parts never stop at a deadline
     assert {"torch", "transformers", "commit", "device"} <= report["env"].keys()
     parts = report["parts"]
     for name, keys in ROW_KEYS.items():

@@ -2,7 +2,8 @@
 samples (fast), and its dry run on this CPU (slow): one real local Ray cluster serving two
 `random:toy` replicas while a co-tenant of host memory takes and gives back a simulated device's
 memory. The dry run measures nothing; it checks that the part runs, says CUDA is absent, shuts
-down, and writes the report the GPU run will write."""
+down, and writes the report the GPU run will write. It has no deadline: each phase ends on what
+it is for (a request answered, a step's budgets seen moved), however slow the machine is."""
 
 from __future__ import annotations
 
@@ -73,13 +74,13 @@ def test_a_refused_step_and_a_cpu_run_give_no_figures_they_cannot_have() -> None
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU's side")
 def test_replicas_dry_run_serves_two_random_replicas_beside_a_cotenant(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "RAP_CACHE_DIR": str(tmp_path / "cache")}
-    args = ["--dry-run", "--parts", "replicas", "--replicas-budget-s", "110"]
+    args = ["--dry-run", "--parts", "replicas"]
     run = subprocess.run(
         ["bash", str(ROOT / "bench/gpu/run.sh"), *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=840,  # a backstop under the slow tier's per-test limit, not a budget
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "CUDA is absent" in run.stdout and "nothing is measured" in run.stdout
@@ -88,6 +89,7 @@ def test_replicas_dry_run_serves_two_random_replicas_beside_a_cotenant(tmp_path:
     part = report["parts"]["replicas"]
     assert part["status"] == "done", part.get("error") or part.get("replica_logs")
     assert part["dry_run"] and part["device"]["simulated"]
+    assert part["deadline_s"] is None and "waits" not in part  # every step's budgets moved
     assert part["chat"]["status"] == 200  # the byte tokenizer's chat path
     assert part["requests"]["by_status"].get("200", 0) > 0
     events = [e["event"] for e in part["cotenant_events"]]
@@ -96,10 +98,10 @@ def test_replicas_dry_run_serves_two_random_replicas_beside_a_cotenant(tmp_path:
     assert {"replica-0", "replica-1"} <= part["samples"][-1]["replicas"].keys()
     rows = part["summary"]["reactions"]
     assert [r["event"] for r in rows] == ["alloc"] * 4 + ["free"]
-    # How fast replicas react is the GPU run's figure, not this test's (CI on 2 loaded cores
-    # once missed a 4 s step's window): here every step gets a row, and budgets do move.
+    # How fast replicas react is the GPU run's figure, not this test's: here every step gets a
+    # row and its budgets are seen moved (each phase lasts until they are).
     assert all({"budget_s", "fit_s", "nvml_free_s"} <= r.keys() for r in rows)
-    assert any(r["budget_s"] is not None for r in rows), rows
+    assert all(r["budget_s"] is not None for r in rows), rows
     assert set(part["summary"]["over_share"]) == {"replica-0", "replica-1"}
     summary = subprocess.run(
         [sys.executable, str(ROOT / "bench/gpu/summarize.py"), str(tmp_path / "gpu-replicas.json")],
