@@ -2,13 +2,16 @@
 
 The replica's event loop carries every stream and the telemetry reporter, so a long tokenization
 there would stall them all (a 6 MB prompt took 4.8 s). Tokenization runs in one worker thread
-of its own — one, because a fast tokenizer is not safe to share between threads — after two
+of its own — one, because a fast tokenizer is not safe to share between threads — after the
 checks that need no tokens:
 
 - characters: a prompt longer than `context × the longest token (in characters)` cannot fit
   the context whatever it tokenizes to (every token decodes to at most that many characters),
   so it is a 400 before any work;
-- the model name.
+- the model name;
+- text the tokenizer would raise on (a lone UTF-16 surrogate) and the stop list's bounds, so
+  neither reaches the tokenizer thread or the engine (an exception there reads as a dead
+  replica to the router).
 
 Then the engine's own check (prompt + max_tokens within the context, the queue not full).
 """
@@ -24,6 +27,7 @@ from pydantic import ValidationError
 
 from rap.core.errors import RapError
 from rap.serving.engine import EngineError
+from rap.serving.request_text import stop_problem, text_problem
 from rap.serving.rows import Request
 from rap.serving.telemetry import GenerateCall
 
@@ -58,6 +62,7 @@ class Intake:
                 f"The model `{req.model}` does not exist; this server serves `{self.served_name}`",
                 reason="unknown_model",
             )
+        self._check_text(req)
         chars = len(req.prompt) + sum(len(m.get("content", "")) for m in req.messages)
         if chars > self.max_prompt_chars:
             raise EngineError(
@@ -88,6 +93,22 @@ class Intake:
         )
         self.engine.check(request)
         return request
+
+    @staticmethod
+    def _check_text(req: GenerateCall) -> None:
+        """A 400 for text the tokenizer would raise on, or a stop list the stream cannot bound
+        (the router refuses both first; this guards every other caller of the replica)."""
+        fields = [
+            ("prompt", req.prompt),
+            *((f"messages[{i}].{k}", v) for i, m in enumerate(req.messages) for k, v in m.items()),
+        ]
+        for name, text in fields:
+            problem = text_problem(text)
+            if problem:
+                raise EngineError(400, f"invalid request: {name} {problem}")
+        problem = stop_problem(req.stop)
+        if problem:
+            raise EngineError(400, f"invalid request: {problem}")
 
     def _default_max_tokens(self, prompt_tokens: int) -> int:
         """Up to the context (OpenAI's default for chat) as far as the pool holds one row, or

@@ -14,7 +14,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from rap.serving.request_text import MAX_STOP_CHARS, MAX_STOP_STRINGS, checked_text, stop_problem
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -38,7 +47,9 @@ class _Request(BaseModel):
     )
     user: str | None = None
     stop: str | list[str] | None = Field(
-        None, description="Up to 4 sequences where generation stops (not returned)."
+        None,
+        description=f"Up to {MAX_STOP_STRINGS} sequences of at most {MAX_STOP_CHARS} characters "
+        "where generation stops (not returned).",
     )
     min_kept_fraction: float = Field(
         0.0,
@@ -70,10 +81,16 @@ class _Request(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError(f"at most 4 stop sequences, got {len(value)}")
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        problem = stop_problem([value] if isinstance(value, str) else value or [])
+        if problem:
+            raise ValueError(problem)
         return value
+
+    @field_validator("model", "user")
+    @classmethod
+    def _valid_unicode(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return value if value is None else checked_text(str(info.field_name), value)
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Request:
@@ -112,6 +129,15 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     prompt: str | list[str] = Field(description="One prompt (a list holding one string is fine).")
 
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return checked_text("prompt", value)
+        for i, text in enumerate(value):
+            checked_text(f"prompt[{i}]", text)
+        return value
+
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
             return self.prompt
@@ -141,7 +167,11 @@ class ChatMessage(BaseModel):
     @classmethod
     def _join_parts(cls, value: str | list[TextPart]) -> str:
         """Text parts are joined with a newline (as vLLM does)."""
-        return value if isinstance(value, str) else "\n".join(p.text for p in value)
+        if isinstance(value, str):
+            return checked_text("content", value)
+        for k, part in enumerate(value):
+            checked_text(f"content[{k}].text", part.text)
+        return "\n".join(p.text for p in value)
 
 
 class ChatRequest(_Request):
@@ -171,10 +201,13 @@ class HTTPError(Exception):
 
 def validation_error_body(errors: Any) -> dict:
     """OpenAI's 400 body for a request that failed validation (FastAPI would answer 422 with
-    its own shape): the first error, naming the field."""
+    its own shape): the first error, naming the field (`messages[0].content`)."""
     first = errors[0]
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param)
+    path = "".join(
+        f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"] if p != "body"
+    ).lstrip(".")
+    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's, for a ValueError
+    return error_body(f"{path or 'body'}: {message}", "invalid_request_error", path or None)
 
 
 def bearer_token(authorization: str) -> str | None:

@@ -102,3 +102,26 @@ def test_ignore_eos_reaches_the_engine_request(model) -> None:
     assert asyncio.run(intake.request(call(ignore_eos=True))).ignore_eos
     assert not asyncio.run(intake.request(call())).ignore_eos
     assert CompletionRequest(model="m", prompt="a", ignore_eos=True).ignore_eos
+
+
+def test_text_the_tokenizer_cannot_take_is_a_400_before_tokenizing(model) -> None:
+    """A lone surrogate reached the tokenizer, which raised TypeError out of `generate`; the
+    router read that as a dead replica (a 503, and the replica marked failed)."""
+    engine = Engine(model, CONFIG, roomy(model), None)
+    intake = Intake(model, engine, "m")
+    model.encode = lambda *a, **k: pytest.fail("tokenized text it cannot take")
+    lone = "a\ud800"
+    cases = [
+        (call(prompt=lone), "prompt holds an unpaired UTF-16 surrogate"),
+        (call(prompt="", messages=[{"role": "user", "content": lone}]), "messages[0].content"),
+        (call(stop=["ok", lone]), "stop[1] holds an unpaired"),
+        (call(stop=["x" * 257]), "stop[0] has 257 characters"),
+    ]
+    try:
+        for bad, named in cases:
+            with pytest.raises(EngineError) as exc:
+                asyncio.run(intake.request(bad))
+            assert exc.value.status == 400 and named in exc.value.message
+    finally:
+        del model.encode
+    assert not engine.scheduler.waiting

@@ -149,3 +149,70 @@ def test_an_infinite_or_nan_budget_is_a_validation_error_not_a_500() -> None:
         with pytest.raises(ValidationError):
             BudgetChange.model_validate(json.loads(raw))
     assert BudgetChange.model_validate({"replica": "r", "gib": 0.5}).gib == 0.5
+
+
+LONE = '"a\\ud800b"'  # valid JSON: half a UTF-16 pair, which Python's parser keeps as is
+
+
+def test_a_lone_surrogate_in_any_text_field_is_a_400_naming_the_field() -> None:
+    """It passed validation, the tokenizer raised on it in the replica, and the router took
+    that for a dead replica: a 503."""
+    import pytest
+    from pydantic import BaseModel, ValidationError
+
+    from rap.serving.openai_api import ChatRequest, CompletionRequest
+
+    def refused(model: type[BaseModel], raw: str) -> dict:
+        with pytest.raises(ValidationError) as exc:
+            model.model_validate(json.loads(raw))
+        return validation_error_body(exc.value.errors())["error"]
+
+    err = refused(CompletionRequest, f'{{"model": "m", "prompt": {LONE}}}')
+    assert err["param"] == "prompt" and "unpaired UTF-16 surrogate (\\ud800" in err["message"]
+    assert (
+        "prompt[0]"
+        in refused(CompletionRequest, f'{{"model": "m", "prompt": [{LONE}]}}')["message"]
+    )
+    err = refused(CompletionRequest, f'{{"model": "m", "prompt": "x", "stop": ["s", {LONE}]}}')
+    assert err["param"] == "stop" and err["message"].startswith("stop: stop[1] holds an unpaired")
+    user = '{"role": "user", "content": "hi"}'
+    err = refused(
+        ChatRequest,
+        f'{{"model": "m", "messages": [{user}, {{"role": "user", "content": {LONE}}}]}}',
+    )
+    assert err["param"] == "messages[1].content"
+    parts = f'[{{"type": "text", "text": "ok"}}, {{"type": "text", "text": {LONE}}}]'
+    err = refused(
+        ChatRequest, f'{{"model": "m", "messages": [{{"role": "user", "content": {parts}}}]}}'
+    )
+    assert err["param"] == "messages[0].content" and "content[1].text holds" in err["message"]
+    # a whole pair is one character, and fine
+    ok = CompletionRequest.model_validate(json.loads('{"model": "m", "prompt": "\\ud83d\\ude00"}'))
+    assert ok.prompt == "\U0001f600"
+
+
+def test_the_ingress_answers_a_lone_surrogate_with_400_before_the_handler_runs() -> None:
+    from tests.serving.test_http_guard import AUTH, call, make_app, openai_error
+
+    app, seen = make_app()
+    raw = f'{{"model": "m", "prompt": {LONE}}}'.encode()
+    status, _, body, _ = call(app, "/v1/completions", [raw], AUTH)
+    assert status == 400 and not seen
+    assert openai_error(body)["param"] == "prompt"
+
+
+def test_stop_is_bounded_to_four_strings_of_256_characters() -> None:
+    """A 100 KB stop string was scanned for on every token of the row."""
+    import pytest
+    from pydantic import ValidationError
+
+    from rap.serving.openai_api import CompletionRequest
+    from rap.serving.request_text import MAX_STOP_CHARS
+
+    base = {"model": "m", "prompt": "x"}
+    assert CompletionRequest.model_validate({**base, "stop": ["a" * MAX_STOP_CHARS] * 4})
+    for stop, named in [("a" * 257, "stop[0] has 257"), (["ok", "b" * 100_000], "stop[1] has")]:
+        with pytest.raises(ValidationError) as exc:
+            CompletionRequest.model_validate({**base, "stop": stop})
+        err = validation_error_body(exc.value.errors())["error"]
+        assert err["param"] == "stop" and named in err["message"]
