@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,6 +60,26 @@ def _mask_from_args(args: argparse.Namespace, model_id: str, num_layers: int) ->
     return KeepMask.from_drops(model_id, num_layers, args.drop_attn, args.drop_mlp)
 
 
+BLANK_RUN = re.compile(r"\n(?:[ \t]*\n){3,}")
+"""Three or more blank lines in a row: shown as one line that counts them."""
+
+
+def display_text(text: str) -> str:
+    """Generated text as `rap generate` prints it: trailing whitespace dropped, a run of blank
+    lines shown as one "[N blank lines]" line, and text with nothing visible as its repr. A
+    pruned model often emits nothing but newlines; printed as they are, 40 of them read as a
+    command that printed nothing."""
+    if not text.strip():
+        shown = repr(text[:40]) + (" ..." if len(text) > 40 else "")
+        return f"[no visible text: {len(text)} whitespace characters, {shown}]"
+
+    def count(m: re.Match[str]) -> str:
+        blank_lines = m.group(0).count("\n") - 1
+        return f"\n[{blank_lines} blank lines]\n"
+
+    return BLANK_RUN.sub(count, text.strip("\n").rstrip())
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
@@ -86,7 +107,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(text)
+    n_new = len(result.token_ids[0])
+    why = "the model ended it" if n_new < args.max_tokens else f"--max-tokens {args.max_tokens}"
+    print(f"model output ({n_new} tokens, {why}):")
+    print(display_text(text))
     print("---")
     kept_a, kept_m = sum(mask.attn), sum(mask.mlp)
     n = mask.num_layers

@@ -10,23 +10,27 @@ import argparse
 import json
 import logging
 import os
-import secrets
-import shlex
 import signal
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from rap.cli.admin_token import admin_token, check_port_free
 from rap.cli.common import read_secret
 from rap.core.constants import GIB
 from rap.core.errors import RapError
 from rap.core.loading import DEFAULT_MODEL, load_config
+
+DEFAULT_CPU_BUDGET_GIB = "0.86"
+"""A replica's budget on a CPU when none is configured, for the default model in float32, as
+the help text states it (`rap.serving.telemetry.initial_budget_bytes`: the dense model's peak at
+the engine's batch 8 × 1,024 tokens; tests/cli/test_cli.py recomputes it). `rap serve` prints
+the budgets the replicas really start with."""
 
 
 def add_commands(sub: Any) -> None:
@@ -41,8 +45,8 @@ def add_commands(sub: Any) -> None:
         "--budget-gib",
         default="",
         help="comma-separated budgets per replica in GiB (default: from the device; on a CPU "
-        "the dense model's peak at batch 8 × 1,024 tokens, ~1.03 GiB for the default model in "
-        "float32)",
+        f"the dense model's peak at batch 8 × 1,024 tokens, {DEFAULT_CPU_BUDGET_GIB} GiB for "
+        "the default model in float32; printed at start-up)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument(
@@ -72,7 +76,7 @@ def add_commands(sub: Any) -> None:
         default=None,
         metavar="PATH",
         help="the admin token, in this file (default: $RAP_ADMIN_TOKEN; neither: a random one, "
-        "written to ~/.cache/rap/admin-token, readable by you only)",
+        "written to ~/.cache/rap/admin-token-PORT, readable by you only)",
     )
     serve.add_argument(
         "--exit-after-first",
@@ -92,7 +96,11 @@ def add_commands(sub: Any) -> None:
         metavar="PATH",
         help="file holding the admin token (default: $RAP_ADMIN_TOKEN)",
     )
-    bset.add_argument("--url", default="http://127.0.0.1:8000")
+    bset.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the server (rap serve prints its own in this command's hint)",
+    )
     bset.set_defaults(func=cmd_budget_set)
 
 
@@ -159,9 +167,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     load_config(args.model)  # convert the default model once, before replicas race to do it
     policy = controller_policy(config.resolved())  # one error line now, before Ray starts
     print(f"controller policy: {_policy_line(policy.describe())}", flush=True)
-    # After the checks above, so a rejected start writes no token file; before Ray starts.
+    # After the checks above, so a rejected start (the port held by another server included)
+    # writes no token file; before Ray starts.
+    check_port_free(args.host, args.port)
     api_key = read_secret(args.api_key_file, config.api_key_env, "API key")
-    token, token_lines = _admin_token(args.admin_token_file, config.admin_token_env)
+    token, token_lines = admin_token(args.admin_token_file, config.admin_token_env, args.port)
     os.environ[config.admin_token_env] = token  # inherited by Ray's workers
     if api_key:
         os.environ[config.api_key_env] = api_key
@@ -170,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         _start(config, args, metrics_port)
         first = _first_request(url, api_key)
-        _report(url, token, token_lines, first, api_key is not None, metrics_port)
+        _report(url, token_lines, first, api_key is not None, metrics_port)
+        _report_state(url, token)
         while not args.exit_after_first:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -192,49 +203,8 @@ def _validated(args: argparse.Namespace) -> Any:
         raise RapError(f"invalid serve configuration: {msg}") from None
 
 
-def admin_token_path() -> Path:
-    """Where `rap serve` keeps a token it generated: $XDG_CACHE_HOME/rap/admin-token, else
-    ~/.cache/rap/admin-token (the XDG spec ignores a relative XDG_CACHE_HOME)."""
-    cache = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"
-    return base / "rap" / "admin-token"
-
-
-def write_admin_token(token: str) -> Path:
-    """Write `token` to admin_token_path(), readable by its owner only; return the path."""
-    path = admin_token_path()
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Created 0600 (never briefly wider); fchmod narrows a file left by an older run.
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(token + "\n")
-    except OSError as exc:
-        raise RapError(
-            f"cannot write the admin token to {path} ({exc.strerror})",
-            fix="set RAP_ADMIN_TOKEN or pass --admin-token-file, or set XDG_CACHE_HOME",
-        ) from None
-    return path
-
-
-def _admin_token(path: str | None, env: str) -> tuple[str, tuple[str, str]]:
-    """The admin token, and what `rap serve` prints about it: where it is, and the `rap budget
-    set` flag that finds it (neither line holds the token, so a pasted log leaks nothing)."""
-    token = read_secret(path, env, "admin token")
-    if token and path:
-        full = os.path.abspath(path)  # the hint may be pasted in another folder
-        return token, (f"from {full}", f" --token-file {shlex.quote(full)}")
-    if token:  # a shell comment, so the line still pastes as it is
-        return token, (f"from ${env}", f"  # the token from ${env}")
-    token = secrets.token_urlsafe(16)
-    written = str(write_admin_token(token))
-    return token, (f"in {written} (readable by you only)", f" --token-file {shlex.quote(written)}")
-
-
 def _report(
     url: str,
-    token: str,
     token_lines: tuple[str, str],
     first: dict[str, Any],
     keyed: bool,
@@ -258,9 +228,11 @@ def _report(
         f'-d \'{{"model": "{first["model"]}", "prompt": "Once upon a time"}}\''
         + ("  (with RAP_API_KEY set to the API key)" if keyed else "")
     )
-    print(f"operator: rap budget set --replica replica-0 --gib 0.4{token_lines[1]}")
+    # --url: `rap budget set` defaults to port 8000, where another server (or anything else)
+    # may listen; the token must go to this one.
+    hint = f"rap budget set --url {url} --replica replica-0 --gib 0.4{token_lines[1]}"
+    print(f"operator: {hint}")
     print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (Prometheus; docs/metrics.md)")
-    print(f"controller: {_controller_line(url, token)}")
 
 
 def _free_port() -> int:
@@ -274,13 +246,31 @@ def _policy_line(d: dict[str, Any]) -> str:
     return f"{d['kind']} ({d['origin']}): {d['decisions']} decisions, {d['fallbacks']} fallbacks"
 
 
-def _controller_line(url: str, token: str) -> str:
-    """The live controller's policy and counts, from /admin/state."""
+def _report_state(url: str, token: str) -> None:
+    """The replicas' budgets and the live controller's policy, from /admin/state; "controller:"
+    is the last start-up line."""
     try:
         state = http_json(f"{url}/admin/state", token=token, timeout_s=10)
-        return _policy_line(state["controller"]["policy"])
-    except (RapError, KeyError) as exc:
-        return f"state unavailable ({exc})"
+    except RapError as exc:
+        print(f"budgets: state unavailable ({exc})")
+        print(f"controller: state unavailable ({exc})")
+        return
+    print(f"budgets: {_budgets_line(state.get('replicas', {}))}")
+    try:
+        print(f"controller: {_policy_line(state['controller']['policy'])}")
+    except KeyError as exc:
+        print(f"controller: state unavailable (no {exc} in /admin/state)")
+
+
+def _budgets_line(replicas: dict[str, Any]) -> str:
+    """Each replica's budget now, e.g. "replica-0 0.861 GiB, replica-1 0.861 GiB"."""
+    parts = []
+    for name, tel in sorted(replicas.items()):
+        if "budget_bytes" in tel:
+            parts.append(f"{name} {tel['budget_bytes'] / GIB:.3f} GiB")
+        else:
+            parts.append(f"{name} {tel.get('error', 'unknown')}")
+    return ", ".join(parts) or "no replica answered"
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:
@@ -305,7 +295,29 @@ def _start(config: Any, args: argparse.Namespace, metrics_port: int) -> None:
     # that aborts the process with a stack dump, so ours replaces it at once.
     signal.signal(signal.SIGTERM, _interrupt)
     serve.start(http_options={"host": args.host, "port": args.port})
+    _quiet_serve_reconnect_notice()
     serve.run(build_app(config.model_dump(mode="json")), name="rap", route_prefix="/")
+
+
+SERVE_RECONNECT_NOTICE = "Connecting to existing Serve app"
+"""How Ray Serve's notice starts that `serve.run` logs when a Serve instance already runs."""
+
+
+class _DropServeReconnectNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(SERVE_RECONNECT_NOTICE)
+
+
+def _quiet_serve_reconnect_notice() -> None:
+    """`serve.run` takes no HTTP options: the only way to set the port is `serve.start` first,
+    and `serve.run` then finds that instance and logs 'Connecting to existing Serve app ... New
+    http_options/controller_options will not be applied' (Ray 2.60), though it passes none and
+    the port `serve.start` set is the one served. On every start it read as if --port were
+    ignored. Drop that one message from the driver's "ray.serve" logger, where Serve logs it;
+    every other message of that logger still prints."""
+    logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _DropServeReconnectNotice) for f in logger.filters):
+        logger.addFilter(_DropServeReconnectNotice())
 
 
 def _first_request(url: str, api_key: str | None) -> dict[str, Any]:

@@ -24,9 +24,9 @@ class PolicyChoice:
 
     kind: Literal["rap", "heuristic"]
     origin: str
-    """Where it comes from, for operators: the shipped default, a path, or why the heuristic."""
+    """Where it comes from, for operators: the package, a path, or why the heuristic."""
     path: str | None = None
-    """The exported policy to load (None: the shipped default, for kind "rap")."""
+    """The exported policy to load (None: the one shipped with the package, for kind "rap")."""
     planner: str | None = None
     """For kind "heuristic": the planner to run instead of the app's `planner` (None: that)."""
 
@@ -46,7 +46,7 @@ def choose_policy(policy: str | None, planner: str, model_id: str) -> PolicyChoi
     if policy is None:
         return PolicyChoice("heuristic", f"policy: null in the app config ({planner})")
     if policy == "rap":
-        return PolicyChoice("rap", "shipped default", None)
+        return PolicyChoice("rap", "shipped with the package", None)
     if policy != "default":
         return PolicyChoice("rap", f"exported policy {policy}", policy)
     if model_id == DEFAULT_MODEL_ID:

@@ -105,7 +105,8 @@ class RapPolicy:
         """Load an exported policy folder (`rap train`'s `out/policy/`; None: the default)."""
         folder = _policy_folder(path)
         net = PolicyNet.load(folder)
-        origin = "shipped default" if folder == DEFAULT_POLICY_DIR else "exported policy"
+        # Not "default": `policy: default` runs a search for the default model, not this policy.
+        origin = "shipped with the package," if folder == DEFAULT_POLICY_DIR else "exported policy"
         return cls(net, config, model_id, dtype, min_kept_fraction, origin=f"{origin} {folder}")
 
     def choose(

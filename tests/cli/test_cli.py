@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from rap.cli import serve as serve_cli
+from rap.cli.admin_token import admin_token, write_admin_token
 from rap.cli.common import read_secret
 from rap.cli.main import build_parser, main
-from rap.cli.serve import _admin_token, write_admin_token
 from rap.core import memory
 from rap.core.errors import RapError
 from tests.tiny import tiny_config
@@ -142,25 +142,25 @@ def test_read_secret_missing_or_empty_file_is_a_clear_error(tmp_path, monkeypatc
 
 def test_generated_admin_token_file_is_0600(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    path = write_admin_token("tok-1")
-    assert path == tmp_path / "cache" / "rap" / "admin-token"
+    path = write_admin_token("tok-1", 8000)
+    assert path == tmp_path / "cache" / "rap" / "admin-token-8000"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) & 0o077 == 0
     os.chmod(path, 0o644)  # a file left readable by others is narrowed on the next write
-    assert write_admin_token("tok-2") == path and path.read_text().strip() == "tok-2"
+    assert write_admin_token("tok-2", 8000) == path and path.read_text().strip() == "tok-2"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
 def test_serve_prints_the_token_path_not_the_token(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("RAP_ADMIN_TOKEN", raising=False)
-    token, (where, flag) = _admin_token(None, "RAP_ADMIN_TOKEN")
-    path = tmp_path / "rap" / "admin-token"
+    token, (where, flag) = admin_token(None, "RAP_ADMIN_TOKEN", 8000)
+    path = tmp_path / "rap" / "admin-token-8000"
     assert path.read_text().strip() == token and len(token) >= 16
     assert where == f"in {path} (readable by you only)" and flag == f" --token-file {path}"
     assert token not in where + flag
     monkeypatch.setenv("RAP_ADMIN_TOKEN", "env-token")
-    token, (where, flag) = _admin_token(None, "RAP_ADMIN_TOKEN")
+    token, (where, flag) = admin_token(None, "RAP_ADMIN_TOKEN", 8000)
     assert token == "env-token" and "env-token" not in where + flag
 
 
@@ -187,3 +187,117 @@ def test_budget_set_reads_its_token_file(tmp_path, monkeypatch, capsys) -> None:
     args = ["budget", "set", "--replica", "r", "--gib", "1", "--token-file", str(token_file)]
     assert main(args) == 0 and seen == ["file-token"]
     assert "r: budget 1.000 GiB" in capsys.readouterr().out
+
+
+# -- rap generate: what it prints is the model's output, said so, and never a screen of blanks
+class _NewlinesModel:
+    """A stand-in for a pruned model that answers with nothing but newlines."""
+
+    dtype = "torch.float32"
+
+    def weight_bytes(self) -> int:
+        return 1000
+
+    def apply(self, _mask):
+        return type("Change", (), {"released_bytes": 0})()
+
+    def encode(self, _prompt, chat: bool) -> list[int]:
+        return [1, 2, 3]
+
+    def generate_ids(self, _ids, max_tokens: int):
+        return type("Result", (), {"token_ids": [[13] * max_tokens], "kv_bytes": 10})()
+
+    def decode(self, ids) -> str:
+        return "\n" * len(ids)
+
+    def predicted_kv_bytes(self, _batch, _seq) -> int:
+        return 10
+
+
+def test_generate_says_what_it_prints_and_shows_blank_output(tiny_dirs, monkeypatch, capsys):
+    import rap.cli.main as main_cli
+
+    monkeypatch.setattr(main_cli, "load_model", lambda *_a, **_k: _NewlinesModel())
+    args = ["generate", "--model", str(tiny_dirs["llama"]), "--prompt", "hi"]
+    assert main([*args, "--max-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model output (40 tokens, --max-tokens 40):\n")
+    assert "[no visible text: 40 whitespace characters, '\\n\\n" in out
+    assert "\n\n" not in out  # no screen of blank lines
+
+
+def test_display_text_counts_runs_of_blank_lines() -> None:
+    from rap.cli.main import display_text
+
+    assert display_text("Paris.\n\n\n\n\n\nLyon.\n\n\n") == "Paris.\n[5 blank lines]\nLyon."
+    assert display_text("a\n\nb") == "a\n\nb"  # one blank line is text, shown as it is
+
+
+# -- rap importance --method gsi: the defaults are the shipped recipe; else it says it computes
+def _importance_settings(argv: list[str]):
+    from rap.cli.importance import settings_from_args
+
+    return settings_from_args(build_parser().parse_args(argv))
+
+
+def _answered_by_shipped(settings) -> bool:
+    """What the shipped GSI file answers, by get_scores' own test (the default model, float32,
+    the shipped text: what a user's run of the same flags has)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rap.core.scores import load_default_scores
+    from rap.importance.scorers import shipped_match
+
+    shipped = load_default_scores(settings.method)
+    text = shipped.calibration
+    assert text is not None
+    if (settings.tokens, settings.seq_len, settings.half) != (text.tokens, text.seq_len, text.half):
+        return False
+    model = SimpleNamespace(model_id=shipped.model, dtype=torch.float32)
+    return shipped_match(model, settings, text, shipped.model_digest) is not None
+
+
+def test_gsi_with_no_other_flag_is_the_shipped_recipe() -> None:
+    assert _answered_by_shipped(_importance_settings(["importance", "--method", "gsi"]))
+    other = ["importance", "--method", "gsi", "--finalists", "4"]
+    assert not _answered_by_shipped(_importance_settings(other))  # the test can tell
+
+
+def test_the_notice_names_a_command_the_shipped_scores_answer() -> None:
+    import shlex
+
+    from rap.cli.importance_notice import compute_notice
+    from rap.core.loading import DEFAULT_MODEL_ID
+
+    settings = _importance_settings(["importance", "--method", "gsi", "--batch-size", "4"])
+    notice = compute_notice(DEFAULT_MODEL_ID, 30, settings)
+    first, second = notice.splitlines()
+    assert "computing them, roughly " in first and " h " in first  # hours, at these settings
+    command = second.split("answer at once: ")[1]
+    assert command.startswith("rap importance --method gsi ")
+    assert _answered_by_shipped(_importance_settings(shlex.split(command)[1:]))
+    shipped = compute_notice(DEFAULT_MODEL_ID, 30, _importance_settings(shlex.split(command)[1:]))
+    assert "roughly 54 min" in shipped  # the shipped run's own time, all its sessions
+
+
+def test_importance_says_it_computes_before_it_does(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import rap.importance.scorers
+
+    def stop(*_a, **_k):
+        raise RapError("stopped where the computation starts")
+
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path))
+    args = ["importance", "--model", str(tiny_dirs["mistral"]), "--tokens", "256", "--seq-len"]
+    monkeypatch.setattr(rap.importance.scorers, "compute_scores", stop)
+    assert main([*args, "32", "--method", "gsi"]) == 2
+    err = capsys.readouterr().err
+    assert err.index("no shipped or cached gsi scores") < err.index("stopped where")
+    assert "computing them, roughly " in err and "answer at once" not in err  # none ship
+    monkeypatch.undo()
+    monkeypatch.setenv("RAP_CACHE_DIR", str(tmp_path))
+    assert main([*args, "32", "--method", "oneshot", "--json"]) == 0
+    assert "computing them" in capsys.readouterr().err
+    assert main([*args, "32", "--method", "oneshot", "--json"]) == 0  # cached now: no notice
+    assert "computing" not in capsys.readouterr().err

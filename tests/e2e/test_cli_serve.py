@@ -11,6 +11,9 @@ import time
 
 import pytest
 
+from rap.cli.serve import DEFAULT_CPU_BUDGET_GIB
+from rap.core.loading import cache_dir
+
 pytestmark = pytest.mark.slow
 
 
@@ -20,10 +23,14 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(target: str, tmp_path) -> N
     `timeout`), which stops Ray's own processes too. (Stopped under `timeout`, `rap serve` once
     hung in Serve's shutdown; this test does not reproduce that, a 30 s watchdog now ends it.)"""
     log = tmp_path / "serve.log"
+    # A cache of its own for the generated admin token: a server already running on this
+    # machine keeps its file. RAP_CACHE_DIR pinned: the converted model stays shared.
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "RAP_CACHE_DIR": str(cache_dir())}
+    env.pop("RAP_ADMIN_TOKEN", None)
     with log.open("w") as out:
         cmd = [sys.executable, "-m", "rap.cli", "serve", "--port", "8123"]
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            cmd, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
         )
         try:
             deadline = time.monotonic() + 300
@@ -49,3 +56,10 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(target: str, tmp_path) -> N
     # The default for the default model: the test split's winner (rap.planning.choice).
     assert "controller policy: SurrogateSearch (policy: default (surrogate-greedy" in text
     assert "metrics: http://127.0.0.1:" in text and "[rap-" in text
+    token_file = tmp_path / "xdg" / "rap" / "admin-token-8123"
+    assert f"admin token: in {token_file} (readable by you only)" in text
+    hint = "operator: rap budget set --url http://127.0.0.1:8123 --replica replica-0 --gib 0.4"
+    assert f"{hint} --token-file {token_file}" in text
+    assert "Connecting to existing Serve app" not in text  # Ray's notice, as if --port were off
+    gib = DEFAULT_CPU_BUDGET_GIB  # the CPU default, as `rap serve --help` states it (2 digits)
+    assert f"budgets: replica-0 {gib}" in text and f", replica-1 {gib}" in text

@@ -175,7 +175,7 @@ def test_a_lowered_budget_is_served_on_the_rap_policys_masks(server) -> None:
     from masks it decided (`controller:rap`, fewer blocks), its decisions grow and it does not
     fall back to mem-greedy. Sequential requests then go to the replica that keeps more."""
     before = state(server)["controller"]["policy"]
-    assert before["kind"] == "RapPolicy" and "shipped default" in before["origin"], before
+    assert before["kind"] == "RapPolicy" and "shipped with the package" in before["origin"], before
     status, _, _ = call(server, "/admin/budget", {"replica": "replica-0", "gib": 0.36}, ADMIN)
     assert status == 200
     c = client(server)

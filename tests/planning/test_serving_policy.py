@@ -57,7 +57,7 @@ def test_the_shipped_rap_policy_serves_at_the_serving_floor() -> None:
     assert isinstance(policy, RapPolicy)
     d = policy.describe()
     assert d["kind"] == "RapPolicy" and str(DEFAULT_POLICY_DIR) in d["origin"]
-    assert "shipped default" in d["origin"]
+    assert "shipped with the package" in d["origin"] and "default" not in d["origin"]
     assert policy.min_kept_fraction == cfg.engine.min_kept_fraction == 0.5
     assert policy.dtype == "float32" and d["decisions"] == 0 and d["fallbacks"] == 0
     heuristic = controller_policy(ServeAppConfig(policy=None).resolved())
