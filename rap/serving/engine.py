@@ -36,6 +36,7 @@ from rap.planning import MaskPlanner
 from rap.serving import row_masks
 from rap.serving.engine_config import EngineConfig
 from rap.serving.messages import MaskPlan
+from rap.serving.outbox import TERMINAL, Outbox
 from rap.serving.restores import Prefetch
 from rap.serving.scheduler import Request, Scheduler
 from rap.serving.sizing import Sizing
@@ -124,27 +125,38 @@ class Engine:
 
     async def submit(self, request: Request) -> AsyncIterator[dict[str, Any]]:
         """Queue a request; yield its events: start, token..., then done or error. A consumer
-        that stops early (a client gone, Serve cancelling) cancels the request."""
+        that stops early (a client gone, Serve cancelling) cancels the request; one that reads
+        slowly holds its row back once `max_pending_events` wait for it (`rap.serving.outbox`)."""
         self.check(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-        def sink(event: dict[str, Any]) -> None:  # from the engine's thread
-            if event["type"] == "done" and "mask_key" in event:
-                event["predicted_delta_lnppl"] = self._quality_cost(event["mask_key"])
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        row_id = self.scheduler.add(request, sink)
+        outbox = Outbox(
+            asyncio.get_running_loop(),
+            self.config.max_pending_events,
+            on_drain=self._wake.set,
+            on_put=self._priced,
+        )
+        row_id = self.scheduler.add(request, outbox)
         self._wake.set()
         ended = False
         try:
             while not ended:
-                event = await queue.get()
-                ended = event["type"] in ("done", "error")
+                event = await outbox.get()
+                ended = event["type"] in TERMINAL
                 yield event
         finally:
             if not ended:
                 self.cancel(row_id)
+
+    def _priced(self, event: dict[str, Any]) -> None:
+        """A done event gains the predicted quality cost of the mask that served it (None if
+        the planner cannot say: the client still gets its done event)."""
+        if event["type"] != "done" or "mask_key" not in event:
+            return
+        try:
+            event["predicted_delta_lnppl"] = self._quality_cost(event["mask_key"])
+        except Exception as exc:
+            self.stats.planner_errors += 1
+            log.warning("no predicted quality cost for %s (%s)", event["mask_key"], exc)
+            event["predicted_delta_lnppl"] = None
 
     def _quality_cost(self, key: str) -> float | None:
         """The planner's predicted Δ ln perplexity of the mask a row was served under."""
@@ -218,21 +230,29 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------
     def _work(self) -> None:
+        ran = False  # whether the last step ran a forward
         while True:
             try:
-                pending = self._target[0].key != self.model.mask.key
-                idle = self.scheduler.idle
-                self._wake.wait(timeout=0.0 if not idle else (0.05 if pending else None))
+                self._wake.wait(timeout=self._pause_s(ran))
                 self._wake.clear()
                 self._maybe_switch()
                 if not self.scheduler.running and not self.scheduler.waiting:
                     continue
-                self.scheduler.step()
+                ran = self.scheduler.step()
                 self._record_step()
             except Exception as exc:  # outside any one request's work: fail fast, keep serving
                 self.error = exc
                 log.exception("engine step failed; the loop goes on")
                 self._wake.set()
+
+    def _pause_s(self, ran: bool) -> float | None:
+        """How long the loop sleeps unless woken: not at all after a forward; a poll while a
+        switch is pending or rows wait (for pages, or for their clients to read); else until
+        woken (a request, a plan, a budget)."""
+        if ran and not self.scheduler.idle:
+            return 0.0
+        pending = self._target[0].key != self.model.mask.key
+        return 0.05 if pending or not self.scheduler.idle else None
 
     def _maybe_switch(self) -> None:
         mask, pages = self._next()

@@ -29,6 +29,18 @@ class EngineConfig(BaseModel):
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait for KV pages before a 503.")
     max_waiting: int = Field(256, ge=1, description="Queue length above which requests get 503.")
+    max_pending_events: int = Field(
+        256,
+        ge=1,
+        description="Events a request's client may leave unread before its row sits out steps "
+        "(keeping its pages): a slow reader must not make the replica hold its whole output.",
+    )
+    client_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="A row whose client leaves max_pending_events unread this long is cancelled "
+        "and its pages freed at the next step.",
+    )
     grow_after_s: float = Field(
         5.0,
         ge=0,
@@ -77,5 +89,6 @@ class EngineConfig(BaseModel):
             page_tokens=self.page_tokens,
             max_wait_s=self.max_wait_s,
             retry_after_s=self.retry_after_s,
+            client_stall_s=self.client_stall_s,
             cuda_graphs=self.cuda_graphs,
         )

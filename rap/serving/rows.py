@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -15,6 +15,13 @@ from rap.serving.kv_pages import PagePool, RowPages
 from rap.serving.text_stream import TextStream
 
 Sink = Callable[[dict[str, Any]], None]
+
+
+class WaitConfig(Protocol):
+    """What a waited-out event says: how long a row may wait, and when to retry."""
+
+    max_wait_s: float
+    retry_after_s: int
 
 
 @dataclass
@@ -60,6 +67,8 @@ class Row:
     preemptions: int = 0
     history: list[tuple[int, str]] = field(default_factory=list)
     """(tokens held, mask key) at admission and at every shrink: what ran at which position."""
+    stalled_s: float | None = None
+    """`time.monotonic()` since when the row's outbox has been full (None: it is not)."""
 
     @property
     def tokens(self) -> list[int]:
@@ -102,26 +111,79 @@ def done_event(row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
     return event
 
 
-def busy_event(retry_after_s: int, why: str) -> dict[str, Any]:
-    """A 503 for a request that waited `max_wait_s` and could not start (code `waited_out`:
-    the router does not make it wait as long again elsewhere)."""
+def busy_event(retry_after_s: int, why: str, code: str = "waited_out") -> dict[str, Any]:
+    """A 503 for a request that waited `max_wait_s` and could not start or resume. Its code:
+    `waited_out` (the router does not make it wait as long again elsewhere), or
+    `budget_below_floor` (the replica's budget holds no room for it above the quality floor)."""
     return {
         "type": "error",
         "status": 503,
-        "code": "waited_out",
+        "code": code,
         "message": f"the replica is busy: {why}",
         "retry_after": retry_after_s,
     }
 
 
+def waited_out_event(
+    row: Row, kept: float, need_pages: int, capacity_pages: int, config: WaitConfig
+) -> dict[str, Any]:
+    """The 503 of a row that waited `max_wait_s`, with a code naming why: it asked for more
+    blocks than the replica keeps (`waited_out`), its reservation (`need_pages` in the layer
+    that needs most) exceeds the whole pool — the budget holds no room for it under the
+    smallest mask the quality floor allows (`budget_below_floor`) — or pages did not come free
+    (`waited_out`)."""
+    wait, retry = config.max_wait_s, config.retry_after_s
+    if row.request.min_kept_fraction > kept:
+        asked = row.request.min_kept_fraction
+        why = (
+            f"the replica serves a mask keeping {kept:.1%} of the blocks, below the request's "
+            f"min_kept_fraction {asked:.1%}, and did not grow in {wait} s"
+        )
+        return busy_event(retry, why)
+    if need_pages > capacity_pages:
+        why = (
+            f"its memory budget holds {capacity_pages} KV pages per layer under the smallest "
+            f"mask its quality floor allows, the request needs {need_pages}, and memory did "
+            f"not return in {wait} s"
+        )
+        return busy_event(retry, why, code="budget_below_floor")
+    return busy_event(retry, f"no KV pages (memory) came free in {wait} s")
+
+
 def too_big_event(need: dict[int, int], pool: PagePool, retry_after_s: int) -> dict[str, Any]:
-    """A 503 for a request whose reservation exceeds the whole pool."""
+    """A 503 for a new request whose reservation exceeds the whole pool, at once (the router
+    tries the other replica): `budget_below_floor` when the budget leaves no pages at all,
+    else `insufficient_memory`."""
     most = max(need.values())
     return {
         "type": "error",
         "status": 503,
+        "code": "budget_below_floor" if pool.capacity == 0 else "insufficient_memory",
         "retry_after": retry_after_s,
         "message": f"not enough memory: the request needs {most} KV pages of "
         f"{pool.page_tokens} tokens per layer; the replica's pool has "
         f"{pool.capacity}",
+    }
+
+
+def failed_event(what: str, exc: BaseException) -> dict[str, Any]:
+    """A 500 for a row whose work failed (`what`), naming the exception."""
+    return {
+        "type": "error",
+        "status": 500,
+        "code": "generation_failed",
+        "message": f"{what}: {type(exc).__name__}: {exc}",
+    }
+
+
+def stalled_event(client_stall_s: float, generated: int) -> dict[str, Any]:
+    """The error a row gets when its client read nothing for `client_stall_s` while its
+    outbox was full (`rap.serving.outbox`)."""
+    return {
+        "type": "error",
+        "status": 408,
+        "code": "client_stalled",
+        "message": f"the client read no event for {client_stall_s} s while {generated} tokens "
+        "waited for it; the request was cancelled (read the stream faster, or raise "
+        "engine.client_stall_s)",
     }

@@ -40,15 +40,18 @@ from rap.core.gates import gating
 from rap.serving import row_masks
 from rap.serving.decode_graphs import DecodeGraphs
 from rap.serving.kv_pages import PagePool
+from rap.serving.outbox import Outbox
 from rap.serving.paged_attention import PagedKV, RowStep, paged
 from rap.serving.rows import (
     Request,
     Row,
     Sink,
     StepStats,
-    busy_event,
     done_event,
+    failed_event,
+    stalled_event,
     too_big_event,
+    waited_out_event,
 )
 from rap.serving.sampling import greedy_many, sample
 from rap.serving.text_stream import TextStream
@@ -68,6 +71,12 @@ class SchedulerConfig(BaseModel):
         False,
         description="On a GPU, replay decode steps from CUDA graphs (`rap.serving.decode_graphs`) "
         "where they apply; ignored on a CPU.",
+    )
+    client_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="A row whose client has left its outbox full this long is cancelled and "
+        "its pages freed (`rap.serving.outbox`).",
     )
 
 
@@ -152,35 +161,37 @@ class Scheduler:
         return not self.waiting and not self.running
 
     # -- the step ------------------------------------------------------------------------------
-    def step(self) -> None:
-        """Admit, compose, run one forward, hand out tokens, free what finished (module doc)."""
+    def step(self) -> bool:
+        """Admit, compose, run one forward, hand out tokens, free what finished (module doc).
+        Returns whether a forward ran (False: nothing to run, or every running row waits for
+        its client)."""
         self._drop_cancelled()
         self._drop_expired()
+        self._drop_stalled()
         self._admit()
         if not self.running:
-            return
+            return False
         rows, ids, positions = self._compose()
+        if not rows:
+            return False
         kv = PagedKV(self.pool, [step for _, step in rows], self.windows)
         try:
             logits = self._forward(ids, positions, kv, rows)
         except Exception as exc:  # one step's failure fails its rows, never the scheduler
             for row, _ in rows:
-                self._end(
-                    row,
-                    {
-                        "type": "error",
-                        "status": 500,
-                        "message": f"generation failed: {type(exc).__name__}: {exc}",
-                    },
-                )
-            return
+                self._end(row, failed_event("generation failed", exc))
+            return True
         kv.finish_step()
         self.stats.steps += 1
         for row, step in rows:
             row.held += step.count
         wanted = [(row, lg) for (row, _), lg in zip(rows, logits, strict=True) if lg is not None]
         for row, token in self._pick(wanted):
-            self._next_token(row, token)
+            try:
+                self._next_token(row, token)
+            except Exception as exc:  # one row's text or events failing ends that row only
+                self._end(row, failed_event("handing out the next token failed", exc))
+        return True
 
     def _pick(self, wanted: list[tuple[Row, torch.Tensor]]) -> list[tuple[Row, int]]:
         """Each row's next token: greedy rows together (`greedy_many`), sampled rows with
@@ -248,6 +259,8 @@ class Scheduler:
         ids: list[int] = []
         positions: list[int] = []
         for row in order:
+            if self._waits_for_client(row):
+                continue
             if row.prefilling:
                 n = min(len(row.tokens) - row.held, budget)
                 if n <= 0:
@@ -282,11 +295,32 @@ class Scheduler:
             self._end(row, done_event(row, "length"))
 
     def _end(self, row: Row, event: dict[str, Any]) -> None:
-        """The row leaves: its pages go back to the pool this step."""
+        """The row leaves: its pages go back to the pool this step, and its client gets its one
+        terminal event (an error event if delivering `event` fails)."""
         self.pool.drop(row.pages)
         if row in self.running:
             self.running.remove(row)
-        row.sink(event)
+        try:
+            row.sink(event)
+        except Exception as exc:
+            row.sink(failed_event("delivering the request's last event failed", exc))
+
+    def _waits_for_client(self, row: Row) -> bool:
+        """Whether the row sits this step out: its outbox is full (it keeps its pages)."""
+        full = isinstance(row.sink, Outbox) and row.sink.full
+        if not full:
+            row.stalled_s = None
+        elif row.stalled_s is None:
+            row.stalled_s = time.monotonic()
+        return full
+
+    def _drop_stalled(self) -> None:
+        """Rows whose client left the outbox full for `client_stall_s` are cancelled."""
+        now, limit = time.monotonic(), self.config.client_stall_s
+        for row in list(self.running):
+            since = row.stalled_s
+            if since is not None and now - since >= limit and self._waits_for_client(row):
+                self._end(row, stalled_event(limit, len(row.generated)))
 
     # -- admission ---------------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
@@ -318,15 +352,10 @@ class Scheduler:
                 },
             )
 
-    def _why_waited(self, row: Row, kept: float) -> str:
-        wait = self.config.max_wait_s
-        if row.request.min_kept_fraction > kept:
-            asked = row.request.min_kept_fraction
-            return (
-                f"the replica serves a mask keeping {kept:.1%} of the blocks, below the request's "
-                f"min_kept_fraction {asked:.1%}, and did not grow in {wait} s"
-            )
-        return f"no KV pages (memory) came free in {wait} s"
+    def _waited_out(self, row: Row, kept: float) -> dict[str, Any]:
+        """The 503 of a row that waited `max_wait_s` (`rap.serving.rows.waited_out_event`)."""
+        need = max(self.reservation(row.request).values(), default=0)
+        return waited_out_event(row, kept, need, self.pool.capacity, self.config)
 
     def reservation(self, request: Request) -> dict[int, int]:
         """Pages per kept attention layer a request reserves at admission (module doc)."""
@@ -351,8 +380,9 @@ class Scheduler:
         with self._lock:
             for row in [r for r in self.waiting if now - r.arrived_s > self.config.max_wait_s]:
                 self.waiting.remove(row)
-                row.sink(busy_event(self.config.retry_after_s, self._why_waited(row, kept)))
+                row.sink(self._waited_out(row, kept))
             used = self._reserved()
+            held_back = False  # a stream put back by a budget cut waits for memory at the head
             # FIFO among the rows the current mask may serve; a row that asked for more blocks
             # than the model keeps now waits without holding up the others.
             for row in [r for r in self.waiting if r.request.min_kept_fraction <= kept]:
@@ -360,26 +390,35 @@ class Scheduler:
                     break
                 need = self.reservation(row.request)
                 if any(n > self.pool.capacity for n in need.values()):
+                    if row.preemptions:  # it waits (up to max_wait_s) for memory to return
+                        held_back = True
+                        continue
                     self.waiting.remove(row)
                     row.sink(too_big_event(need, self.pool, self.config.retry_after_s))
                     continue
+                if held_back:
+                    continue  # nobody overtakes it; a request too big for the pool still hears so
                 if any(used[layer] + n > self.pool.capacity for layer, n in need.items()):
                     break  # the first such row waits for pages; nobody overtakes it
-                self.waiting.remove(row)
-                row.reserved = need
-                row_masks.admit(row, self.model.mask)
-                for layer, n in need.items():
-                    used[layer] += n
-                self.running.append(row)
-                self.stats.admitted += 1
-                if row.preemptions:
-                    continue  # resumed: its client has had its start event
-                total = len(row.request.prompt_ids) + row.request.max_tokens
-                self.stats.longest = max(self.stats.longest, total)
-                row.sink(
-                    {
-                        "type": "start",
-                        "prompt_tokens": len(row.request.prompt_ids),
-                        "fingerprint": self.model.mask.fingerprint(),
-                    }
-                )
+                self._start(row, need, used)
+
+    def _start(self, row: Row, need: dict[int, int], used: dict[int, int]) -> None:
+        """Admit a waiting row with its reservation (`used`: pages reserved per layer so far)."""
+        self.waiting.remove(row)
+        row.reserved = need
+        row_masks.admit(row, self.model.mask)
+        for layer, n in need.items():
+            used[layer] += n
+        self.running.append(row)
+        self.stats.admitted += 1
+        if row.preemptions:
+            return  # resumed: its client has had its start event
+        total = len(row.request.prompt_ids) + row.request.max_tokens
+        self.stats.longest = max(self.stats.longest, total)
+        row.sink(
+            {
+                "type": "start",
+                "prompt_tokens": len(row.request.prompt_ids),
+                "fingerprint": self.model.mask.fingerprint(),
+            }
+        )
