@@ -32,6 +32,12 @@ from rap.serving.messages import DeviceMemory, MaskPlan
 from rap.serving.telemetry import device_memory, initial_budget_bytes, snapshot
 
 log = logging.getLogger("ray.serve")
+# OpenAI's codes for what the engine refuses before queueing (EngineError.reason).
+CODES = {
+    "unknown_model": "model_not_found",
+    "queue_full": "queue_full",
+    "context_length": "context_length_exceeded",
+}
 
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
@@ -70,7 +76,7 @@ class LLMReplica:
                 "status": exc.status,
                 "message": exc.message,
                 "retry_after": exc.retry_after_s,
-                "code": "model_not_found" if exc.reason == "unknown_model" else None,
+                "code": CODES.get(exc.reason),
             }
             return
         first: float | None = None
