@@ -5,8 +5,10 @@
 1. credentials first — `/v1/*` and `/openapi.json` need the API key when one is set, `/admin/*`
    the admin token (403 when admin is off) — so an unauthenticated client never makes the
    ingress read, parse or validate a body;
-2. a per-client rate limit (a token bucket per client address and API key): 429 with
-   Retry-After;
+2. a per-client rate limit: a token bucket per API key (a hash of it) when a key is set, else
+   per client address — the ASGI peer, or the right-most untrusted `X-Forwarded-For` hop when
+   the peer is a configured proxy; 429 with Retry-After. The table of buckets is bounded, least
+   recently used evicted, so that clients that come and go cannot grow it without end;
 3. the body read with a ceiling: a declared `Content-Length` above `max_body_bytes` is refused
    unread and a chunked body is cut off when it crosses it (413).
 
@@ -17,21 +19,26 @@ exception — OpenAI's error shape instead of FastAPI's `{"detail": ...}`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import ipaddress
 import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rap.serving.openai_api import (
     HTTPError,
+    bearer_token,
     check_admin_token,
     check_api_key,
     error_body,
@@ -45,22 +52,54 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class HttpConfig(BaseModel):
     """Limits the ingress enforces before a request reaches a replica."""
+
+    # A misspelt field (trusted_proxy) would otherwise be dropped without a word.
+    model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest request body (bytes); larger is a 413, unread."
     )
     max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
     rate_limit_rps: float | None = Field(
-        None, gt=0, description="Requests per second per client (address and API key); None: off."
+        None,
+        gt=0,
+        description="Requests per second per client (the API key when one is set, else the "
+        "client address); None: off.",
     )
     rate_limit_burst: int = Field(20, ge=1, description="Requests a client may send at once.")
+    max_rate_buckets: int = Field(
+        10_000,
+        ge=1,
+        description="Most clients the rate limiter remembers; past it the least recently seen "
+        "is forgotten (and starts again with a full burst).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR, e.g. 10.0.0.0/8) of the reverse proxies in "
+        "front of the ingress: only from them is X-Forwarded-For believed, and the client is "
+        "its right-most hop that is not one of them. Empty: the header is ignored.",
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Deadline of a request unless it asks for less: work stops then."
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {entry!r} is not an IP address or network; expected "
+                    "e.g. 10.0.0.7, 10.0.0.0/8 or fd00::/8"
+                ) from None
+        return value
 
 
 @dataclass
@@ -91,7 +130,7 @@ class Guard:
     config: HttpConfig = field(default_factory=HttpConfig)
     api_key: str | None = None
     admin_token: str | None = None
-    buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    buckets: OrderedDict[str, TokenBucket] = field(default_factory=OrderedDict)
 
     def check(self, scope: Scope, now_s: float) -> None:
         """Raise the HTTPError a request gets before its body is read, if any."""
@@ -104,16 +143,31 @@ class Guard:
             check_admin_token(self.admin_token, auth)
         elif path.startswith("/v1/") or path == "/openapi.json":
             check_api_key(self.api_key, auth)
-            self._rate(f"{_client(scope)} {auth}", now_s)
+            self._rate(self.rate_key(scope, auth), now_s)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self._limit):
             raise self.too_large()
+
+    def rate_key(self, scope: Scope, authorization: str) -> str:
+        """Whose bucket a request takes from: the key's identity once it has been checked (a
+        hash, so that the table holds no secret), else the client's address — never a header
+        the client may vary at will."""
+        token = bearer_token(authorization) if self.api_key is not None else None
+        if token is not None:
+            return "key:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        return "address:" + client_address(scope, _parsed(tuple(self.config.trusted_proxies)))
 
     def _rate(self, who: str, now_s: float) -> None:
         c = self.config
         if c.rate_limit_rps is None:
             return
-        bucket = self.buckets.setdefault(who, TokenBucket(c.rate_limit_rps, c.rate_limit_burst))
+        bucket = self.buckets.get(who)
+        if bucket is None:
+            bucket = self.buckets[who] = TokenBucket(c.rate_limit_rps, c.rate_limit_burst)
+            while len(self.buckets) > c.max_rate_buckets:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(who)
         wait_s = bucket.take(now_s)
         if wait_s > 0:
             raise HTTPError(
@@ -149,9 +203,47 @@ def request_timeout_s(header: str | None, config: HttpConfig) -> float:
     return min(asked, config.request_timeout_s)
 
 
-def _client(scope: Scope) -> str:
-    client = scope.get("client") or ("unknown", 0)
-    return f"address:{client[0]}"
+def client_address(scope: Scope, trusted: Sequence[Network]) -> str:
+    """The client's address: the ASGI peer, unless the peer is a trusted proxy; then the
+    right-most `X-Forwarded-For` hop that is not a trusted proxy (the hops left of it are
+    whatever the client wrote), or the left-most hop when every one is trusted."""
+    peer = str((scope.get("client") or ("unknown", 0))[0])
+    if not trusted or not _trusted(peer, trusted):
+        return peer
+    hops = [
+        hop.strip()
+        for name, value in scope["headers"]
+        if name.lower() == b"x-forwarded-for"
+        for hop in value.decode("latin-1").split(",")
+        if hop.strip()
+    ]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return _normal(hop)
+    return _normal(hops[0]) if hops else peer
+
+
+def _trusted(address: str, trusted: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # not an address (a unix socket's peer, a proxy's garbage): untrusted
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1 for a 10.0.0.0/8 entry
+    return any(ip in network for network in trusted)
+
+
+def _normal(address: str) -> str:
+    """One spelling per address (0:0::1 and ::1 share a bucket)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address[:64]
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(entries: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
 
 class GuardMiddleware:

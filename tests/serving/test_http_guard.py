@@ -5,13 +5,21 @@ limit, and OpenAI's error shape for everything that goes wrong."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 
-from rap.serving.http_guard import Guard, HttpConfig, TokenBucket, install, request_timeout_s
+from rap.serving.http_guard import (
+    Guard,
+    HttpConfig,
+    TokenBucket,
+    client_address,
+    install,
+    request_timeout_s,
+)
 from rap.serving.openai_api import CompletionRequest, HTTPError
 
 KEY = "sk-test"
@@ -146,14 +154,104 @@ def test_unsupported_openai_fields_are_a_400_naming_them() -> None:
     assert not seen
 
 
-def test_the_rate_limit_is_per_client_with_retry_after() -> None:
+def test_the_rate_limit_is_per_api_key_with_retry_after() -> None:
+    """With a key set, the key is the client: another address holding it shares its bucket."""
     app, _ = make_app(rate_limit_rps=0.5, rate_limit_burst=2)
     answers = [call(app, "/v1/completions", [GOOD], AUTH)[0] for _ in range(3)]
     assert answers == [200, 200, 429]
     status, headers, body, _ = call(app, "/v1/completions", [GOOD], AUTH)
     assert status == 429 and int(headers["retry-after"]) >= 1
     assert openai_error(body)["code"] == "rate_limit_exceeded"
-    assert call(app, "/v1/completions", [GOOD], AUTH, client="10.0.0.2")[0] == 200  # another
+    assert call(app, "/v1/completions", [GOOD], AUTH, client="10.0.0.2")[0] == 429
+
+
+def scope_of(client: str, headers: dict[str, str] | list[tuple[str, str]]) -> dict[str, Any]:
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return {
+        "type": "http",
+        "path": "/v1/completions",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in pairs],
+        "client": (client, 1234),
+    }
+
+
+def refused(guard: Guard, scope: dict[str, Any]) -> bool:
+    """Whether the guard answers the request 429 (a fixed clock: no bucket refills)."""
+    try:
+        guard.check(scope, now_s=0.0)
+    except HTTPError as exc:
+        assert exc.status == 429, exc.message
+        return True
+    return False
+
+
+def test_rotating_the_authorization_header_does_not_evade_the_limit() -> None:
+    """With no key set, each header value had a bucket of its own: 5,000 headers, 0 refused."""
+    guard = Guard(HttpConfig(rate_limit_rps=1.0, rate_limit_burst=20))
+    answers = [
+        refused(guard, scope_of("198.51.100.7", {"authorization": f"Bearer rotated-{i}"}))
+        for i in range(5000)
+    ]
+    assert not any(answers[:20]) and all(answers[20:])  # the burst, then 4,980 refused
+    assert len(guard.buckets) == 1
+    assert not refused(guard, scope_of("198.51.100.8", {}))  # another address: its own bucket
+
+
+def test_the_key_bucket_is_named_by_a_hash_not_the_key() -> None:
+    guard = Guard(HttpConfig(rate_limit_rps=1.0), api_key=KEY)
+    assert not refused(guard, scope_of("10.0.0.1", AUTH))
+    (name,) = guard.buckets
+    assert name.startswith("key:") and KEY not in name
+
+
+def test_x_forwarded_for_is_believed_only_from_a_configured_proxy() -> None:
+    """Behind a proxy every client shared the proxy's bucket; and a header from anyone else
+    must not let a client pick its address."""
+    guard = Guard(
+        HttpConfig(rate_limit_rps=1.0, rate_limit_burst=1, trusted_proxies=["10.0.0.0/8"])
+    )
+    for i in range(5):  # through the proxy: one bucket per forwarded client
+        assert not refused(guard, scope_of("10.0.0.1", {"x-forwarded-for": f"203.0.113.{i}"}))
+    assert refused(guard, scope_of("10.0.0.1", {"x-forwarded-for": "203.0.113.0"}))
+    unlisted = [
+        refused(guard, scope_of("198.51.100.7", {"x-forwarded-for": f"192.0.2.{i}"}))
+        for i in range(5)
+    ]
+    assert unlisted == [False, True, True, True, True]  # the header ignored: the peer's bucket
+    assert "address:198.51.100.7" in guard.buckets
+
+
+def test_the_client_is_the_right_most_hop_that_is_not_a_trusted_proxy() -> None:
+    trusted = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
+    forwarded = [("x-forwarded-for", "1.2.3.4, 203.0.113.9"), ("x-forwarded-for", "10.0.0.2")]
+    assert client_address(scope_of("10.0.0.1", forwarded), trusted) == "203.0.113.9"
+    assert client_address(scope_of("::ffff:10.0.0.1", forwarded), trusted) == "203.0.113.9"
+    assert client_address(scope_of("fd00::1", forwarded), trusted) == "203.0.113.9"
+    assert client_address(scope_of("203.0.113.5", forwarded), trusted) == "203.0.113.5"
+    assert client_address(scope_of("10.0.0.1", forwarded), []) == "10.0.0.1"
+    all_proxies = [("x-forwarded-for", "10.1.1.1, 10.2.2.2")]
+    assert client_address(scope_of("10.0.0.1", all_proxies), trusted) == "10.1.1.1"
+    assert client_address(scope_of("10.0.0.1", {}), trusted) == "10.0.0.1"
+
+
+def test_the_bucket_table_is_bounded_least_recently_used_evicted() -> None:
+    assert HttpConfig().max_rate_buckets == 10_000
+    guard = Guard(HttpConfig(rate_limit_rps=1.0, rate_limit_burst=1, max_rate_buckets=100))
+    regular = scope_of("192.0.2.1", {})
+    assert not refused(guard, regular)
+    for i in range(5000):
+        refused(guard, scope_of(f"198.51.{i // 256}.{i % 256}", {}))
+        if i % 50 == 0:
+            assert refused(guard, regular)  # seen recently: kept, and still empty
+        assert len(guard.buckets) <= 100
+    assert "address:198.51.0.0" not in guard.buckets  # the oldest went first
+
+
+def test_a_misspelt_or_malformed_proxy_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="not an IP address or network"):
+        HttpConfig(trusted_proxies=["proxy.internal"])
+    with pytest.raises(ValueError, match="trusted_proxy"):
+        HttpConfig(trusted_proxy=["10.0.0.1"])  # type: ignore[call-arg]
 
 
 def test_token_bucket_refills_at_its_rate() -> None:
