@@ -283,6 +283,10 @@ def _start(config: Any, args: argparse.Namespace, metrics_port: int) -> None:
 
     from deployments.app import build_app  # lazy: heavy (torch, transformers, ray)
 
+    # Serve's HTTP proxy (uvicorn) would take a local client's X-Forwarded-For as its address,
+    # so any local process could pick its rate-limit bucket; the router decides whom to believe
+    # (http.trusted_proxies). The proxy inherits this from the driver's environment.
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
     # A Ray of its own, even where `ray start` left a cluster running (use `serve deploy` there).
     ray.init(
         address="local",
