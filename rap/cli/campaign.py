@@ -5,7 +5,7 @@
 Parse → build (a local Ray cluster, the app: two replicas of the default model, an API key, an
 admin token, a fault folder) → run (capacity in a closed loop; locust headless with the plan's
 shape; the shock and each fault at its time, `/admin/state` sampled) → report (DIR/campaign.json.gz,
-DIR/campaign.md, DIR/timeline.png, locust's CSV). Exit 0 when every case held, 1 otherwise.
+DIR/campaign.md, DIR/timeline.png, locust's CSV and JSON). Exit 0 when every case held, 1 otherwise.
 `rap.ops.campaign` holds the plan and the judging, `rap.ops.locustfile` the load.
 """
 
@@ -38,7 +38,7 @@ from rap.cli.drills import (
     sigstop_replica,
 )
 from rap.core.constants import GIB
-from rap.ops import campaign
+from rap.ops import campaign, campaign_report
 from rap.ops.campaign import Plan
 
 PORT = 8766
@@ -120,7 +120,9 @@ def run_events(h: Harness, plan: Plan, starts: dict[str, int], shock_bytes: int)
 
 
 def run_locust(h: Harness, plan: Plan, out: Path) -> int | None:
-    """locust headless with the plan's shape; the number of requests it counted."""
+    """locust headless with the plan's shape; the number of requests it counted, from the
+    statistics it writes once every user has stopped (`--json-file`): its CSV is rewritten
+    every second while it runs, so the requests of its last second can be missing from it."""
     # Its path only: importing it would let gevent patch this process (Ray's).
     locustfile = Path(campaign.__file__).with_name("locustfile.py")
     env = {
@@ -142,6 +144,8 @@ def run_locust(h: Harness, plan: Plan, out: Path) -> int | None:
         h.url,
         "--csv",
         str(out / "locust"),
+        "--json-file",
+        str(out / "locust"),
         "--loglevel",
         "WARNING",
         "--only-summary",
@@ -157,10 +161,9 @@ def run_locust(h: Harness, plan: Plan, out: Path) -> int | None:
             timeout=plan.duration_s + 300,
             check=False,
         )
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        rows = (out / "locust_stats.csv").read_text().splitlines()
-        total = next(r for r in rows if ",Aggregated," in r).split(",")
-        return int(total[2])  # "Request Count" (failures are among them)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        entries = json.loads((out / "locust.json").read_text())  # one per request name
+        return sum(int(e["num_requests"]) for e in entries)  # failures are among them
     return None
 
 
@@ -237,7 +240,8 @@ def _run(h: Harness, plan: Plan, starts: dict[str, int], shock: int, out: Path) 
         for p in sorted(out.glob("requests-*.jsonl"))
         for line in p.read_text().splitlines()
     ]
-    return campaign.judge(records, counted[0] if counted else None, h.obs, starts, h.t0) | {
+    counted_n = counted[0] if counted else None
+    return campaign.judge(records, counted_n, h.obs, starts, h.t0, plan) | {
         "obs": h.obs,
         "records": records,
     }
@@ -258,6 +262,7 @@ def _report(
             "shape": plan.shape(),
             "shock_s": plan.shock_s(),
             "events": [vars(e) for e in plan.events],
+            "base_load": vars(campaign.BASE_LOAD) | {"windows_s": plan.base_windows()},
         },
         "budget_starts": starts,
         "result": result,
@@ -270,7 +275,7 @@ def _report(
     (out / "campaign.json.gz").write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
     for part in out.glob("requests-*.jsonl"):  # in the document now
         part.unlink()
-    text = campaign.markdown(result, plan, head)
+    text = campaign_report.markdown(result, plan, head)
     (out / "campaign.md").write_text(text + "\n")
-    campaign.timeline(obs, records, plan, starts, out / "timeline.png")
+    campaign_report.timeline(obs, records, plan, starts, out / "timeline.png")
     print(text)

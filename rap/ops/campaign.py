@@ -13,9 +13,12 @@ shape below, and performs each event of the plan at its time while it samples `/
 
 Judged (`judge`), every case a line of the report: every request answered 200, 4xx, 503 with
 Retry-After or, only for requests a killed replica was running, an error event in OpenAI's
-shape; no `cut`, `hung`, `5xx` or connection error; no request lost (locust's count equals the
-records'); measured model bytes ≤ budget `COMPLIANCE_S` after every drop; and each event's own
-check. Figures: p50/p99 of time to first token and end to end, requests per outcome.
+shape; no `cut`, `hung`, `5xx` or connection error; no request lost (every one sent has its
+record, and locust's own count equals the records'); every invalid body a 4xx and no valid one;
+at the base load the service `BASE_LOAD` states (share answered 200, time to first token);
+measured model bytes ≤ budget `COMPLIANCE_S` after every drop; and each event's own check and
+side effects (`rap.ops.campaign_checks`). Figures: p50/p99 of time to first token and end to
+end, requests per outcome.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from rap.ops import campaign_checks as checks
+from rap.ops.campaign_checks import FREE_STEPS, STORM_MAX_TOKENS, WATCH_STEPS, BaseLoad
 
 OUTCOMES = ("ok", "4xx", "503", "error_event", "503_no_retry_after", "5xx", "cut", "hung")
 ACCEPTED = ("ok", "4xx", "503", "error_event")
@@ -69,6 +75,9 @@ class Event:
     """How long it lasts (0: an instant)."""
     expect: str
     """The outcome, stated before it runs."""
+    goes_on: tuple[str, ...] = ()
+    """Replicas that must run engine steps while it lasts; for such an event a valid request
+    sent meanwhile must also be answered 200 before it ends (`checks.side_effects`)."""
 
 
 EVENTS = (
@@ -78,38 +87,52 @@ EVENTS = (
         0,
         "replica-0's actor is killed while it streams: its clients get an error event "
         "(503, replica_failed) or their answer, none hangs; Serve restarts it and it answers "
-        "telemetry again; meanwhile requests go to replica-1",
+        "telemetry again; meanwhile requests go to replica-1 (it runs steps, requests sent "
+        "meanwhile are answered 200 before replica-0 is back)",
+        goes_on=("replica-1",),
     ),
     Event(
         "sigstop-replica",
         0.32,
         10,
         "replica-1's process is stopped for 10 s and continued: its requests finish late, "
-        "none is lost or cut; new requests go to replica-0 meanwhile",
+        "none is lost or cut; new requests go to replica-0 meanwhile (it runs steps, requests "
+        "sent meanwhile are answered 200 before replica-1 continues)",
+        goes_on=("replica-0",),
     ),
     Event(
         "kill-controller",
         0.47,
         0,
-        "the controller is killed during the shock: serving goes on within budget, the "
-        "successor resumes with a higher epoch",
+        "the controller is killed during the shock: serving goes on within budget (both "
+        "replicas run steps, requests sent meanwhile are answered 200 before the successor "
+        "answers), the successor resumes with a higher epoch",
+        goes_on=("replica-0", "replica-1"),
     ),
     Event(
         "disconnect-storm",
         0.70,
         0,
-        "40 streaming clients hang up, after their first chunk or (none within 60 s) while "
-        "waiting, at least one mid-stream: once the load ends every replica holds no running "
-        "row and no KV page",
+        f"40 streaming clients ({STORM_MAX_TOKENS} tokens asked of a 325-token prompt) hang "
+        "up, after their first chunk or (none within 60 s) while waiting, at least one "
+        "mid-stream: their rows, seen while they are connected, are gone from every replica "
+        f"within {FREE_STEPS} engine steps of the last hang-up and none comes back within "
+        f"{WATCH_STEPS}; once the load ends every replica holds no running row and no KV page",
     ),
     Event(
         "device-memory-fault",
         0.78,
         8,
         "the device-memory reading fails for 8 s: contained and counted (telemetry `errors` "
-        "grows), no replica restarts, serving goes on",
+        "grows), no replica restarts, serving goes on (both replicas run steps, requests sent "
+        "meanwhile are answered 200 before it ends)",
+        goes_on=("replica-0", "replica-1"),
     ),
 )
+BASE_LOAD = BaseLoad(min_success=0.95, ttft_p50_s=2.0, ttft_p99_s=20.0)
+"""What valid requests at the base load get, stated with EVENTS before the run: at 0.7 ×
+capacity a request should start within a couple of seconds; p99 leaves room for a replica
+stopped for 10 s or restarting, the drills that happen at the base load."""
 
 
 @dataclass
@@ -141,6 +164,16 @@ class Plan:
 
     def at_s(self, event: Event) -> float:
         return event.at * self.duration_s
+
+    def base_windows(self) -> list[tuple[float, float]]:
+        """[from_s, to_s) spans of run time at the base load, each burst's backlog gone
+        (`checks.SETTLE_S` after it)."""
+        spans, start = [], 0.0
+        for lo, hi in BURSTS:
+            spans.append((start, lo * self.duration_s))
+            start = hi * self.duration_s + checks.SETTLE_S
+        spans.append((start, self.duration_s))
+        return [(a, b) for a, b in spans if b > a]
 
 
 @dataclass
@@ -210,39 +243,46 @@ def judge(
     obs: Observed,
     starts: dict[str, int],
     t0: float,
+    plan: Plan,
 ) -> dict[str, Any]:
     """Every case, each {"case", "expect", "observed", "ok"} (module doc). `lines`: what the
-    locust file wrote, a "sent" and a "done" line per request (`rap.ops.locustfile`)."""
+    locust file wrote, a "sent" and a "done" line per request (`rap.ops.locustfile`);
+    `locust_requests`: the requests locust itself counted (None: unknown, which fails)."""
     records = [r for r in lines if r.get("phase") != "sent"]
     sent = {r["id"] for r in lines if r.get("phase") == "sent"}
     lost = sent - {r.get("id") for r in records}
     counts = {o: sum(r.get("outcome") == o for r in records) for o in OUTCOMES}
     counts["connect_error"] = sum(r.get("outcome") == "connect_error" for r in records)
     bad = {o: n for o, n in counts.items() if o not in ACCEPTED and n}
-    events = [r for r in records if r.get("outcome") == "error_event"]
-    stray = [r for r in events if r.get("error_code") != "replica_failed"]
-    invalid_ok = [r for r in records if r.get("invalid") and r.get("outcome") != "4xx"]
+    kill = obs.events.get("kill-replica", {})
+    stray = checks.stray_error_events(records, t0, [kill["t"]] if "t" in kill else [])
+    invalid_not_4xx = sum(bool(r.get("invalid")) and r.get("outcome") != "4xx" for r in records)
+    valid_4xx = sum(not r.get("invalid") and r.get("outcome") == "4xx" for r in records)
     ok = [r for r in records if r.get("outcome") == "ok"]
+    base = checks.base_load(records, t0, plan.base_windows(), BASE_LOAD)
     cases = [
         _case(
             "answers",
-            "every request: 200, 4xx, 503 + Retry-After, or a replica_failed error event",
-            f"{counts}",
+            "every request: 200, 4xx, 503 + Retry-After, or a replica_failed error event for "
+            "a request replica-0 was running when it was killed",
+            f"{counts}; {stray} error events not owed to the kill",
             not bad and not stray,
         ),
         _case(
             "none lost",
-            "every request sent has its answer (or its failure) recorded",
-            f"sent {len(sent)}, answered {len(records)}, lost {len(lost)} (locust counted "
-            f"{locust_requests})",
-            not lost and len(records) == len(sent),
+            "every request sent has its answer (or its failure) recorded, and locust counted "
+            "as many requests as were recorded",
+            f"sent {len(sent)}, answered {len(records)}, lost {len(lost)}; locust counted "
+            f"{locust_requests}",
+            not lost and len(records) == len(sent) and locust_requests == len(records),
         ),
         _case(
             "invalid bodies",
-            "every invalid request a 4xx",
-            f"{len(invalid_ok)} were not",
-            not invalid_ok,
+            "every invalid request a 4xx, no valid one a 4xx",
+            f"{invalid_not_4xx} invalid ones were not a 4xx; {valid_4xx} valid ones were",
+            not invalid_not_4xx and not valid_4xx,
         ),
+        _case("base load", BASE_LOAD.expect(), base["detail"], base["ok"]),
     ]
     mem = memory_check(obs, starts)
     cases.append(
@@ -254,20 +294,33 @@ def judge(
             mem["ok"],
         )
     )
-    for e in EVENTS:
-        got = obs.events.get(e.name, {"ok": False, "detail": "did not run"})
-        cases.append(_case(e.name, e.expect, got["detail"], bool(got["ok"])))
+    cases += [_event_case(e, obs, records, t0) for e in EVENTS]
     return {
         "cases": cases,
         "ok": all(c["ok"] for c in cases),
         "outcomes": counts,
         "requests": len(records),
+        "base_load": base,
         "ttft_s": _pct([r["ttft_s"] for r in ok if "ttft_s" in r]),
         "e2e_s": _pct([r["e2e_s"] for r in ok]),
         "memory": mem,
         "admin_latency_s": _pct(obs.admin_latency_s),
         "offered_rps": offered(records, t0),
     }
+
+
+def _event_case(e: Event, obs: Observed, records: list[dict[str, Any]], t0: float) -> dict:
+    """The drill's own check, and what it states happens meanwhile."""
+    got = obs.events.get(e.name, {"ok": False, "detail": "did not run"})
+    held, detail = bool(got["ok"]), str(got["detail"])
+    if "t" in got and e.name == "disconnect-storm":
+        side = checks.storm_freed(got, obs.samples)
+    elif "t" in got and e.goes_on:
+        side = checks.side_effects(got, e.goes_on, records, obs.samples, t0)
+    else:
+        side = {"ok": True, "detail": ""}
+    detail = f"{detail}; {side['detail']}" if side["detail"] else detail
+    return _case(e.name, e.expect, detail, held and bool(side["ok"]))
 
 
 def _case(case: str, expect: str, observed: str, ok: bool) -> dict[str, Any]:
@@ -283,83 +336,3 @@ def offered(records: list[dict[str, Any]], t0: float, window_s: float = 10.0) ->
     edges = np.arange(starts[0], starts[-1] + window_s, window_s)
     hist, _ = np.histogram(starts, bins=edges) if len(edges) > 1 else ([len(starts)], None)
     return {"mean": len(starts) / span, "peak": float(max(hist)) / window_s}
-
-
-def markdown(result: dict[str, Any], plan: Plan, head: str) -> str:
-    lines = [head, "", "| case | expected | observed | held |", "|---|---|---|---|"]
-    for c in result["cases"]:
-        lines.append(
-            f"| {c['case']} | {c['expect']} | {c['observed']} | {'yes' if c['ok'] else '**no**'} |"
-        )
-    t, e = result["ttft_s"], result["e2e_s"]
-
-    def f(x: float | None) -> str:
-        return "–" if x is None else f"{x:.2f}"
-
-    lines += [
-        "",
-        f"Capacity {plan.capacity_rps:.2f} req/s (closed loop); offered "
-        f"{result['offered_rps']['mean']:.2f} req/s on average, "
-        f"{result['offered_rps']['peak']:.2f} at the busiest 10 s.",
-        f"Answered requests (ok): TTFT p50 {f(t['p50'])} s, p99 {f(t['p99'])} s; end to end "
-        f"p50 {f(e['p50'])} s, p99 {f(e['p99'])} s.",
-        f"Budget changes acknowledged in p50 {f(result['admin_latency_s']['p50'])} s, p99 "
-        f"{f(result['admin_latency_s']['p99'])} s (the step counts from when it was sent).",
-        f"Outcomes: {result['outcomes']}",
-    ]
-    return "\n".join(lines)
-
-
-def timeline(
-    obs: Observed, records: list[dict[str, Any]], plan: Plan, starts: dict[str, int], path: Any
-) -> None:
-    """Per replica bytes held against its budget; requests started per 5 s by outcome; the
-    shock and every event marked."""
-    import matplotlib  # lazy: optional (plots)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: optional (plots)
-
-    names = sorted(starts)
-    fig, ax = plt.subplots(len(names) + 1, 1, figsize=(10, 3 * (len(names) + 1)), sharex=True)
-    for a, name in zip(ax, names, strict=False):
-        pts = [(s["t"], s["replicas"][name]) for s in obs.samples if name in s["replicas"]]
-        live = [(t, x) for t, x in pts if "error" not in x]
-        t = [p[0] for p in live]
-        a.plot(
-            t,
-            [(x["weight_bytes"] + x["kv_bytes_reserved"]) / 2**20 for _, x in live],
-            label="held (measured)",
-        )
-        a.step(
-            t,
-            [budget_at(obs, name, x, starts[name]) / 2**20 for x in t],
-            where="post",
-            label="budget",
-        )
-        down = [p[0] for p in pts if "error" in p[1]]
-        a.plot(down, [0] * len(down), "k|", label="no answer")
-        a.set_ylabel(f"{name} MiB")
-        a.legend(loc="lower left", fontsize=8)
-    t0 = min((r["t"] for r in records), default=0.0)
-    edges = np.arange(0, plan.duration_s + 5, 5.0)
-    bottom = np.zeros(len(edges) - 1)
-    for outcome in (*OUTCOMES, "connect_error"):
-        at = [r["t"] - t0 for r in records if r.get("outcome") == outcome]
-        if at:
-            hist, _ = np.histogram(at, bins=edges)
-            ax[-1].bar(edges[:-1], hist / 5.0, 5.0, bottom=bottom, align="edge", label=outcome)
-            bottom += hist / 5.0
-    ax[-1].set_ylabel("requests/s started")
-    ax[-1].set_xlabel("seconds")
-    ax[-1].legend(loc="upper right", fontsize=8)
-    lo, hi = plan.shock_s()
-    for a in ax:
-        a.axvspan(lo, hi, color="orange", alpha=0.12)
-        for e in plan.events:
-            a.axvline(plan.at_s(e), color="red", lw=0.8, ls="--")
-    for e in plan.events:
-        ax[0].text(plan.at_s(e), ax[0].get_ylim()[1], e.name, rotation=90, va="top", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

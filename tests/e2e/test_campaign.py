@@ -32,6 +32,7 @@ def test_a_short_campaign_holds_every_case(tmp_path, monkeypatch) -> None:
     assert rc == 0 and not failed, failed
     names = {c["case"] for c in result["cases"]}
     assert {"kill-replica", "sigstop-replica", "kill-controller", "within budget"} <= names
+    assert {"base load", "disconnect-storm"} <= names  # a share answered and TTFT; rows freed
     assert result["outcomes"]["ok"] > 50 and result["memory"]["checked"] > 50
     assert result["outcomes"]["4xx"] > 0  # the invalid bodies reached the server
     assert (out / "timeline.png").stat().st_size > 0 and (out / "campaign.md").exists()

@@ -1,15 +1,23 @@
 """The reliability campaign's plan and judging (rap.ops.campaign), without a live app; the live
-short campaign is `test_a_short_campaign_on_the_live_app` (slow)."""
+short campaign is `test_a_short_campaign_holds_every_case` (slow)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from rap.ops import campaign
+from rap.ops import campaign, campaign_checks, campaign_report
 from rap.ops.campaign import EVENTS, Observed, Plan
+
+PLAN = Plan(duration_s=100, capacity_rps=1.0)
+"""Bursts over 15–20 s and 60–65 s: the base load is 0–15, 50–60 and 95–100 s."""
+T0 = 1000.0
+LAYERS = 30
+SPAN_S = {"disconnect-storm": 3.0}
+"""How long each drill of the synthetic run lasts (5 s unless named)."""
 
 
 def test_the_load_has_bursts_at_four_times_capacity_between_base_load() -> None:
@@ -23,6 +31,17 @@ def test_the_load_has_bursts_at_four_times_capacity_between_base_load() -> None:
     # The controller dies during the shock; no event sits in a burst but the storm's own load.
     kill = next(e for e in EVENTS if e.name == "kill-controller")
     assert lo < plan.at_s(kill) < hi
+    # Base load: outside the bursts and the 30 s after each (its backlog's longest wait).
+    assert plan.base_windows() == [(0, 90), (150, 360), (420, 600)]
+
+
+def test_the_checks_constants_are_the_engines_defaults() -> None:
+    from rap.serving.engine_config import EngineConfig
+
+    engine = EngineConfig()
+    assert engine.max_wait_s == campaign_checks.SETTLE_S
+    assert engine.page_tokens == campaign_checks.PAGE_TOKENS
+    assert campaign_checks.STORM_MAX_TOKENS > campaign_checks.WATCH_STEPS
 
 
 def _tel(weight: int, kv: int, budget: int) -> dict:
@@ -43,28 +62,87 @@ def test_bytes_over_budget_count_only_after_the_compliance_time() -> None:
     assert got["over"][0] == {"t": 13.0, "replica": "r", "excess": 10}
 
 
-def _records() -> list[dict]:
-    """What the locust file writes: a "sent" line, then the outcome, per request."""
-    rec = [{"t": 100.0 + i, "outcome": "ok", "ttft_s": 0.5, "e2e_s": 1.0 + i} for i in range(10)]
-    rec.append({"t": 111.0, "outcome": "4xx", "invalid": True})
-    rec.append({"t": 112.0, "outcome": "503", "retry_after": "2"})
-    rec.append({"t": 113.0, "outcome": "error_event", "error_code": "replica_failed"})
+def _records(**change: Any) -> list[dict]:
+    """A healthy run's lines: a "sent" and a "done" line per request, one a second for 100 s,
+    1 in 20 invalid (a 4xx); a 503 in the first burst; an error event for a request replica-0
+    ran when it was killed (25 s). `change` goes into every valid request's outcome."""
+    rec: list[dict[str, Any]] = []
+    for i in range(100):
+        r = {"t": T0 + i, "outcome": "ok", "ttft_s": 0.3, "e2e_s": 0.8}
+        if i % 20 == 7:
+            r = {"t": T0 + i, "outcome": "4xx", "invalid": True, "e2e_s": 0.1}
+        elif i == 16:
+            r = {"t": T0 + i, "outcome": "503", "retry_after": "2", "e2e_s": 1.0}
+        elif i == 24:
+            r = {**r, "t": T0 + 24.5, "outcome": "error_event", "error_code": "replica_failed"}
+        elif change:
+            r = {"t": r["t"], **change}
+        rec.append(r)
     sent = [{"id": str(i), "phase": "sent", "t": r["t"]} for i, r in enumerate(rec)]
     return sent + [{**r, "id": str(i), "phase": "done"} for i, r in enumerate(rec)]
 
 
-def _obs_all_events_ok() -> Observed:
+def _state(t: float, running: int = 2, storm: bool = False) -> dict:
+    """One replica's telemetry: 10 steps a second, `running` rows of the load (a page each per
+    layer) and, with `storm`, one storm row (21 pages per layer)."""
+    pages = (running + 21 * storm) * LAYERS
+    return {
+        "steps": int(t * 10),
+        "queue": {"running": running + storm, "waiting": 0},
+        "kv_pages_in_use": pages,
+        "attn_kept": LAYERS,
+        **_tel(100, 50, 200),
+    }
+
+
+def _obs(storm_until_s: float = 73.0, **replace: Any) -> Observed:
+    """Every drill held, each over its span; samples every 0.5 s with a storm row on replica-0
+    while the storm's clients are connected and until `storm_until_s`."""
     obs = Observed()
-    obs.events = {e.name: {"t": 1.0, "ok": True, "detail": "fine"} for e in EVENTS}
+    for e in EVENTS:
+        t = PLAN.at_s(e)
+        until = t + SPAN_S.get(e.name, 5.0)
+        obs.events[e.name] = {"t": t, "until": until, "ok": True, "detail": "fine"}
+    for k in range(201):
+        t = k / 2
+        replicas = {"replica-0": _state(t, storm=70 <= t < storm_until_s), "replica-1": _state(t)}
+        obs.samples.append({"t": t, "replicas": replicas | replace.get(str(t), {})})
     return obs
 
 
-def test_a_campaign_holds_when_every_answer_is_accepted_and_every_event_held() -> None:
-    result = campaign.judge(_records(), 13, _obs_all_events_ok(), {}, t0=100.0)
-    assert result["ok"], [c for c in result["cases"] if not c["ok"]]
-    assert result["outcomes"]["ok"] == 10 and result["e2e_s"]["p50"] == pytest.approx(5.5)
-    text = campaign.markdown(result, Plan(60, 1.0), "head")
-    assert "| answers |" in text and "**no**" not in text
+def _judge(records: list[dict], obs: Observed, counted: int | None = 100) -> dict:
+    return campaign.judge(records, counted, obs, {"replica-0": 200, "replica-1": 200}, T0, PLAN)
+
+
+def _failed(result: dict) -> dict[str, str]:
+    return {c["case"]: c["observed"] for c in result["cases"] if not c["ok"]}
+
+
+def test_a_healthy_campaign_holds_every_case() -> None:
+    result = _judge(_records(), _obs())
+    assert result["ok"], _failed(result)
+    assert result["outcomes"]["ok"] == 93 and result["base_load"]["requests"] == 29
+    text = campaign_report.markdown(result, PLAN, "head")
+    assert "| answers |" in text and "| base load |" in text and "**no**" not in text
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"outcome": "503", "retry_after": "2", "e2e_s": 30.0},  # every valid request refused
+        {"outcome": "4xx", "e2e_s": 0.1},  # every valid request a 4xx
+        {"outcome": "ok", "ttft_s": 119.0, "e2e_s": 119.5},  # every first token after 119 s
+    ],
+    ids=["only-503", "only-4xx", "ttft-119s"],
+)
+def test_runs_that_answer_nothing_well_fail(change: dict) -> None:
+    """Each of these runs held every case of the first judge (which accepted every 503 and 4xx
+    and bounded no latency)."""
+    result = _judge(_records(**change), _obs())
+    failed = _failed(result)
+    assert "base load" in failed and not result["ok"], failed
+    if change["outcome"] == "4xx":
+        assert "invalid bodies" in failed  # a valid body is never a 4xx
 
 
 @pytest.mark.parametrize(
@@ -74,29 +152,78 @@ def test_a_campaign_holds_when_every_answer_is_accepted_and_every_event_held() -
         ({"outcome": "hung"}, "answers"),
         ({"outcome": "503_no_retry_after"}, "answers"),
         ({"outcome": "error_event", "error_code": "internal"}, "answers"),
+        ({"outcome": "error_event", "error_code": "replica_failed"}, "answers"),  # no kill then
         ({"outcome": "ok", "invalid": True}, "invalid bodies"),
+        ({"outcome": "4xx"}, "invalid bodies"),
     ],
 )
 def test_each_unaccepted_answer_fails_its_case(change: dict, case: str) -> None:
     records = _records()
-    records[13] = {**records[13], **change}
-    result = campaign.judge(records, 13, _obs_all_events_ok(), {}, t0=100.0)
-    failed = [c["case"] for c in result["cases"] if not c["ok"]]
-    assert failed == [case] and not result["ok"]
+    i = next(i for i, r in enumerate(records) if r.get("outcome") == "503")  # in a burst
+    records[i] = {**records[i], **change}
+    failed = _failed(_judge(records, _obs()))
+    assert list(failed) == [case], failed
 
 
-def test_a_lost_request_or_an_event_that_did_not_hold_fails_the_campaign() -> None:
+def test_a_lost_request_or_a_count_locust_does_not_share_fails() -> None:
     records = _records()
     del records[-1]  # sent, never answered
-    lost = campaign.judge(records, 12, _obs_all_events_ok(), {}, t0=100.0)
-    failed = {c["case"]: c["observed"] for c in lost["cases"] if not c["ok"]}
+    failed = _failed(_judge(records, _obs(), counted=99))
     assert list(failed) == ["none lost"] and "lost 1" in failed["none lost"]
-    obs = _obs_all_events_ok()
-    del obs.events["kill-replica"]
+    for counted in (98, 101, None):  # locust counted other requests than were recorded
+        failed = _failed(_judge(_records(), _obs(), counted=counted))
+        assert list(failed) == ["none lost"], (counted, failed)
+
+
+def test_an_event_that_did_not_hold_or_did_not_run_fails_the_campaign() -> None:
+    obs = _obs()
+    del obs.events["kill-controller"]
     obs.events["sigstop-replica"]["ok"] = False
-    result = campaign.judge(_records(), 13, obs, {}, t0=100.0)
-    failed = {c["case"]: c["observed"] for c in result["cases"] if not c["ok"]}
-    assert failed == {"kill-replica": "did not run", "sigstop-replica": "fine"}
+    failed = _failed(_judge(_records(), obs))
+    assert list(failed) == ["sigstop-replica", "kill-controller"]
+    assert failed["kill-controller"] == "did not run"
+
+
+def test_a_drill_whose_side_effects_did_not_happen_fails() -> None:
+    """Killed at 25 s, back at 30 s: replica-1 must run steps and answer meanwhile."""
+    frozen = {"replica-1": {**_state(25.0)}}
+    obs = _obs(**{str(k / 2): frozen for k in range(50, 61)})  # replica-1 ran nothing
+    failed = _failed(_judge(_records(), obs))
+    assert list(failed) == ["kill-replica"] and "replica-1 ran 0 steps" in failed["kill-replica"]
+    records = _records()  # every request sent while replica-0 was down answered after it
+    for r in records:
+        if r.get("phase") == "done" and 25 <= r["t"] - T0 <= 30:
+            r["e2e_s"] = 6.0
+    failed = _failed(_judge(records, _obs()))
+    assert list(failed) == ["kill-replica"] and "0 requests" in failed["kill-replica"]
+
+
+def test_the_storms_rows_must_go_within_a_few_steps_and_must_have_been_seen() -> None:
+    """The clients hung up by 73 s; replica-0 runs 10 steps a second."""
+    assert "disconnect-storm" not in _failed(_judge(_records(), _obs(storm_until_s=75.0)))
+    late = _failed(_judge(_records(), _obs(storm_until_s=77.0)))  # 40 steps after: too late
+    assert list(late) == ["disconnect-storm"] and "replica-0 40 steps" in late["disconnect-storm"]
+    late = _failed(_judge(_records(), _obs(storm_until_s=80.0)))  # past the watch: never
+    assert list(late) == ["disconnect-storm"] and "replica-0 never" in late["disconnect-storm"]
+    unseen = _failed(_judge(_records(), _obs(storm_until_s=0.0)))  # the check could not tell
+    assert list(unseen) == ["disconnect-storm"] and "never seen" in unseen["disconnect-storm"]
+    back = _obs(**{"76.0": {"replica-1": _state(76.0, storm=True)}})  # admitted after hang-up
+    failed = _failed(_judge(_records(), back))
+    assert list(failed) == ["disconnect-storm"], failed
+
+
+def test_a_storm_row_is_told_from_the_loads_rows_by_its_pages() -> None:
+    """The engine's figures (the default model, a 325-token prompt beside two of the load's
+    prompts, then with the storm's row cancelled): 23 pages per layer over 3 rows, then 2 over
+    2; the load's rows hold at most 3 each, a storm row 21."""
+    storm = {"kv_pages_in_use": 23 * 30, "attn_kept": 30, "queue": {"running": 3}}
+    load = {"kv_pages_in_use": 2 * 30, "attn_kept": 30, "queue": {"running": 2}}
+    assert campaign_checks.holds_storm_row(storm) and not campaign_checks.holds_storm_row(load)
+    for b in range(8):  # one storm row shows beside any number of the load's rows, full or not
+        full = {"kv_pages_in_use": (21 + 3 * b) * 30, "attn_kept": 30, "queue": {"running": b + 1}}
+        assert campaign_checks.holds_storm_row(full)
+        alone = {"kv_pages_in_use": (21 + b) * 30, "attn_kept": 30, "queue": {"running": b + 1}}
+        assert campaign_checks.holds_storm_row(alone)
 
 
 def test_the_timeline_draws(tmp_path: Path) -> None:
@@ -104,7 +231,7 @@ def test_the_timeline_draws(tmp_path: Path) -> None:
     obs.budget_steps = [(2.0, "r", 50 * 2**20)]
     obs.samples = [{"t": float(t), "replicas": {"r": _tel(60 * 2**20, 0, 0)}} for t in range(6)]
     path = tmp_path / "timeline.png"
-    campaign.timeline(obs, _records(), Plan(20, 1.0), {"r": 100 * 2**20}, path)
+    campaign_report.timeline(obs, _records(), Plan(20, 1.0), {"r": 100 * 2**20}, path)
     assert path.stat().st_size > 1000
 
 

@@ -1,0 +1,102 @@
+"""The campaign's harness without the app: its load (`rap.cli.campaign.run_locust` running
+`rap.ops.locustfile`, a real locust process for a few seconds) against a stub of the completions
+endpoint, where locust's own count of requests is the records' count, which the judge requires;
+and what the drills hand the judge (`rap.cli.drills`). No Ray, no model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rap.cli.campaign import run_locust
+from rap.cli.drills import REPLICAS, Harness, idle_check
+from rap.ops import campaign
+from rap.ops.campaign import Observed, Plan
+
+CHUNK_S = 0.05
+"""Seconds between a stub stream's chunks: requests are still streaming when the run ends."""
+
+
+class Stub(BaseHTTPRequestHandler):
+    """POST /v1/completions as the app answers it: 400 for a negative max_tokens, else a
+    completion (streamed: a chunk per token, the finish, [DONE])."""
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        ask = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if ask["max_tokens"] < 0:
+            self._send(400, {"error": {"message": "max_tokens < 0", "code": "invalid_value"}})
+            return
+        n = min(int(ask["max_tokens"]), 6)
+        if not ask.get("stream"):
+            time.sleep(n * CHUNK_S)
+            self._send(200, {"choices": [{"text": "a" * n, "finish_reason": "length"}]})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+        for i in range(n):
+            time.sleep(CHUNK_S)
+            reason = "length" if i == n - 1 else None
+            chunk = {"choices": [{"text": "a", "finish_reason": reason}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@pytest.fixture
+def stub_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_locust_counts_every_request_the_records_hold(stub_url: str, tmp_path: Path) -> None:
+    """Locust's CSV is rewritten once a second while it runs: the requests of its last second
+    were missing from the count the campaign read (5,162 against 5,164 records in the 10-minute
+    run). The count now comes from its statistics once every user has stopped."""
+    h = Harness(stub_url, "admin", "key", tmp_path / "faults")
+    plan = Plan(duration_s=4.0, capacity_rps=8.0, pacing_s=0.25)  # 1 user, bursts of 8
+    counted = run_locust(h, plan, tmp_path)
+    lines = [
+        json.loads(line)
+        for p in sorted(tmp_path.glob("requests-*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
+    done = [r for r in lines if r["phase"] == "done"]
+    assert len(done) > 8 and {r["outcome"] for r in done} <= {"ok", "4xx"}, done
+    assert counted == len(done)
+    result = campaign.judge(lines, counted, Observed(), {}, h.t0, plan)
+    assert next(c for c in result["cases"] if c["case"] == "none lost")["ok"]
+
+
+def test_the_idle_check_keeps_the_storms_span_for_the_judge(tmp_path: Path) -> None:
+    """It rebuilt the storm's result without `until` (the last hang-up), from which the judge
+    counts the steps its rows took to go."""
+    h = Harness("http://127.0.0.1:9", "admin", "key", tmp_path)
+    idle = {"queue": {"running": 0}, "kv_pages_in_use": 0}
+    h.obs.samples = [{"t": 80.0, "replicas": dict.fromkeys(REPLICAS, idle)}]
+    storm = {"t": 70.0, "until": 73.0, "ok": True, "detail": "40 clients hung up"}
+    got = idle_check(h, storm)
+    assert got["ok"] and (got["t"], got["until"]) == (70.0, 73.0)
+    assert got["detail"].startswith("40 clients hung up; after the load, pages held: none")
