@@ -5,7 +5,7 @@
 Parse → build (a local Ray cluster, the app: two replicas of the default model, an API key, an
 admin token, a fault folder) → run (capacity in a closed loop; locust headless with the plan's
 shape; the shock and each fault at its time, `/admin/state` sampled) → report (DIR/campaign.json.gz,
-DIR/campaign.md, DIR/timeline.png, locust's CSV and JSON). Exit 0 when every case held, 1 otherwise.
+DIR/campaign.md, DIR/timeline.png, locust's CSV and JSON). Exit 0 when every case held, else 1.
 `rap.ops.campaign` holds the plan and the judging, `rap.ops.locustfile` the load.
 """
 
@@ -269,6 +269,7 @@ def _report(
         "samples": obs.samples,
         "budget_steps": obs.budget_steps,
         "paused": obs.paused,
+        "events": obs.events,  # each drill's span and result: enough to judge the run again
         "requests": records,
     }
     raw = json.dumps(doc, separators=(",", ":"), default=str).encode()

@@ -24,6 +24,7 @@ end, requests per outcome.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +122,7 @@ EVENTS = (
     ),
     Event(
         "device-memory-fault",
-        0.78,
+        0.85,  # after the storm, whose clients wait up to 60 s: its side effects stand alone
         8,
         "the device-memory reading fails for 8 s: contained and counted (telemetry `errors` "
         "grows), no replica restarts, serving goes on (both replicas run steps, requests sent "
@@ -294,7 +295,7 @@ def judge(
             mem["ok"],
         )
     )
-    cases += [_event_case(e, obs, records, t0) for e in EVENTS]
+    cases += [_event_case(e, obs, records, t0, plan) for e in EVENTS]
     return {
         "cases": cases,
         "ok": all(c["ok"] for c in cases),
@@ -309,14 +310,22 @@ def judge(
     }
 
 
-def _event_case(e: Event, obs: Observed, records: list[dict[str, Any]], t0: float) -> dict:
+def _event_case(
+    e: Event, obs: Observed, records: list[dict[str, Any]], t0: float, plan: Plan
+) -> dict[str, Any]:
     """The drill's own check, and what it states happens meanwhile."""
     got = obs.events.get(e.name, {"ok": False, "detail": "did not run"})
     held, detail = bool(got["ok"]), str(got["detail"])
+    others = {
+        n: (float(g["t"]), float(g["until"] if g.get("until") is not None else math.inf))
+        for n, g in obs.events.items()
+        if n != e.name and g.get("t") is not None
+    }
     if "t" in got and e.name == "disconnect-storm":
         side = checks.storm_freed(got, obs.samples)
     elif "t" in got and e.goes_on:
-        side = checks.side_effects(got, e.goes_on, records, obs.samples, t0)
+        base = plan.base_windows()
+        side = checks.side_effects(got, e.goes_on, records, obs.samples, t0, base, others)
     else:
         side = {"ok": True, "detail": ""}
     detail = f"{detail}; {side['detail']}" if side["detail"] else detail

@@ -143,12 +143,22 @@ def side_effects(
     records: list[dict[str, Any]],
     samples: list[dict[str, Any]],
     t0: float,
+    base: list[tuple[float, float]],
+    others: dict[str, tuple[float, float]],
 ) -> dict[str, Any]:
     """While the drill lasted (`got["t"]` to `got["until"]`): each replica of `goes_on` ran
-    steps, and a valid request sent meanwhile was answered 200 before it ended."""
+    steps, and a valid request sent meanwhile was answered 200 before it ended. Judged where
+    the statement applies: within a span of the base load (`base`; a burst's backlog delays
+    every answer) and apart from the other drills (`others`: name → span; a replica the
+    statement counts on may be down for another). Elsewhere it is reported as not judged: in a
+    short run, where the drills crowd each other; the 10-minute plan's drills are apart."""
     lo, hi = got.get("t"), got.get("until")
     if lo is None or hi is None:
         return {"ok": False, "detail": "the drill recorded no span to check its side effects"}
+    crowded = [n for n, (a, b) in others.items() if a < hi and lo < b]
+    if crowded or not any(a <= lo and hi <= b for a, b in base):
+        why = f"overlaps {', '.join(crowded)}" if crowded else "not at the base load"
+        return {"ok": True, "detail": f"side effects not judged from {lo:.0f} to {hi:.0f} s: {why}"}
     answered = sum(
         r.get("outcome") == "ok"
         and not r.get("invalid")
