@@ -229,11 +229,18 @@ def first_difference(want: list[dict[str, Any]], have: list[dict[str, Any]]) -> 
     for a, b in zip(want, have, strict=False):
         if a != b:
             keys = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
-            said = "; ".join(f"{k}: golden {a.get(k)!r}, now {b.get(k)!r}" for k in keys)
+            said = "; ".join(
+                f"{k}: golden {_short(a.get(k))}, now {_short(b.get(k))}" for k in keys
+            )
             return f"turn {a.get('turn')}: {said}"
     if len(want) != len(have):
         return f"{len(want)} turns in the golden trace, {len(have)} now"
     return None
+
+
+def _short(value: Any, chars: int = 240) -> str:
+    text = repr(value)
+    return text if len(text) <= chars else text[:chars] + " ..."
 
 
 def main() -> int:

@@ -287,6 +287,7 @@ def test_a_shrink_reaches_running_rows_at_the_next_step(llama: Path) -> None:
     assert masks_at_forward == [small.key]
     assert model.weight_bytes() == model.predicted_weight_bytes(small)
     assert 1 not in engine.scheduler.pool.keys and engine.scheduler.stats.preempted == 0
+    assert engine.scheduler.pool.capacity == 40  # the budget's pool under the smaller mask
     run_out(engine)
     for i, prompt in enumerate(prompts):
         done = got.done(i)
