@@ -3,11 +3,17 @@ before and after a change that must not change plans (a refactoring).
 
 Usage: .venv/bin/python scripts/plans_snapshot.py --out before.json
        .venv/bin/python scripts/plans_snapshot.py --compare before.json   (exit 1 on any change)
+       .venv/bin/python scripts/plans_snapshot.py --compare before.json --out after.json
 
-Grid: every stored-score planner and `rap` (the shipped policy) × budget fractions 0.8 and 0.5
-× workloads 1 × 256 and 8 × 2,048 tokens × dtypes float16 and float32 × quality floors 0 and 0.5
-(128 plans, one `rap plan` process each). The oracle is left out (it runs the model; minutes per
-plan). A budget a planner cannot meet records its error line.
+Grid: every stored-score planner, `rap` (the shipped policy) and the searches on the surrogate
+(`surrogate-greedy`, what `policy: default` serves; `surrogate-beam`; `surrogate-milp`) × budget
+fractions 0.8 and 0.5 × workloads 1 × 256 and 8 × 2,048 tokens × dtypes float16 and float32 ×
+quality floors 0 and 0.5 (176 plans, one `rap plan` process each: about 13 minutes on two busy
+CPU cores). The oracle is left out (it runs the model; minutes per plan). A budget a planner
+cannot meet records its error line. `--compare` checks the entries of the older snapshot only,
+so a grid that gained planners compares what both have.
+
+The snapshot of the default model's plans today: bench/results/plans_snapshot.json.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-METHODS = ("gsi", "oneshot", "mem-greedy", "shortgpt", "attn-drop", "mlp-drop", "random", "rap")
+METHODS = (
+    *("gsi", "oneshot", "mem-greedy", "shortgpt", "attn-drop", "mlp-drop", "random", "rap"),
+    *("surrogate-greedy", "surrogate-beam", "surrogate-milp"),
+)
 FRACTIONS = (0.8, 0.5)
 SHAPES = ((1, 256), (8, 2048))
 DTYPES = ("float16", "float32")
@@ -65,14 +74,16 @@ def snapshot() -> dict[str, dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--out", type=Path)
-    group.add_argument("--compare", type=Path)
+    parser.add_argument("--out", type=Path, help="write the snapshot here")
+    parser.add_argument("--compare", type=Path, help="compare with this older snapshot")
     args = parser.parse_args()
+    if not args.out and not args.compare:
+        parser.error("name --out, --compare or both")
     now = snapshot()
     if args.out:
         args.out.write_text(json.dumps(now, indent=0) + "\n")
         print(f"{len(now)} plans written to {args.out}")
+    if not args.compare:
         return 0
     before = json.loads(args.compare.read_text())
     changed = [k for k in before if before[k] != now.get(k)]
