@@ -39,15 +39,12 @@ class Outbox:
         """Called (from the event loop) when a full outbox gets room: the engine wakes up."""
         self._on_put = on_put
         """Called on the engine's thread before an event is queued (it may add to the event)."""
-        self.most_backlog = 0
-        """The largest backlog seen (what tests read)."""
 
     def __call__(self, event: dict[str, Any]) -> None:
         """From the engine's thread: queue `event` for the client."""
         self._on_put(event)
         with self._lock:
             self._backlog += 1
-            self.most_backlog = max(self.most_backlog, self._backlog)
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     @property
