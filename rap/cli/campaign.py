@@ -1,4 +1,4 @@
-"""`rap campaign`: load, a budget shock and faults on a live app, judged (issue 15).
+"""`rap campaign`: load, a budget shock and faults on a live app, judged.
 
     rap campaign [--duration 600] [--shock-gib 0.45] --out DIR
 
@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,32 +54,17 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_campaign)
 
 
-def capacity(url: str, key: str, seconds: float, clients: int) -> float:
-    """Requests per second the app completes in a closed loop of `clients` (locust's mix)."""
-    body = json.dumps(
-        {
-            "model": MODEL,
-            "prompt": "Write a short note about rivers.",
-            "max_tokens": 16,
-            "temperature": 0.7,
-        }
-    ).encode()
-    end = time.time() + seconds
-
-    def loop(_: int) -> int:
-        done = 0
-        while time.time() < end:
-            req = urllib.request.Request(f"{url}/v1/completions", data=body, method="POST")
-            req.add_header("Authorization", f"Bearer {key}")
-            req.add_header("Content-Type", "application/json")
-            with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=120) as r:
-                done += r.status == 200
-        return done
-
-    t0 = time.time()
-    with ThreadPoolExecutor(clients) as pool:
-        done = sum(pool.map(loop, range(clients)))
-    return done / (time.time() - t0)
+def capacity(h: Harness, seconds: float, clients: int, out: Path) -> float:
+    """Requests per second the app completes in a closed loop of `clients` locust users sending
+    the campaign's own mix (streamed and whole, every prompt and length) with no pause between
+    requests: the same requests, and the same load generator on the same cores, as the run."""
+    folder = out / "capacity"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("requests-*.jsonl"):
+        old.unlink()
+    run_locust(h, [[seconds, clients]], 0.0, folder, timeout_s=seconds + 300)
+    records = campaign.read_records(folder)
+    return campaign.closed_loop_rate(records, seconds)
 
 
 def run_events(h: Harness, plan: Plan, starts: dict[str, int], shock_bytes: int) -> None:
@@ -119,18 +103,21 @@ def run_events(h: Harness, plan: Plan, starts: dict[str, int], shock_bytes: int)
         t.join(timeout=300)
 
 
-def run_locust(h: Harness, plan: Plan, out: Path) -> int | None:
-    """locust headless with the plan's shape; the number of requests it counted, from the
-    statistics it writes once every user has stopped (`--json-file`): its CSV is rewritten
-    every second while it runs, so the requests of its last second can be missing from it."""
+def run_locust(
+    h: Harness, shape: list[list[float]], pacing_s: float, out: Path, timeout_s: float
+) -> int | None:
+    """locust headless with `shape` ([[until_s, users], ...]); the number of requests it
+    counted, from the statistics it writes once every user has stopped (`--json-file`): its CSV
+    is rewritten every second while it runs, so the requests of its last second can be missing
+    from it."""
     # Its path only: importing it would let gevent patch this process (Ray's).
     locustfile = Path(campaign.__file__).with_name("locustfile.py")
     env = {
         **os.environ,
         "RAP_CAMPAIGN_OUT": str(out),
         "RAP_API_KEY": h.key,
-        "RAP_CAMPAIGN_SHAPE": json.dumps(plan.shape()),
-        "RAP_CAMPAIGN_PACING_S": str(plan.pacing_s),
+        "RAP_CAMPAIGN_SHAPE": json.dumps(shape),
+        "RAP_CAMPAIGN_PACING_S": str(pacing_s),
         "RAP_CAMPAIGN_MODEL": MODEL,
     }
     cmd = [
@@ -158,7 +145,7 @@ def run_locust(h: Harness, plan: Plan, out: Path) -> int | None:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            timeout=plan.duration_s + 300,
+            timeout=timeout_s,
             check=False,
         )
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -187,7 +174,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         _deploy(app_config(), url)
         h = Harness(url, admin, key, fault_dir)
         starts = {n: h.state()["replicas"][n]["budget_bytes"] for n in REPLICAS}
-        cap = capacity(url, key, args.capacity_s, clients=16)
+        cap = capacity(h, args.capacity_s, clients=16, out=args.out)
         plan = Plan(args.duration, cap, pacing_s=args.pacing_s)
         print(f"capacity {cap:.2f} req/s; load shape {plan.shape()}", flush=True)
         result = _run(h, plan, starts, int(args.shock_gib * GIB), args.out)
@@ -225,7 +212,11 @@ def _run(h: Harness, plan: Plan, starts: dict[str, int], shock: int, out: Path) 
     for t in threads:
         t.start()
     counted: list[int | None] = []
-    runner = threading.Thread(target=lambda: counted.append(run_locust(h, plan, out)))
+
+    def load() -> None:
+        counted.append(run_locust(h, plan.shape(), plan.pacing_s, out, plan.duration_s + 300))
+
+    runner = threading.Thread(target=load)
     runner.start()
     with tqdm(total=round(plan.duration_s), desc="rap campaign", unit="s") as bar:
         while runner.is_alive():
@@ -235,11 +226,7 @@ def _run(h: Harness, plan: Plan, starts: dict[str, int], shock: int, out: Path) 
     threads[1].join(timeout=300)
     h.obs.events["disconnect-storm"] = idle_check(h, h.obs.events.get("disconnect-storm"))
     h.stop.set()
-    records = [
-        json.loads(line)
-        for p in sorted(out.glob("requests-*.jsonl"))
-        for line in p.read_text().splitlines()
-    ]
+    records = campaign.read_records(out)
     counted_n = counted[0] if counted else None
     return campaign.judge(records, counted_n, h.obs, starts, h.t0, plan) | {
         "obs": h.obs,

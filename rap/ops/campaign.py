@@ -1,4 +1,4 @@
-"""The reliability campaign (issue 15): load, a budget shock and faults on a live app, judged.
+"""The reliability campaign: load, a budget shock and faults on a live app, judged.
 
 `rap campaign` (rap/cli/campaign.py) serves the default model on a local Ray cluster (two
 replicas, an API key, an admin token, the fault folder), measures the requests per second the
@@ -27,6 +27,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -334,6 +335,31 @@ def _event_case(
 
 def _case(case: str, expect: str, observed: str, ok: bool) -> dict[str, Any]:
     return {"case": case, "expect": expect, "observed": observed, "ok": ok}
+
+
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """Every line the locust processes wrote into `folder` (`requests-<pid>.jsonl`)."""
+    return [
+        json.loads(line)
+        for p in sorted(folder.glob("requests-*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
+
+
+def closed_loop_rate(records: list[dict[str, Any]], seconds: float) -> float:
+    """Requests per second answered `ok` by a closed loop that ran `seconds`: those that ended
+    after its first third (the replicas warm, every user's loop under way) and before its end,
+    over that span. Refusals, errors and invalid requests do not count as capacity."""
+    sent = [r["t"] for r in records if r.get("phase") == "sent"]
+    if not sent or seconds <= 0:
+        return 0.0
+    lo, hi = min(sent) + seconds / 3, min(sent) + seconds
+    ended = [
+        r["t"] + r["e2e_s"]
+        for r in records
+        if r.get("phase") == "done" and r.get("outcome") == "ok" and not r.get("invalid")
+    ]
+    return sum(lo <= t <= hi for t in ended) / (hi - lo)
 
 
 def offered(records: list[dict[str, Any]], t0: float, window_s: float = 10.0) -> dict[str, float]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from rap.cli.campaign import run_locust
+from rap.cli.campaign import capacity, run_locust
 from rap.cli.drills import REPLICAS, Harness, idle_check
 from rap.ops import campaign
 from rap.ops.campaign import Observed, Plan
@@ -77,7 +77,7 @@ def test_locust_counts_every_request_the_records_hold(stub_url: str, tmp_path: P
     run). The count now comes from its statistics once every user has stopped."""
     h = Harness(stub_url, "admin", "key", tmp_path / "faults")
     plan = Plan(duration_s=4.0, capacity_rps=8.0, pacing_s=0.25)  # 1 user, bursts of 8
-    counted = run_locust(h, plan, tmp_path)
+    counted = run_locust(h, plan.shape(), plan.pacing_s, tmp_path, timeout_s=60)
     lines = [
         json.loads(line)
         for p in sorted(tmp_path.glob("requests-*.jsonl"))
@@ -88,6 +88,20 @@ def test_locust_counts_every_request_the_records_hold(stub_url: str, tmp_path: P
     assert counted == len(done)
     result = campaign.judge(lines, counted, Observed(), {}, h.t0, plan)
     assert next(c for c in result["cases"] if c["case"] == "none lost")["ok"]
+
+
+def test_capacity_is_the_campaigns_own_mix_in_a_closed_loop(stub_url: str, tmp_path: Path) -> None:
+    """Capacity was measured with one short prompt, not streamed, from threads of the harness:
+    8.67 requests/s, against which the base load (0.7 ×) kept both replicas saturated once
+    locust's mix and process were added. Now locust itself runs the mix without pauses. The
+    stub answers a user's request in about 6 × CHUNK_S (max_tokens ≥ 8, capped at 6 chunks), so
+    4 users complete at most 4 / (6 × CHUNK_S) ≈ 13 a second, and a run with no pause between
+    requests comes near it; the answers stay out of the run's own records."""
+    h = Harness(stub_url, "admin", "key", tmp_path / "faults")
+    rate = capacity(h, 4.0, clients=4, out=tmp_path)
+    assert 4.0 < rate <= 4 / (6 * CHUNK_S) * 1.1, rate  # a pacing of seconds would give < 4
+    assert not list(tmp_path.glob("requests-*.jsonl"))
+    assert list((tmp_path / "capacity").glob("requests-*.jsonl"))
 
 
 def test_the_idle_check_keeps_the_storms_span_for_the_judge(tmp_path: Path) -> None:

@@ -295,3 +295,24 @@ def test_a_stopped_replica_gets_its_compliance_time_after_it_continues() -> None
     obs.samples = [{"t": t, "replicas": {"r": _tel(150, 0, 100)}} for t in (12.0, 16.0, 18.0)]
     got = campaign.memory_check(obs, {"r": 200})
     assert got["checked"] == 1 and got["n_over"] == 1 and got["excused"] == 2
+
+
+def _closed_loop(ends_s: list[float], outcome: str = "ok") -> list[dict[str, Any]]:
+    sent = [{"id": str(i), "phase": "sent", "t": 100.0} for i in range(len(ends_s))]
+    done = [
+        {"id": str(i), "phase": "done", "t": 100.0, "e2e_s": e, "outcome": outcome}
+        for i, e in enumerate(ends_s)
+    ]
+    return sent + done
+
+
+def test_capacity_counts_answers_after_the_warm_up_and_before_the_end(tmp_path: Path) -> None:
+    # A 30 s loop: answers end every 0.5 s from 0 s to 40 s; the rate is counted over 10-30 s.
+    ends = [i * 0.5 for i in range(81)]
+    rate = campaign.closed_loop_rate(_closed_loop(ends), 30.0)
+    assert rate == pytest.approx(41 / 20)  # 10.0, 10.5, ..., 30.0: the warm-up and tail left out
+    assert campaign.closed_loop_rate(_closed_loop(ends, "503"), 30.0) == 0.0  # refusals
+    assert campaign.closed_loop_rate([], 30.0) == 0.0
+    for i, part in enumerate((_closed_loop(ends[:40]), _closed_loop(ends[40:]))):
+        (tmp_path / f"requests-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    assert len(campaign.read_records(tmp_path)) == 2 * 81
