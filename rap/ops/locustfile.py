@@ -7,7 +7,8 @@ only) with its settings in the environment:
     RAP_CAMPAIGN_SHAPE    JSON [[until_s, users], ...]: the users from the previous step's end
                           until `until_s` seconds of run time; the run ends after the last step
     RAP_CAMPAIGN_PACING_S each user starts a request every so many seconds (closed loop: later
-                          if its last request took longer)
+                          if its last request took longer), its first one after a random
+                          part of that (so that users spawned together do not stay in step)
     RAP_CAMPAIGN_MODEL    the served model's name;  RAP_API_KEY  the API key, if any
 
 Each request is written twice: `{"id", "phase": "sent"}` before it is sent, its outcome
@@ -32,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from locust import HttpUser, LoadTestShape, constant_pacing, task
+from locust import HttpUser, LoadTestShape, task
 
 from rap.ops.campaign import classify_stream
 
@@ -55,16 +56,30 @@ def _record(out: dict[str, Any]) -> None:
         f.write(json.dumps(out) + "\n")
 
 
+PACING_S = float(os.environ.get("RAP_CAMPAIGN_PACING_S", "4"))
+
+
 class Client(HttpUser):
-    wait_time = constant_pacing(float(os.environ.get("RAP_CAMPAIGN_PACING_S", "4")))
+    started_s = 0.0
+    """perf_counter() when this user's last request began: the next begins PACING_S after it
+    (locust's constant_pacing paces from the user's creation instead, which would put users back
+    in step after their random first wait)."""
+
+    def wait_time(self) -> float:
+        return max(0.0, self.started_s + PACING_S - time.perf_counter())
 
     def on_start(self) -> None:
         key = os.environ.get("RAP_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.rng = random.Random(os.getpid() * 1000 + id(self) % 1000)
+        # Users spawned together and paced alike would stay in step: a wave of every user's
+        # request each PACING_S instead of users / PACING_S a second. A random phase spreads
+        # them from the first request on (gevent's sleep: other users run meanwhile).
+        time.sleep(self.rng.uniform(0.0, PACING_S))
 
     @task
     def complete(self) -> None:
+        self.started_s = time.perf_counter()
         stream = self.rng.random() >= 0.25
         body = {
             "model": os.environ.get("RAP_CAMPAIGN_MODEL", "SmolLM2-135M-Instruct"),

@@ -104,6 +104,19 @@ def test_capacity_is_the_campaigns_own_mix_in_a_closed_loop(stub_url: str, tmp_p
     assert list((tmp_path / "capacity").glob("requests-*.jsonl"))
 
 
+def test_users_spawned_together_do_not_send_in_step(stub_url: str, tmp_path: Path) -> None:
+    """The base load's users were spawned within a second and paced alike, so they sent in
+    waves: every user's request at once, each pacing period (52 requests within a second, then
+    none for 15 s). Each user's first request now waits a random part of the pacing. 16 users,
+    one request each per 4 s for 8 s: at most half of them start within any half second (in step, all
+    16 started within 0.01 s)."""
+    h = Harness(stub_url, "admin", "key", tmp_path / "faults")
+    run_locust(h, [[8.0, 16]], 4.0, tmp_path, timeout_s=60)  # two requests a user
+    sent = sorted(r["t"] for r in campaign.read_records(tmp_path) if r["phase"] == "sent")
+    busiest = max(sum(t <= s < t + 0.5 for s in sent) for t in sent)
+    assert len(sent) >= 24 and busiest <= 8, [round(t - sent[0], 2) for t in sent]
+
+
 def test_the_idle_check_keeps_the_storms_span_for_the_judge(tmp_path: Path) -> None:
     """It rebuilt the storm's result without `until` (the last hang-up), from which the judge
     counts the steps its rows took to go."""
