@@ -340,7 +340,12 @@ STOP_TIMEOUT_S = 30.0
 
 
 def _stop() -> None:
-
+    # A second interrupt while Ray shuts down (Ctrl-C twice, or Ray's own interrupt of the main
+    # thread when a signal to the process group stopped its processes) would leave this half
+    # done and print a traceback instead of "RAP Serve stopped": the watchdog below bounds the
+    # stop instead. `_thread.interrupt_main` does nothing while SIGINT is ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import ray  # lazy: heavy (ray)
     from ray import serve  # lazy: heavy (ray)
 
