@@ -78,11 +78,7 @@ def test_locust_counts_every_request_the_records_hold(stub_url: str, tmp_path: P
     h = Harness(stub_url, "admin", "key", tmp_path / "faults")
     plan = Plan(duration_s=4.0, capacity_rps=8.0, pacing_s=0.25)  # 1 user, bursts of 8
     counted = run_locust(h, plan.shape(), plan.pacing_s, tmp_path, timeout_s=60)
-    lines = [
-        json.loads(line)
-        for p in sorted(tmp_path.glob("requests-*.jsonl"))
-        for line in p.read_text().splitlines()
-    ]
+    lines = campaign.read_records(tmp_path)
     done = [r for r in lines if r["phase"] == "done"]
     assert len(done) > 8 and {r["outcome"] for r in done} <= {"ok", "4xx"}, done
     assert counted == len(done)
@@ -108,8 +104,8 @@ def test_users_spawned_together_do_not_send_in_step(stub_url: str, tmp_path: Pat
     """The base load's users were spawned within a second and paced alike, so they sent in
     waves: every user's request at once, each pacing period (52 requests within a second, then
     none for 15 s). Each user's first request now waits a random part of the pacing. 16 users,
-    one request each per 4 s for 8 s: at most half of them start within any half second (in step, all
-    16 started within 0.01 s)."""
+    one request each per 4 s for 8 s: at most half of them start within any half second (in
+    step, all 16 started within 0.01 s)."""
     h = Harness(stub_url, "admin", "key", tmp_path / "faults")
     run_locust(h, [[8.0, 16]], 4.0, tmp_path, timeout_s=60)  # two requests a user
     sent = sorted(r["t"] for r in campaign.read_records(tmp_path) if r["phase"] == "sent")
