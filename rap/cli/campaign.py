@@ -1,4 +1,4 @@
-"""`rap campaign`: load, a budget shock and faults on a live app, judged (issue 15).
+"""`rap campaign`: load, a budget shock and faults on a live app, judged.
 
     rap campaign [--duration 600] [--shock-gib 0.45] --out DIR
 

@@ -1,4 +1,4 @@
-"""The reliability campaign (issue 15): load, a budget shock and faults on a live app, judged.
+"""The reliability campaign: load, a budget shock and faults on a live app, judged.
 
 `rap campaign` (rap/cli/campaign.py) serves the default model on a local Ray cluster (two
 replicas, an API key, an admin token, the fault folder), measures the requests per second the

@@ -352,7 +352,7 @@ class Engine:
         """The largest pool up to `pages` that fits beside one old layer's slabs while that
         layer is copied (pool.resize goes layer by layer). `pages` itself, sized to the whole
         budget, never does: asking for it kept the pool small under running rows until they
-        all ended (the memory-shock bench, 2026-11-27), so grow as far as the copy allows now;
+        all ended (the memory-shock bench), so grow as far as the copy allows now;
         the rest comes when nothing runs."""
         d = self.model.dims
         old_layer = 2 * self.scheduler.pool.capacity * self.config.page_tokens * d.kv_heads
