@@ -115,7 +115,8 @@ def situations(
     """The first `count` batch starts of scenario `name` with seed `seed` (deterministic).
 
     A batch whose dense peak exceeds `max_over` × the budget at its start is split (admission,
-    DESIGN.md invariant 2): the longest FCFS prefix within it is taken, at least one request."""
+    invariant 2 of docs/architecture.md): the longest FCFS prefix within it is taken, at least
+    one request."""
     sc = get(name)
     if sc.grid is not None:
         return _grid_situations(sc, config, dtype, seed, count)

@@ -1,4 +1,4 @@
-"""`rap bench`: serving under memory shocks, RAP against what users run today (issue 16).
+"""`rap bench`: serving under memory shocks, RAP against what users run today.
 
     rap bench --trace shock [--duration S] [--systems dense-high,rap,...] --out DIR
 

@@ -4,7 +4,8 @@ A dropped attention layer never calls `update`, so its cache layer stays empty: 
 transformers answers the cache's length from layer 0 (`get_seq_length()`) and the attention
 mask's sizes from layer 0 or the first full-attention layer (`get_mask_sizes(q, layer_idx)`).
 When that layer is dropped it answers 0, positions restart and left-padded batches get a wrong
-mask (DESIGN.md's traps). This cache answers those questions from a kept layer of the same kind.
+mask (a trap of dropping layers). This cache answers those questions from a kept layer of the
+same kind.
 """
 
 from __future__ import annotations

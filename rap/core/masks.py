@@ -1,4 +1,4 @@
-"""Keep-masks: which attention and MLP blocks a model runs with (DESIGN.md's KeepMask contract).
+"""Keep-masks: which attention and MLP blocks a model runs with (docs/architecture.md).
 
 A mask is `{model, version, source, attn: [bool]*L, mlp: [bool]*L}`. `True` means kept. `version`
 is (controller epoch, sequence) and orders masks from one controller; `source` says who chose it.

@@ -13,7 +13,7 @@ B batch size, S tokens per sequence (prompt + generated).
     peak(mask, B, S, P) = weights(mask) + kv(mask, B, S) + max(activations(B, P), kv_growth)
                           (P prompt tokens; kv_growth: one layer's KV, copied as it grows)
 
-The budget (DESIGN.md): `--budget-frac F` at (B, S) is F × (weights + kv) of the dense model at
+The budget: `--budget-frac F` at (B, S) is F × (weights + kv) of the dense model at
 (B, S) in the serving dtype; activations are excluded from the budget's definition and counted
 at admission (`peak`).
 """
@@ -195,7 +195,7 @@ def dense_mask(config: Any) -> MaskLike:
 
 
 def budget_bytes(config: Any, fraction: float, batch: int, seq: int, dtype: Any) -> int:
-    """DESIGN.md's budget: F × (weights + kv) of the dense model at (B, S); activations excluded."""
+    """The budget: F × (weights + kv) of the dense model at (B, S); activations excluded."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"budget fraction {fraction} is outside (0, 1]")
     dense = dense_mask(config)

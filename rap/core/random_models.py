@@ -2,7 +2,7 @@
 
 `rap.core.loading.load_model("random:llama-7b")` builds Llama-2-7B's shape directly on the
 target device in the serving dtype (no float32 copy, no 13 GB of CPU initialisation), so that
-the real app can serve a 7B-shaped model on a GPU whose machine carries no weights (issue 19:
+the real app can serve a 7B-shaped model on a GPU whose machine carries no weights (the GPU run:
 bytes and time do not depend on the values). Dropped blocks come back from their host copies
 (pinned on a GPU, a clone on a CPU): there is no file to re-read (`BlockStore` with no source).
 

@@ -1,4 +1,4 @@
-"""Block weights that can really leave memory and come back bit for bit (DESIGN.md invariant 3).
+"""Block weights that can really leave memory and come back bit for bit (invariant 3).
 
 Each block's parameters live in one contiguous buffer, the parameters being views into it, so
 that dropping a block is a single free. On a CPU the buffer is a memory mapping of its own

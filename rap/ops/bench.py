@@ -1,4 +1,4 @@
-"""`rap bench`'s harness (issue 16): the systems, the budgets, and a trace played over HTTP.
+"""`rap bench`'s harness: the systems, the budgets, and a trace played over HTTP.
 
 Each system is a configuration of the same app (`system_config`), never a code path here:
 
@@ -74,7 +74,7 @@ def system_config(name: str, scale: Scale, static_key: str, batch: int) -> dict[
     elif name == "rap":
         app["policy"] = "rap"  # the shipped RAP policy
     elif name == "rap-heuristic":
-        app["planner"] = "surrogate-greedy"  # the best non-learned planner offline (issue 18)
+        app["planner"] = "surrogate-greedy"  # the best non-learned planner offline
     else:
         raise ValueError(f"unknown system {name!r}; expected one of {SYSTEMS}")
     replica = {"name": REPLICA, "budget_gib": budget, "num_cpus": 1}

@@ -1,4 +1,4 @@
-"""`rap bench`'s figures from a `Run` (issue 16): requests, service levels, bytes over budget,
+"""`rap bench`'s figures from a `Run`: requests, service levels, bytes over budget,
 quality served; a Markdown table and a timeline picture per system.
 
     completed   a 200 whose stream ended without an error, all its tokens received

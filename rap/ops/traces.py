@@ -1,4 +1,4 @@
-"""Benchmark traces (issue 16): requests and a memory budget, fixed before any system runs.
+"""Benchmark traces: requests and a memory budget, fixed before any system runs.
 
 A trace (`rap/data/traces/<name>.json`, a `Trace`) is made once by `python -m rap.ops.traces
 make NAME` and committed; every result records its `sha256` (of the file's canonical JSON

@@ -32,7 +32,7 @@ class PolicyChoice:
 
 
 DEFAULT_MODEL_SEARCH = "surrogate-greedy"
-"""What `policy: default` runs for the default model, by issue 18's rule (the controller's
+"""What `policy: default` runs for the default model, by the project's rule (the controller's
 default is whichever wins on the test split). On the test split (docs/results.md, "The final
 run"; bench/results/compare_test.json) search on the surrogate beats the shipped RAP policy:
 rap − surrogate-greedy = +0.015 Δ ln ppl [+0.004, +0.025]. Among the searches no interval

@@ -14,7 +14,7 @@ unknown: no cap), and what one cannot use goes to the others:
 
     budget_r = min(want_r, level),   Σ_r budget_r = total   (or every replica at its want)
 
-Two findings on an H100 (2026-11-27, `bench/results/gpu/h100-run2-replicas.json.gz`) made it so.
+Two findings on an H100 (`bench/results/gpu/h100-run2-replicas.json.gz`) made it so.
 The deficit used to be clamped at 0: a co-tenant that held 16 GiB left 1.1 GiB free against a
 9.6 GiB margin, no budget moved, and its next 8 GiB step failed for 30 s. And each replica got
 own_r + (free − margin) / n, which kept whatever difference the replicas started with: the one

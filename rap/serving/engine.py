@@ -35,8 +35,9 @@ from rap.core.masks import KeepMask, MaskVersion
 from rap.planning import MaskPlanner
 from rap.serving import row_masks
 from rap.serving.engine_config import EngineConfig
+from rap.serving.events import TERMINAL, StepEvent
 from rap.serving.messages import MaskPlan
-from rap.serving.outbox import TERMINAL, Outbox
+from rap.serving.outbox import Outbox
 from rap.serving.restores import Prefetch
 from rap.serving.scheduler import Request, Scheduler
 from rap.serving.sizing import Sizing
@@ -123,7 +124,7 @@ class Engine:
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineError(503, "the queue is full", self.config.retry_after_s, "queue_full")
 
-    async def submit(self, request: Request) -> AsyncIterator[dict[str, Any]]:
+    async def submit(self, request: Request) -> AsyncIterator[StepEvent]:
         """Queue a request; yield its events: start, token..., then done or error. A consumer
         that stops early (a client gone, Serve cancelling) cancels the request; one that reads
         slowly holds its row back once `max_pending_events` wait for it (`rap.serving.outbox`)."""
@@ -146,7 +147,7 @@ class Engine:
             if not ended:
                 self.cancel(row_id)
 
-    def _priced(self, event: dict[str, Any]) -> None:
+    def _priced(self, event: StepEvent) -> None:
         """A done event gains the predicted quality cost of the mask that served it (None if
         the planner cannot say: the client still gets its done event)."""
         if event["type"] != "done" or "mask_key" not in event:
@@ -352,7 +353,7 @@ class Engine:
         """The largest pool up to `pages` that fits beside one old layer's slabs while that
         layer is copied (pool.resize goes layer by layer). `pages` itself, sized to the whole
         budget, never does: asking for it kept the pool small under running rows until they
-        all ended (the memory-shock bench, 2026-11-27), so grow as far as the copy allows now;
+        all ended (the memory-shock bench), so grow as far as the copy allows now;
         the rest comes when nothing runs."""
         d = self.model.dims
         old_layer = 2 * self.scheduler.pool.capacity * self.config.page_tokens * d.kv_heads

@@ -1,4 +1,4 @@
-"""Typed messages between processes (DESIGN.md's contracts), validated where they arrive.
+"""Typed messages between processes (docs/architecture.md), validated where they arrive.
 
 Telemetry goes replica → controller every period; a MaskPlan comes back controller → replica.
 Both are pydantic models, sent as plain dicts (`model_dump(mode="json")`) and re-validated by the
@@ -55,7 +55,7 @@ class QueueState(_Message):
 
 
 class Telemetry(_Message):
-    """Replica → controller, every period (DESIGN.md)."""
+    """Replica → controller, every period."""
 
     replica: str = Field(description="Serve deployment name of the replica, e.g. replica-0.")
     timestamp_s: float = Field(description="Wall-clock time of the snapshot (time.time()).")

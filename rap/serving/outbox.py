@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from typing import Any
 
-TERMINAL = ("done", "error")
+from rap.serving.events import StepEvent
 
 
 class Outbox:
@@ -28,10 +27,10 @@ class Outbox:
         loop: asyncio.AbstractEventLoop,
         capacity: int,
         on_drain: Callable[[], None] = lambda: None,
-        on_put: Callable[[dict[str, Any]], None] = lambda event: None,
+        on_put: Callable[[StepEvent], None] = lambda event: None,
     ) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._queue: asyncio.Queue[StepEvent] = asyncio.Queue()
         self._lock = threading.Lock()
         self._backlog = 0
         self.capacity = capacity
@@ -40,7 +39,7 @@ class Outbox:
         self._on_put = on_put
         """Called on the engine's thread before an event is queued (it may add to the event)."""
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: StepEvent) -> None:
         """From the engine's thread: queue `event` for the client."""
         self._on_put(event)
         with self._lock:
@@ -58,7 +57,7 @@ class Outbox:
         """Whether the row should wait for its client before it makes more events."""
         return self.backlog >= self.capacity
 
-    async def get(self) -> dict[str, Any]:
+    async def get(self) -> StepEvent:
         """On the event loop: the next event, waiting for one."""
         event = await self._queue.get()
         with self._lock:

@@ -7,7 +7,7 @@ unpruned one is as free); then by name, so that the order is stable. The share c
 replica's telemetry, polled every telemetry period; until a replica has answered, it counts as
 dense. A 503 from the first choice is retried once on the second, unless the request already
 waited the replica's whole `max_wait_s` for it (code `waited_out`): retrying then doubled what
-a refused client waited (~61 s in the reliability campaign of 2026-11-27, `rap campaign`).
+a refused client waited (~61 s in the reliability campaign, `rap campaign`; docs/results.md).
 
 A replica that fails (its actor died, it restarts, it is stopped and does not answer) is routed
 to last until its telemetry answers again, and a request it was running ends with an error

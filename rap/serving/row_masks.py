@@ -1,4 +1,4 @@
-"""Each row's own mask under continuous batching (DESIGN.md invariant 1).
+"""Each row's own mask under continuous batching (invariant 1 of docs/architecture.md).
 
 A row's effective mask is the intersection of every mask the model ran while the row ran:
 

@@ -3,18 +3,16 @@ events that end it (`rap.serving.scheduler` runs them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from rap.core.masks import KeepMask
 from rap.serving import row_masks
+from rap.serving.events import DoneEvent, ErrorEvent, FinishReason, Sink, error_event
 from rap.serving.kv_pages import PagePool, RowPages
 from rap.serving.text_stream import TextStream
-
-Sink = Callable[[dict[str, Any]], None]
 
 
 class WaitConfig(Protocol):
@@ -95,9 +93,9 @@ class StepStats:
     """Longest row (prompt + max_tokens) admitted since the engine last read it."""
 
 
-def done_event(row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
+def done_event(row: Row, reason: FinishReason, counted: int = 0) -> DoneEvent:
     """The row's last event when it ends well: why, its tokens, the mask it was served under."""
-    event = {
+    event: DoneEvent = {
         "type": "done",
         "finish_reason": reason,
         "completion_tokens": len(row.generated) + counted,
@@ -111,22 +109,16 @@ def done_event(row: Row, reason: str, counted: int = 0) -> dict[str, Any]:
     return event
 
 
-def busy_event(retry_after_s: int, why: str, code: str = "waited_out") -> dict[str, Any]:
+def busy_event(retry_after_s: int, why: str, code: str = "waited_out") -> ErrorEvent:
     """A 503 for a request that waited `max_wait_s` and could not start or resume. Its code:
     `waited_out` (the router does not make it wait as long again elsewhere), or
     `budget_below_floor` (the replica's budget holds no room for it above the quality floor)."""
-    return {
-        "type": "error",
-        "status": 503,
-        "code": code,
-        "message": f"the replica is busy: {why}",
-        "retry_after": retry_after_s,
-    }
+    return error_event(503, f"the replica is busy: {why}", code, retry_after_s)
 
 
 def waited_out_event(
     row: Row, kept: float, need_pages: int, capacity_pages: int, config: WaitConfig
-) -> dict[str, Any]:
+) -> ErrorEvent:
     """The 503 of a row that waited `max_wait_s`, with a code naming why: it asked for more
     blocks than the replica keeps (`waited_out`), its reservation (`need_pages` in the layer
     that needs most) exceeds the whole pool — the budget holds no room for it under the
@@ -150,40 +142,34 @@ def waited_out_event(
     return busy_event(retry, f"no KV pages (memory) came free in {wait} s")
 
 
-def too_big_event(need: dict[int, int], pool: PagePool, retry_after_s: int) -> dict[str, Any]:
+def too_big_event(need: dict[int, int], pool: PagePool, retry_after_s: int) -> ErrorEvent:
     """A 503 for a new request whose reservation exceeds the whole pool, at once (the router
     tries the other replica): `budget_below_floor` when the budget leaves no pages at all,
     else `insufficient_memory`."""
     most = max(need.values())
-    return {
-        "type": "error",
-        "status": 503,
-        "code": "budget_below_floor" if pool.capacity == 0 else "insufficient_memory",
-        "retry_after": retry_after_s,
-        "message": f"not enough memory: the request needs {most} KV pages of "
-        f"{pool.page_tokens} tokens per layer; the replica's pool has "
-        f"{pool.capacity}",
-    }
+    code = "budget_below_floor" if pool.capacity == 0 else "insufficient_memory"
+    message = (
+        f"not enough memory: the request needs {most} KV pages of {pool.page_tokens} tokens "
+        f"per layer; the replica's pool has {pool.capacity}"
+    )
+    return error_event(503, message, code, retry_after_s)
 
 
-def failed_event(what: str, exc: BaseException) -> dict[str, Any]:
+def expired_event(generated: int) -> ErrorEvent:
+    """A 504 for a row whose deadline passed, waiting or running."""
+    return error_event(504, f"the request's deadline passed after {generated} generated tokens")
+
+
+def failed_event(what: str, exc: BaseException) -> ErrorEvent:
     """A 500 for a row whose work failed (`what`), naming the exception."""
-    return {
-        "type": "error",
-        "status": 500,
-        "code": "generation_failed",
-        "message": f"{what}: {type(exc).__name__}: {exc}",
-    }
+    return error_event(500, f"{what}: {type(exc).__name__}: {exc}", "generation_failed")
 
 
-def stalled_event(client_stall_s: float, generated: int) -> dict[str, Any]:
+def stalled_event(client_stall_s: float, generated: int) -> ErrorEvent:
     """The error a row gets when its client read nothing for `client_stall_s` while its
     outbox was full (`rap.serving.outbox`)."""
-    return {
-        "type": "error",
-        "status": 408,
-        "code": "client_stalled",
-        "message": f"the client read no event for {client_stall_s} s while {generated} tokens "
-        "waited for it; the request was cancelled (read the stream faster, or raise "
-        "engine.client_stall_s)",
-    }
+    message = (
+        f"the client read no event for {client_stall_s} s while {generated} tokens waited for "
+        "it; the request was cancelled (read the stream faster, or raise engine.client_stall_s)"
+    )
+    return error_event(408, message, "client_stalled")

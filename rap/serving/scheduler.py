@@ -18,9 +18,8 @@ row holds more KV pages than it reserved when it was admitted.
     finish:  a row leaves at its end-of-sequence token, a stop string (`TextStream`),
              `max_tokens`, or `cancel`; its pages are freed in that step.
 
-Events go to each row's `sink`: {"type": "start"}, {"type": "token", "text"}, then exactly one
-{"type": "done", "finish_reason", "completion_tokens", "token_ids"} or {"type": "error",
-"status", "message"}.
+Events go to each row's `sink` (`rap.serving.events`): a start, its tokens, then exactly one
+done or error.
 An error in one step (the forward raising) fails the rows of that step; the scheduler goes on.
 """
 
@@ -39,15 +38,16 @@ from rap.core import memory
 from rap.core.gates import gating
 from rap.serving import row_masks
 from rap.serving.decode_graphs import DecodeGraphs
+from rap.serving.events import DoneEvent, ErrorEvent, Sink, start_event, token_event
 from rap.serving.kv_pages import PagePool
 from rap.serving.outbox import Outbox
 from rap.serving.paged_attention import PagedKV, RowStep, paged
 from rap.serving.rows import (
     Request,
     Row,
-    Sink,
     StepStats,
     done_event,
+    expired_event,
     failed_event,
     stalled_event,
     too_big_event,
@@ -285,16 +285,16 @@ class Scheduler:
         row.generated.append(token)
         text = row.text.push(token)
         if text:
-            row.sink({"type": "token", "text": text})
+            row.sink(token_event(text))
         if row.text.stopped:
             self._end(row, done_event(row, "stop"))
         elif len(row.generated) >= req.max_tokens:
             tail = row.text.flush()
             if tail:
-                row.sink({"type": "token", "text": tail})
+                row.sink(token_event(tail))
             self._end(row, done_event(row, "length"))
 
-    def _end(self, row: Row, event: dict[str, Any]) -> None:
+    def _end(self, row: Row, event: DoneEvent | ErrorEvent) -> None:
         """The row leaves: its pages go back to the pool this step, and its client gets its one
         terminal event (an error event if delivering `event` fails)."""
         self.pool.drop(row.pages)
@@ -342,17 +342,9 @@ class Scheduler:
             if row in self.waiting:
                 with self._lock:
                     self.waiting.remove(row)
-            self._end(
-                row,
-                {
-                    "type": "error",
-                    "status": 504,
-                    "message": f"the request's deadline passed after {len(row.generated)} "
-                    "generated tokens",
-                },
-            )
+            self._end(row, expired_event(len(row.generated)))
 
-    def _waited_out(self, row: Row, kept: float) -> dict[str, Any]:
+    def _waited_out(self, row: Row, kept: float) -> ErrorEvent:
         """The 503 of a row that waited `max_wait_s` (`rap.serving.rows.waited_out_event`)."""
         need = max(self.reservation(row.request).values(), default=0)
         return waited_out_event(row, kept, need, self.pool.capacity, self.config)
@@ -415,10 +407,4 @@ class Scheduler:
             return  # resumed: its client has had its start event
         total = len(row.request.prompt_ids) + row.request.max_tokens
         self.stats.longest = max(self.stats.longest, total)
-        row.sink(
-            {
-                "type": "start",
-                "prompt_tokens": len(row.request.prompt_ids),
-                "fingerprint": self.model.mask.fingerprint(),
-            }
-        )
+        row.sink(start_event(len(row.request.prompt_ids), self.model.mask.fingerprint()))

@@ -1,5 +1,5 @@
 """`bench/gpu/run.sh --dry-run`: the GPU run's every part, on a toy model on this CPU, before
-GPU time is spent on it (issue 19). It checks the arguments, the imports, the output format and
+GPU time is spent on it. It checks the arguments, the imports, the output format and
 that the run says CUDA is absent; it measures nothing. It has no budget (the GPU run's, in
 seconds, is tested on a fake clock in test_gpu_budget.py): its fixed grid runs to the end
 however slow the machine is, and every part ends done."""

@@ -1,4 +1,4 @@
-"""The GPU run's replicas part (bench/gpu/replicas.py, issue 19 part 4): its figures on made-up
+"""The GPU run's replicas part (bench/gpu/replicas.py): its figures on made-up
 samples (fast), and its dry run on this CPU (slow): one real local Ray cluster serving two
 `random:toy` replicas while a co-tenant of host memory takes and gives back a simulated device's
 memory. The dry run measures nothing; it checks that the part runs, says CUDA is absent, shuts

@@ -58,7 +58,7 @@ def server(fault_dir):
         "engine": {"max_batch_size": 4, "target_seq": 256, "grow_after_s": 1.0},
         "telemetry_period_s": 0.3,
         # The redeploy test's stream must end within the drain: on a busy 2-core machine its 80
-        # tokens took longer than the default 30 s (the stream was cut, 2026-11-27).
+        # tokens took longer than the default 30 s (the stream was cut).
         "drain_timeout_s": 120.0,
     }
     serve.run(build_app(config), name="rap", route_prefix="/")
@@ -537,7 +537,7 @@ def test_a_malformed_plan_is_contained_and_the_plan_comes_again(server, fault_di
 
 
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server) -> None:
-    """The campaign's fuzz, short (issue 15): schemathesis generates positive and negative data
+    """The campaign's fuzz, short: schemathesis generates positive and negative data
     for every operation of the app's own OpenAPI schema, sent with the API key and without it
     (admin endpoints without the admin token, so the fuzz changes no budget or mask), every
     answer capped at 4 tokens and half the bodies naming the served model so that they reach a

@@ -115,7 +115,7 @@ def test_eval_command_on_a_tiny_model(tiny_dirs, tmp_path, monkeypatch, capsys) 
 
 
 def test_eval_help_lists_the_methods_it_runs(capsys) -> None:
-    """`rap eval` runs the policy and the searches beside the planners (issue 18); only the
+    """`rap eval` runs the policy and the searches beside the planners; only the
     oracle is refused, with where to run it."""
     from rap.cli.main import build_parser
     from rap.planning.planners import SERVING_PLANNERS

@@ -1,4 +1,4 @@
-"""`rap bench` (issue 16): the figures from a run, and a short trace against the live app."""
+"""`rap bench`: the figures from a run, and a short trace against the live app."""
 
 from __future__ import annotations
 

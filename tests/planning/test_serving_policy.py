@@ -33,7 +33,7 @@ def test_policy_setting_maps_to_a_planner() -> None:
 
 
 def test_the_default_is_the_test_splits_winner() -> None:
-    """Issue 18's rule: the controller's default is whichever wins on the test split. The
+    """The project's rule: the controller's default is whichever wins on the test split. The
     final run's figures decide it (bench/pairwise.py): search beats the policy there with an
     interval above 0, and no method with a lower mean is separated from the cheaper default."""
     spec = importlib.util.spec_from_file_location("pairwise", ROOT / "bench" / "pairwise.py")
@@ -136,7 +136,7 @@ def test_rap_serve_refuses_a_corrupt_scores_file_before_ray_starts(
     tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A model without shipped scores reads them from the cache: a corrupt file there is one
-    error line naming it, before Ray starts (issue 15's campaign: corrupt files at start)."""
+    error line naming it, before Ray starts (the campaign's fault: corrupt files at start)."""
     from rap.cli.main import main
     from rap.core.scores import METHODS
 

@@ -139,8 +139,8 @@ def test_gpu_shares_split_free_memory_with_hysteresis_and_dwell() -> None:
 
 
 def test_a_tenant_that_takes_the_margin_makes_every_replica_give_its_part_back() -> None:
-    """Free memory below the margin lowers what the replicas may hold together (the H100 run
-    of 2026-11-27: with the deficit clamped at 0 no budget moved and the co-tenant's next step
+    """Free memory below the margin lowers what the replicas may hold together (the H100
+    run: with the deficit clamped at 0 no budget moved and the co-tenant's next step
     failed); replicas that started at different sizes get equal parts (that run: 47.5 GB
     against 8–13 GB throughout)."""
     shares = GpuShares(ShareConfig(margin_bytes=8 << 30, hysteresis_bytes=64 * MIB, dwell_s=10))

@@ -73,7 +73,7 @@ def test_a_failed_replica_is_routed_to_last_until_its_telemetry_answers() -> Non
 
 
 def test_a_replica_that_dies_mid_request_ends_the_stream_with_a_503_event() -> None:
-    """Without this the exception aborts the client's response with no word (issue 15)."""
+    """Without this the exception aborts the client's response with no word."""
     from rap.serving.routing import relayed
 
     async def events():
@@ -131,7 +131,7 @@ def test_health_is_503_until_every_replica_has_answered() -> None:
 
 def test_a_503_goes_to_the_next_replica_unless_the_request_waited_it_out() -> None:
     """Waiting `max_wait_s` again on the next replica doubled what a refused client waited
-    (~61 s in the 2026-11-27 campaign); a 503 that came at once is worth the other replica."""
+    (~61 s in the reliability campaign); a 503 that came at once is worth the other replica."""
     full = {"type": "error", "status": 503, "code": "queue_full", "message": "the queue is full"}
     assert worth_retrying(full)
     assert worth_retrying(replica_failed("replica-0", RuntimeError("gone")))

@@ -234,7 +234,7 @@ def test_a_budget_drop_under_running_rows_cuts_the_pool_at_once(served_dir_llama
 def test_memory_that_returns_grows_the_pool_under_running_rows(served_dir_llama) -> None:
     """The pool used to wait for every running row to end before it grew back (the new pool
     sized to the whole budget never fit beside the old layer being copied): under a steady
-    queue the returned memory stayed unused (the memory-shock bench, 2026-11-27). Now it
+    queue the returned memory stayed unused (the memory-shock bench). Now it
     grows while the rows run, as far as the copy allows, and stays within the budget."""
     model = rap.load_model(str(served_dir_llama), device="cpu")
     budget = roomy(model)
