@@ -85,7 +85,8 @@ class LLMReplica:
                 first = time.monotonic() - started
                 self.metrics.ttft.observe(first)
             if event["type"] == "error" and event["status"] == 503:
-                self.metrics.refused.inc(tags={"reason": "memory"})
+                reason = "overloaded" if event.get("code") == "overloaded" else "memory"
+                self.metrics.refused.inc(tags={"reason": reason})
             if event["type"] == "done":
                 self._observe_done(started, first, event["completion_tokens"])
             yield event

@@ -85,7 +85,7 @@ class Event:
 EVENTS = (
     Event(
         "kill-replica",
-        0.25,
+        0.26,  # past the first burst's settling (its backlog drains by 153 s of 600)
         0,
         "replica-0's actor is killed while it streams: its clients get an error event "
         "(503, replica_failed) or their answer, none hangs; Serve restarts it and it answers "
@@ -155,7 +155,8 @@ class Plan:
 
     def shape(self) -> list[list[float]]:
         """[[until_s, users], ...] for the locust file (RAP_CAMPAIGN_SHAPE)."""
-        base, burst = self.users(0.7 * self.capacity_rps), self.users(4 * self.capacity_rps)
+        base = self.users(checks.BASE_SHARE * self.capacity_rps)
+        burst = self.users(checks.BURST_SHARE * self.capacity_rps)
         steps: list[list[float]] = []
         for lo, hi in BURSTS:
             steps += [[lo * self.duration_s, base], [hi * self.duration_s, burst]]

@@ -42,10 +42,18 @@ step)."""
 WATCH_STEPS = 64
 """Engine steps after the last hang-up within which no storm row may come back (a hung-up
 request left waiting would be admitted later)."""
-SETTLE_S = 30.0
-"""Seconds after a burst during which the load is not judged as base load: a request queued in
-the burst waits up to the engine's max_wait_s (rap.serving.engine_config, default 30 s) before
-its 503, and the requests behind it wait with it."""
+BASE_SHARE = 0.7
+"""The base load, as a share of the measured capacity."""
+BURST_SHARE = 4.0
+"""A burst's load, as a multiple of the measured capacity."""
+SHED_WAIT_S = 10.0
+"""The engine's default `shed_wait_s` (rap.serving.engine_config): a request whose predicted
+start is further away is refused at once, so a burst leaves at most this many seconds of work
+queued at each replica."""
+SETTLE_S = SHED_WAIT_S / (1 - BASE_SHARE)
+"""Seconds after a burst during which the load is not judged as base load: the backlog it
+leaves (`SHED_WAIT_S` of work) drains at the capacity the base load leaves spare, 1 −
+`BASE_SHARE` of it, and the requests sent meanwhile wait behind it."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,14 @@ class EngineConfig(BaseModel):
     )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait for KV pages before a 503.")
+    shed_wait_s: float | None = Field(
+        10.0,
+        gt=0,
+        description="A new request whose predicted start (the queue ahead of it over its "
+        "measured drain rate, rap.serving.shedding) is further away than this is refused at "
+        "once: a 503 `overloaded` with Retry-After, which the router tries on another replica. "
+        "It bounds the backlog a burst leaves; None queues every request up to max_wait_s.",
+    )
     max_waiting: int = Field(256, ge=1, description="Queue length above which requests get 503.")
     max_pending_events: int = Field(
         256,
@@ -88,6 +96,7 @@ class EngineConfig(BaseModel):
             max_step_tokens=self.max_step_tokens,
             page_tokens=self.page_tokens,
             max_wait_s=self.max_wait_s,
+            shed_wait_s=self.shed_wait_s,
             retry_after_s=self.retry_after_s,
             client_stall_s=self.client_stall_s,
             cuda_graphs=self.cuda_graphs,

@@ -89,6 +89,9 @@ class Telemetry(_Message):
     preemptions: int = Field(
         0, ge=0, description="Rows preempted by recompute since start (pool cut under them)."
     )
+    shed: int = Field(
+        0, ge=0, description="Requests refused on arrival since start: predicted start too late."
+    )
     tokens_per_s: float = Field(0.0, ge=0.0, description="Generated tokens/s, last period.")
     over_budget_bytes: int = Field(
         0, ge=0, description="High-water mark of (weights + KV pool + step − budget) at switches."

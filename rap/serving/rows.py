@@ -89,6 +89,8 @@ class StepStats:
     prefill_tokens: int = 0
     admitted: int = 0
     preempted: int = 0
+    shed: int = 0
+    """Requests refused on arrival: the queue predicted too late a start (`shedding`)."""
     longest: int = 0
     """Longest row (prompt + max_tokens) admitted since the engine last read it."""
 

@@ -54,6 +54,7 @@ from rap.serving.rows import (
     waited_out_event,
 )
 from rap.serving.sampling import greedy_many, sample
+from rap.serving.shedding import Shedder
 from rap.serving.text_stream import TextStream
 
 
@@ -66,6 +67,12 @@ class SchedulerConfig(BaseModel):
     )
     page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
+    shed_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="A new request whose predicted start is further away is refused at once "
+        "(503 `overloaded`, `rap.serving.shedding`); None: every request queues.",
+    )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
     cuda_graphs: bool = Field(
         False,
@@ -95,6 +102,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._cancelled: set[int] = set()
         self._next_id = 0
+        self._shedder = Shedder(config.shed_wait_s, config.retry_after_s)
         self.admitting = True
         """False while the engine switches masks: running rows finish, nobody new starts."""
         self.graphs: DecodeGraphs | None = None
@@ -368,6 +376,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         now = time.monotonic()
+        admitted = self.stats.admitted
         kept = self.model.mask.kept_fraction
         with self._lock:
             for row in [r for r in self.waiting if now - r.arrived_s > self.config.max_wait_s]:
@@ -393,6 +402,15 @@ class Scheduler:
                 if any(used[layer] + n > self.pool.capacity for layer, n in need.items()):
                     break  # the first such row waits for pages; nobody overtakes it
                 self._start(row, need, used)
+            self._shed(now, self.stats.admitted - admitted)
+
+    def _shed(self, now: float, started: int) -> None:
+        """Refuse the new rows whose predicted start is too late (`rap.serving.shedding`);
+        runs under the lock, after admission."""
+        for row, event in self._shedder.judge(now, started, list(self.waiting), self._next_id):
+            self.waiting.remove(row)
+            self.stats.shed += 1
+            row.sink(event)
 
     def _start(self, row: Row, need: dict[int, int], used: dict[int, int]) -> None:
         """Admit a waiting row with its reservation (`used`: pages reserved per layer so far)."""

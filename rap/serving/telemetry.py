@@ -151,6 +151,7 @@ def snapshot(
         steps=stats.steps,
         steps_on_controller_mask=stats.steps_on_controller_mask,
         preemptions=engine.scheduler.stats.preempted,
+        shed=engine.scheduler.stats.shed,
         tokens_per_s=max(tokens_per_s, 0.0),
         over_budget_bytes=max(stats.over_budget_bytes, 0),
         errors=errors,

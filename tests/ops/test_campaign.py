@@ -14,8 +14,8 @@ from rap.ops import campaign, campaign_checks, campaign_report
 from rap.ops.campaign import EVENTS, Observed, Plan
 
 PLAN = Plan(duration_s=600, capacity_rps=1.0)
-"""The 10-minute plan: bursts over 90–120 s and 360–390 s, the base load 0–90, 150–360 and
-420–600 s; the drills at 150, 192, 282, 420 (the storm) and 510 s."""
+"""The 10-minute plan: bursts over 90–120 s and 360–390 s, the base load 0–90, 153–360 and
+423–600 s; the drills at 156, 192, 282, 420 (the storm) and 510 s."""
 T0 = 1000.0
 LAYERS = 30
 SPAN_S = {"disconnect-storm": 3.0}
@@ -33,15 +33,17 @@ def test_the_load_has_bursts_at_four_times_capacity_between_base_load() -> None:
     # The controller dies during the shock; no event sits in a burst but the storm's own load.
     kill = next(e for e in EVENTS if e.name == "kill-controller")
     assert lo < plan.at_s(kill) < hi
-    # Base load: outside the bursts and the 30 s after each (its backlog's longest wait).
-    assert plan.base_windows() == [(0, 90), (150, 360), (420, 600)]
+    # Base load: outside the bursts and the 33.3 s after each (10 s of backlog draining at the
+    # 0.3 x capacity the base load leaves spare).
+    got = [t for span in plan.base_windows() for t in span]
+    assert got == pytest.approx([0, 90, 153.33, 360, 423.33, 600], abs=0.01)
 
 
 def test_the_checks_constants_are_the_engines_defaults() -> None:
     from rap.serving.engine_config import EngineConfig
 
     engine = EngineConfig()
-    assert engine.max_wait_s == campaign_checks.SETTLE_S
+    assert engine.shed_wait_s == campaign_checks.SHED_WAIT_S
     assert engine.page_tokens == campaign_checks.PAGE_TOKENS
     assert campaign_checks.STORM_MAX_TOKENS > campaign_checks.WATCH_STEPS
 
@@ -67,7 +69,7 @@ def test_bytes_over_budget_count_only_after_the_compliance_time() -> None:
 def _records(**change: Any) -> list[dict]:
     """A healthy run's lines: a "sent" and a "done" line per request, one a second for 600 s,
     1 in 20 invalid (a 4xx); a 503 in the first burst; an error event for a request replica-0
-    ran when it was killed (150 s). `change` goes into every valid request's outcome."""
+    ran when it was killed (156 s). `change` goes into every valid request's outcome."""
     rec: list[dict[str, Any]] = []
     for i in range(600):
         r = {"t": T0 + i, "outcome": "ok", "ttft_s": 0.3, "e2e_s": 0.8}
@@ -75,8 +77,8 @@ def _records(**change: Any) -> list[dict]:
             r = {"t": T0 + i, "outcome": "4xx", "invalid": True, "e2e_s": 0.1}
         elif i == 100:
             r = {"t": T0 + i, "outcome": "503", "retry_after": "2", "e2e_s": 1.0}
-        elif i == 149:
-            r = {**r, "t": T0 + 149.5, "outcome": "error_event", "error_code": "replica_failed"}
+        elif i == 155:
+            r = {**r, "t": T0 + 155.5, "outcome": "error_event", "error_code": "replica_failed"}
         elif change:
             r = {"t": r["t"], **change}
         rec.append(r)
@@ -124,7 +126,7 @@ def _failed(result: dict) -> dict[str, str]:
 def test_a_healthy_campaign_holds_every_case() -> None:
     result = _judge(_records(), _obs())
     assert result["ok"], _failed(result)
-    assert result["outcomes"]["ok"] == 568 and result["base_load"]["requests"] == 456
+    assert result["outcomes"]["ok"] == 568 and result["base_load"]["requests"] == 448
     text = campaign_report.markdown(result, PLAN, "head")
     assert "| answers |" in text and "| base load |" in text and "**no**" not in text
 
@@ -188,14 +190,14 @@ def test_an_event_that_did_not_hold_or_did_not_run_fails_the_campaign() -> None:
 
 
 def test_a_drill_whose_side_effects_did_not_happen_fails() -> None:
-    """Killed at 150 s, back at 155 s: replica-1 must run steps and answer meanwhile."""
-    frozen = {"replica-1": {**_state(150.0)}}
-    obs = _obs(**{str(k / 2): frozen for k in range(300, 311)})  # replica-1 ran nothing
+    """Killed at 156 s, back at 161 s: replica-1 must run steps and answer meanwhile."""
+    frozen = {"replica-1": {**_state(156.0)}}
+    obs = _obs(**{str(k / 2): frozen for k in range(312, 323)})  # replica-1 ran nothing
     failed = _failed(_judge(_records(), obs))
     assert list(failed) == ["kill-replica"] and "replica-1 ran 0 steps" in failed["kill-replica"]
     records = _records()  # every request sent while replica-0 was down answered after it
     for r in records:
-        if r.get("phase") == "done" and 150 <= r["t"] - T0 <= 155:
+        if r.get("phase") == "done" and 156 <= r["t"] - T0 <= 161:
             r["e2e_s"] = 6.0
     failed = _failed(_judge(records, _obs()))
     assert list(failed) == ["kill-replica"] and "0 requests" in failed["kill-replica"]
@@ -217,7 +219,7 @@ def test_side_effects_are_judged_only_apart_from_other_drills_and_at_the_base_lo
     result = _judge(_records(), obs)
     observed = {c["case"]: c["observed"] for c in result["cases"]}
     assert result["ok"], _failed(result)
-    assert "not judged from 150 to 200 s: overlaps sigstop-replica" in observed["kill-replica"]
+    assert "not judged from 156 to 200 s: overlaps sigstop-replica" in observed["kill-replica"]
     assert "overlaps kill-replica" in observed["sigstop-replica"]
     obs = _obs()
     obs.events["device-memory-fault"].update(t=365.0, until=370.0)  # in the second burst
