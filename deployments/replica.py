@@ -27,6 +27,7 @@ from rap.planning.registry import make_planner
 from rap.serving import faults
 from rap.serving.config import ServeAppConfig
 from rap.serving.engine import Engine, EngineError
+from rap.serving.events import StepEvent, error_event
 from rap.serving.intake import Intake
 from rap.serving.messages import DeviceMemory, MaskPlan
 from rap.serving.telemetry import device_memory, initial_budget_bytes, snapshot
@@ -64,20 +65,14 @@ class LLMReplica:
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     # -- requests -------------------------------------------------------------------------
-    async def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, call: dict[str, Any]) -> AsyncIterator[StepEvent]:
         """Events for one request; the first is `start` or `error` (with an HTTP status)."""
         started = time.monotonic()
         try:
             request = await self.intake.request(call)
         except EngineError as exc:
             self.metrics.refused.inc(tags={"reason": exc.reason})
-            yield {
-                "type": "error",
-                "status": exc.status,
-                "message": exc.message,
-                "retry_after": exc.retry_after_s,
-                "code": CODES.get(exc.reason),
-            }
+            yield error_event(exc.status, exc.message, CODES.get(exc.reason), exc.retry_after_s)
             return
         first: float | None = None
         async for event in self.engine.submit(request):
