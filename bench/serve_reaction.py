@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rap.cli.serve import http_json
+from rap.ops.ray_env import patient_serve_env
 
 TOKEN = "bench-admin-token"
 
@@ -154,6 +155,7 @@ def main() -> int:
     resolve("smollm2")
     os.environ["RAP_ADMIN_TOKEN"] = TOKEN
     port = _port()
+    patient_serve_env()  # a loaded machine's proxy starts slowly
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {

@@ -145,10 +145,12 @@ class Run:
         from ray import serve  # lazy: heavy (Ray Serve)
 
         from deployments.app import build_app  # lazy: imports Ray Serve
+        from rap.ops.ray_env import patient_serve_env
 
         os.environ["RAP_ADMIN_TOKEN"] = ADMIN  # inherited by Ray's workers
         os.environ.pop("RAP_API_KEY", None)  # the clients send none
         began = time.monotonic()
+        patient_serve_env()  # a loaded machine's proxy starts slowly
         ray.init(
             address="local",
             num_cpus=os.cpu_count() if self.gpu else 2,

@@ -172,13 +172,20 @@ def _start_ray(port: int) -> None:
     import ray  # lazy: heavy (ray)
     from ray import serve  # lazy: heavy (ray)
 
+    from rap.ops.ray_env import patient_serve_env
+
+    patient_serve_env()
     ray.init(
         address="local",
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,  # the replicas' request logs would bury the progress bar
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    except BaseException:  # no cluster left behind for the next ray.init in this process
+        ray.shutdown()
+        raise
 
 
 def _deploy(app_config: dict[str, Any], url: str, timeout_s: float = 300) -> None:

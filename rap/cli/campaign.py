@@ -60,8 +60,7 @@ def capacity(h: Harness, seconds: float, clients: int, out: Path) -> float:
     requests: the same requests, and the same load generator on the same cores, as the run."""
     folder = out / "capacity"
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("requests-*.jsonl"):
-        old.unlink()
+    campaign.clear_records(folder)
     run_locust(h, [[seconds, clients]], 0.0, folder, timeout_s=seconds + 300)
     records = campaign.read_records(folder)
     return campaign.closed_loop_rate(records, seconds)
@@ -158,8 +157,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     from rap.cli.bench import _deploy, _start_ray, _stop_ray  # lazy: heavy (ray, torch)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("requests-*.jsonl"):
-        old.unlink()
+    campaign.clear_records(args.out)
     admin, key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     fault_dir = args.out / "faults"
     fault_dir.mkdir(exist_ok=True)
@@ -261,8 +259,7 @@ def _report(
     }
     raw = json.dumps(doc, separators=(",", ":"), default=str).encode()
     (out / "campaign.json.gz").write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
-    for part in out.glob("requests-*.jsonl"):  # in the document now
-        part.unlink()
+    campaign.clear_records(out)  # in the document now
     text = campaign_report.markdown(result, plan, head)
     (out / "campaign.md").write_text(text + "\n")
     campaign_report.timeline(obs, records, plan, starts, out / "timeline.png")

@@ -25,6 +25,7 @@ from rap.cli.common import read_secret
 from rap.core.constants import GIB
 from rap.core.errors import RapError
 from rap.core.loading import DEFAULT_MODEL, load_config
+from rap.ops.ray_env import patient_serve_env
 
 DEFAULT_CPU_BUDGET_GIB = "0.86"
 """A replica's budget on a CPU when none is configured, for the default model in float32, as
@@ -287,6 +288,7 @@ def _start(config: Any, args: argparse.Namespace, metrics_port: int) -> None:
     # so any local process could pick its rate-limit bucket; the router decides whom to believe
     # (http.trusted_proxies). The proxy inherits this from the driver's environment.
     os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
+    patient_serve_env()  # a loaded machine's proxy starts slowly (rap.ops.ray_env)
     # A Ray of its own, even where `ray start` left a cluster running (use `serve deploy` there).
     ray.init(
         address="local",

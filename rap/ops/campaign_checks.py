@@ -134,14 +134,26 @@ def stray_error_events(records: list[dict[str, Any]], t0: float, kills_s: list[f
     )
 
 
+SAMPLE_SLACK_S = 1.0
+"""Seconds outside a drill's span a sample may lie and still bound it: two sample periods. A
+stopped replica makes each sample of the app's state wait for its telemetry (about 5 s), so
+over a 10-s drill the samples strictly inside it can be one."""
+
+
 def _steps_run(samples: list[dict[str, Any]], replica: str, lo: float, hi: float) -> int:
-    """Engine steps `replica` ran between the first and the last sample within [lo, hi] that
-    it answered (0 when fewer than two did, or its counter went back: a new process)."""
-    steps = [
-        s["replicas"][replica]["steps"]
+    """Engine steps `replica` ran between the first and the last sample that it answered
+    within [lo − SAMPLE_SLACK_S, hi + SAMPLE_SLACK_S], taking the last sample at or before lo
+    and the first at or after hi where there are (0 when fewer than two answered, or its
+    counter went back: a new process)."""
+    seen = [
+        (s["t"], s["replicas"][replica]["steps"])
         for s in samples
-        if lo <= s["t"] <= hi and "error" not in s["replicas"].get(replica, {"error": 1})
+        if lo - SAMPLE_SLACK_S <= s["t"] <= hi + SAMPLE_SLACK_S
+        and "error" not in s["replicas"].get(replica, {"error": 1})
     ]
+    first = max((i for i, (t, _) in enumerate(seen) if t <= lo), default=0)
+    last = min((i for i, (t, _) in enumerate(seen) if t >= hi), default=len(seen) - 1)
+    steps = [n for _, n in seen[first : last + 1]]
     return max(steps[-1] - steps[0], 0) if len(steps) > 1 else 0
 
 

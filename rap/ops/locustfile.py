@@ -57,6 +57,20 @@ def _record(out: dict[str, Any]) -> None:
 
 
 PACING_S = float(os.environ.get("RAP_CAMPAIGN_PACING_S", "4"))
+RECHECK_S = 0.5
+"""Seconds an idle user waits before it looks at the shape's level again."""
+LIVE: list[Client] = []
+"""This process's users in the order they started: the first `target_users` of them send.
+Locust lowers the user count slowly: with a stop timeout it stops users a batch at a time and
+waits for each batch's requests to end (a 4 x burst took 55 s to fall back to the base load),
+so users above the level stop sending at once instead, whichever of them locust stops."""
+
+
+def target_users(run_time_s: float) -> int | None:
+    """Users the shape (RAP_CAMPAIGN_SHAPE: [[until_s, users], ...]) asks for at a run time;
+    None once it has ended."""
+    steps = json.loads(os.environ.get("RAP_CAMPAIGN_SHAPE", "[[60, 1]]"))
+    return next((int(users) for until_s, users in steps if run_time_s < until_s), None)
 
 
 class Client(HttpUser):
@@ -76,9 +90,23 @@ class Client(HttpUser):
         # request each PACING_S instead of users / PACING_S a second. A random phase spreads
         # them from the first request on (gevent's sleep: other users run meanwhile).
         time.sleep(self.rng.uniform(0.0, PACING_S))
+        LIVE.append(self)
+
+    def on_stop(self) -> None:
+        if self in LIVE:
+            LIVE.remove(self)
+
+    def above_level(self) -> bool:
+        """Whether this user is beyond the users the shape asks for now (`LIVE`)."""
+        shape = self.environment.shape_class
+        level = target_users(shape.get_run_time()) if shape is not None else None
+        return self in LIVE and level is not None and LIVE.index(self) >= level
 
     @task
     def complete(self) -> None:
+        if self.above_level():  # idle, and look again soon: a burst may come back
+            self.started_s = time.perf_counter() - PACING_S + RECHECK_S
+            return
         self.started_s = time.perf_counter()
         stream = self.rng.random() >= 0.25
         body = {
@@ -154,9 +182,7 @@ class Shape(LoadTestShape):
     """Users over run time from RAP_CAMPAIGN_SHAPE (module doc)."""
 
     def tick(self) -> tuple[int, float] | None:
-        steps = json.loads(os.environ.get("RAP_CAMPAIGN_SHAPE", "[[60, 1]]"))
-        now = self.get_run_time()
-        for until_s, users in steps:
-            if now < until_s:
-                return int(users), max(float(users), 1.0)  # reach each level within a second
-        return None
+        users = target_users(self.get_run_time())
+        if users is None:
+            return None
+        return users, max(float(users), 1.0)  # reach each level within a second

@@ -113,6 +113,19 @@ def test_users_spawned_together_do_not_send_in_step(stub_url: str, tmp_path: Pat
     assert len(sent) >= 24 and busiest <= 8, [round(t - sent[0], 2) for t in sent]
 
 
+def test_users_above_the_shapes_level_stop_sending_at_once(stub_url: str, tmp_path: Path) -> None:
+    """Locust lowers its user count slowly (a batch at a time, waiting for each batch's
+    requests: a burst of 227 users took 55 s to fall back to 40). The users above the level
+    stop sending at once: 12 users for 3 s, then 2, one request a second each: over 4.5–8 s
+    after the first request, about 2 a second are sent (ramping down, locust's own users sent
+    about 24 there)."""
+    h = Harness(stub_url, "admin", "key", tmp_path / "faults")
+    run_locust(h, [[3.0, 12], [9.0, 2]], 1.0, tmp_path, timeout_s=60)
+    sent = sorted(r["t"] for r in campaign.read_records(tmp_path) if r["phase"] == "sent")
+    late = [t - sent[0] for t in sent if 4.5 <= t - sent[0] < 8.0]
+    assert 4 <= len(late) <= 11, [round(t - sent[0], 2) for t in sent]
+
+
 def test_the_idle_check_keeps_the_storms_span_for_the_judge(tmp_path: Path) -> None:
     """It rebuilt the storm's result without `until` (the last hang-up), from which the judge
     counts the steps its rows took to go."""

@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from rap.ops.ray_env import patient_serve_env
+
 pytestmark = pytest.mark.slow
 
 ADMIN = "prometheus-test-admin"
@@ -115,6 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     resolve("smollm2")
     os.environ["RAP_ADMIN_TOKEN"] = ADMIN  # before ray.init: workers inherit it
     metrics_port, http_port = _free_port(), _free_port()
+    patient_serve_env()
     # address="local": a cluster of our own even if another Ray runs on this machine.
     ray.init(
         address="local",

@@ -13,6 +13,8 @@ import urllib.request
 
 import pytest
 
+from rap.ops.ray_env import patient_serve_env
+
 pytestmark = pytest.mark.slow
 
 ADMIN, KEY = "test-admin-token", "test-api-key"
@@ -44,6 +46,7 @@ def server(fault_dir):
     os.environ["RAP_ADMIN_TOKEN"], os.environ["RAP_API_KEY"] = ADMIN, KEY
     os.environ["RAP_FAULT_DIR"] = str(fault_dir)  # inherited by Ray's workers
     port = _free_port()
+    patient_serve_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {

@@ -15,7 +15,7 @@ from rap.ops.campaign import EVENTS, Observed, Plan
 
 PLAN = Plan(duration_s=600, capacity_rps=1.0)
 """The 10-minute plan: bursts over 90–120 s and 360–390 s, the base load 0–90, 153–360 and
-423–600 s; the drills at 156, 192, 282, 420 (the storm) and 510 s."""
+423–600 s; the drills at 156, 192, 282, 432 (the storm) and 510 s."""
 T0 = 1000.0
 LAYERS = 30
 SPAN_S = {"disconnect-storm": 3.0}
@@ -99,7 +99,7 @@ def _state(t: float, running: int = 2, storm: bool = False) -> dict:
     }
 
 
-def _obs(storm_until_s: float = 423.0, **replace: Any) -> Observed:
+def _obs(storm_until_s: float = 435.0, **replace: Any) -> Observed:
     """Every drill held, each over its span; samples every 0.5 s with a storm row on replica-0
     while the storm's clients are connected and until `storm_until_s`."""
     obs = Observed()
@@ -109,7 +109,7 @@ def _obs(storm_until_s: float = 423.0, **replace: Any) -> Observed:
         obs.events[e.name] = {"t": t, "until": until, "ok": True, "detail": "fine"}
     for k in range(1201):
         t = k / 2
-        storm = 420 <= t < storm_until_s
+        storm = 432 <= t < storm_until_s
         replicas = {"replica-0": _state(t, storm=storm), "replica-1": _state(t)}
         obs.samples.append({"t": t, "replicas": replicas | replace.get(str(t), {})})
     return obs
@@ -235,15 +235,15 @@ def test_side_effects_are_judged_only_apart_from_other_drills_and_at_the_base_lo
 
 
 def test_the_storms_rows_must_go_within_a_few_steps_and_must_have_been_seen() -> None:
-    """The clients hung up by 423 s; replica-0 runs 10 steps a second."""
-    assert "disconnect-storm" not in _failed(_judge(_records(), _obs(storm_until_s=425.0)))
-    late = _failed(_judge(_records(), _obs(storm_until_s=427.0)))  # 40 steps after: too late
+    """The clients hung up by 435 s; replica-0 runs 10 steps a second."""
+    assert "disconnect-storm" not in _failed(_judge(_records(), _obs(storm_until_s=437.0)))
+    late = _failed(_judge(_records(), _obs(storm_until_s=439.0)))  # 40 steps after: too late
     assert list(late) == ["disconnect-storm"] and "replica-0 40 steps" in late["disconnect-storm"]
-    late = _failed(_judge(_records(), _obs(storm_until_s=430.0)))  # past the watch: never
+    late = _failed(_judge(_records(), _obs(storm_until_s=442.0)))  # past the watch: never
     assert list(late) == ["disconnect-storm"] and "replica-0 never" in late["disconnect-storm"]
     unseen = _failed(_judge(_records(), _obs(storm_until_s=0.0)))  # the check could not tell
     assert list(unseen) == ["disconnect-storm"] and "never seen" in unseen["disconnect-storm"]
-    back = _obs(**{"426.0": {"replica-1": _state(426.0, storm=True)}})  # admitted after
+    back = _obs(**{"438.0": {"replica-1": _state(438.0, storm=True)}})  # admitted after
     failed = _failed(_judge(_records(), back))
     assert list(failed) == ["disconnect-storm"], failed
 
@@ -318,3 +318,20 @@ def test_capacity_counts_answers_after_the_warm_up_and_before_the_end(tmp_path: 
     for i, part in enumerate((_closed_loop(ends[:40]), _closed_loop(ends[40:]))):
         (tmp_path / f"requests-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     assert len(campaign.read_records(tmp_path)) == 2 * 81
+
+
+def test_steps_are_counted_between_the_samples_that_bound_a_drill() -> None:
+    """While a replica is stopped each sample waits ~5 s for its telemetry: over sigstop's
+    192.009–202.015 s the 10-minute run sampled at 192.0, 197.5 and 202.1 s, and replica-0 ran
+    97 → 99 → 130 steps. The samples just outside the span bound it (within two periods); one
+    farther out does not count."""
+    from rap.ops.campaign_checks import _steps_run
+
+    def sample(t: float, steps: int) -> dict:
+        return {"t": t, "replicas": {"replica-0": {"steps": steps}}}
+
+    samples = [sample(190.5, 10), sample(192.0, 97), sample(197.5, 99), sample(202.1, 130)]
+    assert _steps_run(samples, "replica-0", 192.009, 202.015) == 33
+    assert _steps_run([sample(190.5, 10), sample(197.5, 99)], "replica-0", 192.0, 202.0) == 0
+    far = [sample(190.0, 10), sample(197.5, 99), sample(204.0, 130)]
+    assert _steps_run(far, "replica-0", 192.009, 202.015) == 0
