@@ -176,6 +176,9 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         plan = Plan(args.duration, cap, pacing_s=args.pacing_s)
         print(f"capacity {cap:.2f} req/s; load shape {plan.shape()}", flush=True)
         result = _run(h, plan, starts, int(args.shock_gib * GIB), args.out)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; Ray stops below, nothing is judged
+        print("rap campaign: interrupted, nothing judged; stopping Ray", file=sys.stderr)
+        return 130
     finally:
         _stop_ray()
         for n, value in saved.items():

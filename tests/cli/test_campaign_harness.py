@@ -6,6 +6,7 @@ and what the drills hand the judge (`rap.cli.drills`). No Ray, no model."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -136,3 +137,25 @@ def test_the_idle_check_keeps_the_storms_span_for_the_judge(tmp_path: Path) -> N
     got = idle_check(h, storm)
     assert got["ok"] and (got["t"], got["until"]) == (70.0, 73.0)
     assert got["detail"].startswith("40 clients hung up; after the load, pages held: none")
+
+
+def test_ctrl_c_stops_ray_puts_the_environment_back_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Interrupted while it starts (or runs), the campaign exits 130 with one line, no
+    traceback; Ray is stopped and the keys it set for Ray's workers are gone again."""
+    import rap.cli.bench as bench
+    from rap.cli.main import main
+
+    stopped: list[bool] = []
+
+    def interrupted(port: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_start_ray", interrupted)
+    monkeypatch.setattr(bench, "_stop_ray", lambda: stopped.append(True))
+    monkeypatch.delenv("RAP_API_KEY", raising=False)
+    assert main(["campaign", "--duration", "60", "--out", str(tmp_path)]) == 130
+    assert stopped == [True]
+    assert "RAP_API_KEY" not in os.environ
+    assert "interrupted, nothing judged" in capsys.readouterr().err
