@@ -103,7 +103,7 @@ class WindowMeter:
         run = NllEvaluator(model, w.ids[batch], len(batch)).run(mask)
         values = [float(x) for b in sorted(run.chunk_nll) for x in run.chunk_nll[b]]
         self.computed += len(values)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _end_last_line(self.path)
         with self.path.open("a") as f:
             for i, value in zip(batch, values, strict=True):
                 self.known[(self.identity, key, w.digests[i])] = value
@@ -111,6 +111,18 @@ class WindowMeter:
                 row.update(domain=w.domain, split=w.split, length=w.window, start=w.starts[i])
                 f.write(json.dumps(row) + "\n")
             f.flush()
+
+
+def _end_last_line(path: Path) -> None:
+    """A last line a kill cut short gets its newline, or the next line appended would join it
+    and be lost with it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as f:
+        size = f.seek(0, 2)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def lnppl(nll: list[float], window: int) -> float:
