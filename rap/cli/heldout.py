@@ -20,7 +20,7 @@ from rap.core import byte_table, memory
 from rap.core.constants import DTYPES
 from rap.core.errors import BudgetError, RapError
 from rap.core.loading import DEFAULT_MODEL, load_model
-from rap.importance.heldout import DOMAINS, SPLITS, Windows, model_stream, windows
+from rap.importance.heldout import DOMAINS, SPLITS, Windows, bos_id, model_stream, windows
 from rap.planning.registry import METHODS, make_planner
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ def _result(
         "split": args.split,
         "shape": {"batch": args.batch, "seq": args.seq},
         "window": args.window_len,
+        "bos_id": bos_id(model),
         "dtype": args.dtype,
         "compute_dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),

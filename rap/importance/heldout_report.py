@@ -118,8 +118,9 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"- **Masks**: `rap plan --budget-frac F --batch {shape['batch']} --seq {shape['seq']} "
         f"--dtype {result['dtype']}` for each method (activations inside the budget, as "
         "`rap plan` prices them).",
-        f"- **Windows**: {result['window']:,} tokens, BOS first, {result['window'] - 1:,} "
-        f"predicted; NLL computed in {result['compute_dtype']} on {result['device']}.",
+        f"- **Windows**: {result['window']:,} tokens, BOS (id {result['bos_id']}) first, "
+        f"{result['window'] - 1:,} predicted; NLL computed in {result['compute_dtype']} on "
+        f"{result['device']}.",
         "- **Dense ln ppl**: "
         + ", ".join(f"{d} {v:.3f}" for d, v in result["dense_lnppl"].items()),
         "",
