@@ -66,10 +66,12 @@ def test_validation_and_test_windows_never_share_a_token(n_tokens: int) -> None:
         taken = {}
         for split, blocks in spans.items():
             cover: set[int] = set()
-            for start in heldout.window_starts(blocks, window):
+            starts = heldout.window_starts(blocks, window)
+            for start in starts:
                 block = next(b for b in blocks if b[0] <= start < b[1])
                 assert start + window - 1 <= block[1]  # no window crosses its block's end
                 cover |= set(range(start, start + window - 1))
+            assert len(cover) == len(starts) * (window - 1)  # no token predicted twice
             taken[split] = cover
             assert len(heldout.window_starts(blocks, window)) <= heldout.WINDOWS_PER_SPLIT
         assert taken["validation"] and not taken["validation"] & taken["test"]
