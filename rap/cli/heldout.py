@@ -135,6 +135,8 @@ def _command(args: argparse.Namespace) -> str:
         f"--domains {args.domains} --dtype {args.dtype} --prefill-tokens {args.prefill_tokens}",
         f"--min-kept-fraction {args.min_kept_fraction}",
     ]
+    if args.compute_dtype:
+        parts.append(f"--compute-dtype {args.compute_dtype}")
     if args.final:
         parts.append("--final")
     if args.max_windows is not None:
@@ -147,7 +149,7 @@ def cmd_heldout(args: argparse.Namespace) -> int:
 
     _check(args)
     set_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.compute_dtype)
     rows = plan_rows(args, model)
     wins = domain_windows(args, model)
     keys = list(dict.fromkeys(["", *(r["key"] for r in rows if "key" in r)]))
@@ -221,6 +223,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--final", action="store_true", help="allow --split test (the one final run)")
     p.add_argument("--domains", default=",".join(DOMAINS), help="some of the protocol's domains")
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="the budget's dtype")
+    p.add_argument(
+        "--compute-dtype",
+        choices=DTYPES,
+        help="dtype of the forward passes (default: float32 on a CPU, float16 on a GPU); "
+        "float32 on a GPU gives about the CPU's numbers; each dtype has its own cache lines",
+    )
     add_prefill_tokens(p)
     p.add_argument("--min-kept-fraction", type=float, default=0.0, help="as rap plan's")
     p.add_argument("--max-windows", type=int, help="first N windows per domain (a quick run)")

@@ -218,9 +218,9 @@ class Windows:
         """Why this set has fewer windows or documents than the protocol asks, else None."""
         short = []
         if len(self.starts) < WINDOWS_PER_SPLIT:
-            short.append(f"{len(self.starts)} windows (asked {WINDOWS_PER_SPLIT})")
+            short.append(f"{_count(len(self.starts), 'window')} (asked {WINDOWS_PER_SPLIT})")
         if self.documents < MIN_DOCUMENTS:
-            short.append(f"{self.documents} documents (asked {MIN_DOCUMENTS})")
+            short.append(f"{_count(self.documents, 'document')} (asked {MIN_DOCUMENTS})")
         if not short:
             return None
         return (
@@ -228,6 +228,10 @@ class Windows:
             + " and ".join(short)
             + f"; the domain's unread text is {self.stream_tokens:,} tokens"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def bos_id(model: PrunableModel) -> int:
