@@ -98,8 +98,8 @@ def _spread(n_tokens: int, seq_len: int, tokens: int) -> dict[str, int]:
 
 def _score_reads(model_id: str, domain: str) -> tuple[list[dict], bool]:
     """Chunk layouts of the block scores planners read (`find_scores`) calibrated on `domain`,
-    and whether any was computed on a half of it (then every document of that half is read:
-    its chunks lie on another stream)."""
+    and whether any was computed on a half of it (its chunks lie on the half's own stream, so
+    `read_docs` then counts every document of the file as read, rather than guess)."""
     specs, halves = [], False
     for method in METHODS:
         try:
