@@ -17,6 +17,7 @@ from rap.importance.calibration import (
     SOURCES,
     perplexity_chunks,
 )
+from rap.importance.user_text import read_text, text_windows
 from rap.importance.zeroshot import TASKS, task_size
 from rap.planning.planners import SCORES_FOR
 from rap.planning.registry import METHODS, make_planner
@@ -75,6 +76,8 @@ def _eval_command(args: argparse.Namespace) -> str:
         parts.append(f"--limit {args.limit}")
     if args.tasks:
         parts.append(f"--tasks {args.tasks}")
+    if args.text:
+        parts.append(f"--text {args.text}")
     return " ".join(parts) + f" --out {args.out}"
 
 
@@ -85,6 +88,10 @@ def _check_eval_args(args: argparse.Namespace) -> list[str]:
     args.method_list = parse_list(args.methods, "--methods", str)
     args.step_prefill = min(args.prefill_tokens, args.seq)  # prompt tokens priced per row
     tasks = parse_list(args.tasks, "--tasks", str) if args.tasks else list(TASKS)
+    if tasks == ["none"]:  # perplexity alone
+        tasks = []
+    if args.text:
+        read_text(args.text)  # a bad file fails now, not after the model has loaded
     for frac in args.budget_list:
         if not 0.0 < frac <= 1.0:
             raise RapError(f"budget {frac} is outside (0, 1]", expected="fractions like 0.8")
@@ -111,8 +118,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = _check_eval_args(args)
     set_threads(args.threads)
     model = load_model(args.model)
-    vocab = model.dims.vocab
-    _, text = perplexity_chunks(model.tokenizer, args.ppl_seq_len, args.ppl_tokens, vocab)
+    if args.text:
+        text_ids = text_windows(model, args.text, args.ppl_seq_len, args.ppl_tokens)
+    else:
+        vocab = model.dims.vocab
+        text_ids = perplexity_chunks(model.tokenizer, args.ppl_seq_len, args.ppl_tokens, vocab)
+    text = text_ids[1]
     rows, masks = _eval_plan(args, model)
     cache = None
     if not args.no_cache:
@@ -128,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.ppl_seq_len,
         tqdm_progress(f"eval {model.model_id}"),
         cache,
+        text_ids,
     )
     for row, q in zip([r for r in rows if "error" not in r], quality, strict=True):
         row.update(ppl=q.ppl, tasks=q.tasks, seconds=round(q.seconds, 1))
@@ -157,7 +169,11 @@ def _eval_result(
                 model.config, args.batch, args.step_prefill, args.dtype
             ),
         },
-        "perplexity_text": {**text.model_dump(), "file": SOURCES[PERPLEXITY_SOURCE]},
+        "perplexity_text": {
+            **text.model_dump(),
+            "file": args.text or SOURCES[PERPLEXITY_SOURCE],
+            "bos": bool(args.text),
+        },
         "limit": args.limit,
         "tasks": counts,
         "ci95_max": max((1.96 * (0.25 / n) ** 0.5 for n in counts.values()), default=0.0),
@@ -195,10 +211,20 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--batch", type=int, default=8, help="batch of the budget's workload")
     ev.add_argument("--seq", type=int, default=2048, help="tokens of the budget's workload")
     ev.add_argument("--dtype", default="float16", choices=DTYPES, help="the budget's dtype")
-    ev.add_argument("--tasks", help="comma-separated subset of the zero-shot tasks")
+    ev.add_argument(
+        "--tasks", help="comma-separated subset of the zero-shot tasks; none: perplexity only"
+    )
     ev.add_argument("--limit", type=int, help="first N items per task (quick runs)")
     ev.add_argument("--ppl-tokens", type=int, default=8192, help="perplexity-text tokens")
     ev.add_argument("--ppl-seq-len", type=int, default=1024, help="tokens per perplexity chunk")
+    ev.add_argument(
+        "--text",
+        metavar="FILE",
+        help="perplexity on this UTF-8 file instead of the Wikipedia text: windows of "
+        "--ppl-seq-len tokens, each BOS + the next --ppl-seq-len − 1 tokens of the file, "
+        "tiling it from its start with stride --ppl-seq-len − 1 (no overlap, a short tail "
+        "left out), the first --ppl-tokens / --ppl-seq-len of them",
+    )
     ev.add_argument("--threads", type=int, help="torch CPU threads")
     ev.add_argument("--no-cache", action="store_true", help="re-evaluate masks seen before")
     ev.add_argument("--out", required=True, help="folder for results.md/.json and quality.png")

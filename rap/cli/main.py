@@ -16,6 +16,7 @@ from typing import Any
 from rap.cli import bench as bench_cli
 from rap.cli import campaign as campaign_cli
 from rap.cli import eval as eval_cli
+from rap.cli import heldout as heldout_cli
 from rap.cli import importance as importance_cli
 from rap.cli import plan as plan_cli
 from rap.cli.ops import add_commands as add_ops_commands
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     importance_cli.add_commands(sub)
     plan_cli.add_commands(sub)
     eval_cli.add_commands(sub)
+    heldout_cli.add_commands(sub)
     bench_cli.add_commands(sub)
     campaign_cli.add_commands(sub)
     add_train_commands(sub)

@@ -5,7 +5,11 @@ its data folder `conversion/standard_cal_data/` is read). They never overlap:
 
     calibration  = c4.utf8     (C4 web text, one document per line: 118 documents, ~78K tokens)
     perplexity   = wiki.utf8   (Wikipedia, `<doc ...>...</doc>` blocks: 2,349 docs, ~456K tokens)
-    tiny.utf8    = TinyStories (`<|endoftext|>`-separated), for quick checks only
+    tiny.utf8    = TinyStories (`<|endoftext|>`-separated)
+    code.utf8, technical.utf8, multilingual.utf8: sections separated by two or more blank lines
+
+tiny, code, technical and multilingual are read by nothing but the held-out evaluation
+protocol (`rap.importance.heldout`).
 
 Documents are joined with a blank line and tokenized once; n = tokens // seq_len chunks of
 `seq_len` tokens are taken evenly spaced over the whole token stream (chunk i starts at
@@ -32,7 +36,14 @@ if TYPE_CHECKING:
 
 CALIBRATION_SOURCE = "c4"
 PERPLEXITY_SOURCE = "wiki"
-SOURCES = {"c4": "c4.utf8", "wiki": "wiki.utf8", "tiny": "tiny.utf8"}
+SOURCES = {
+    "c4": "c4.utf8",
+    "wiki": "wiki.utf8",
+    "tiny": "tiny.utf8",
+    "code": "code.utf8",
+    "technical": "technical.utf8",
+    "multilingual": "multilingual.utf8",
+}
 Half = Literal["a", "b"] | None
 _PACKAGE = "exllamav2"
 
@@ -49,13 +60,16 @@ def data_dir() -> Path:
 
 
 def _split(source: str, text: str) -> list[str]:
-    """Documents of one file: c4 one per line, wiki `<doc>` blocks, tiny `<|endoftext|>`."""
+    """Documents of one file: c4 one per line, wiki `<doc>` blocks, tiny `<|endoftext|>`, the
+    others sections between runs of blank lines (the only boundary those files mark)."""
     if source == "wiki":
         docs = re.findall(r"<doc[^>]*>\n(.*?)</doc>", text, flags=re.S)
     elif source == "tiny":
         docs = text.split("<|endoftext|>")
-    else:
+    elif source == "c4":
         docs = text.split("\n")
+    else:
+        docs = re.split(r"\n{3,}", text)
     return [d.strip() for d in docs if d.strip()]
 
 

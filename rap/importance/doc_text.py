@@ -75,12 +75,12 @@ def touched_docs(spans: list[tuple[int, int]], starts: list[int], chunks: list[d
     return touched
 
 
-def calibration_specs(model_id: str) -> list[dict]:
-    """The chunks every shipped score file of `model_id` read from the calibration text."""
+def calibration_specs(model_id: str, source: str = CALIBRATION_SOURCE) -> list[dict]:
+    """The chunks every shipped score file of `model_id` read from the text `source`."""
     specs = []
     for path in sorted(DATA_DIR.glob(f"{model_id}.*.json")):
         cal = json.loads(path.read_text()).get("calibration")
-        if isinstance(cal, dict) and cal.get("source") == CALIBRATION_SOURCE:
+        if isinstance(cal, dict) and cal.get("source") == source:
             if cal.get("half") is not None:
                 raise RapError(
                     f"{path.name} was computed on half {cal['half']} of the calibration text",
@@ -109,6 +109,25 @@ def candidates(domain: str, tokenizer: Any, vocab: int, model_id: str) -> list[i
     return out
 
 
+def chosen_docs(domain: str, tok: Any, vocab: int, model_id: str) -> list[tuple[int, list[int]]]:
+    """The test split's documents of `domain`: (index, first DOC_TOKENS ids) of the first DOCS
+    candidates with at least DOC_TOKENS tokens."""
+    docs = documents(DOMAINS[domain])
+    rows = []
+    for i in candidates(domain, tok, vocab, model_id):
+        ids = encode(tok, docs[i], vocab)
+        if len(ids) >= DOC_TOKENS:
+            rows.append((i, ids[:DOC_TOKENS]))
+        if len(rows) == DOCS:
+            break
+    if len(rows) < DOCS:
+        raise RapError(
+            f"the {domain} test text has {len(rows)} usable documents",
+            expected=f"{DOCS} of at least {DOC_TOKENS} tokens",
+        )
+    return rows
+
+
 def doc_ids(model: Any) -> tuple[dict[str, Any], str]:
     """Per domain the [DOCS, DOC_TOKENS] token ids, and their digest."""
     import torch  # lazy: heavy (torch)
@@ -117,19 +136,7 @@ def doc_ids(model: Any) -> tuple[dict[str, Any], str]:
     tok = usable_tokenizer(model.tokenizer, vocab)
     out, digest = {}, hashlib.sha256()
     for domain in DOMAINS:
-        docs = documents(DOMAINS[domain])
-        rows = []
-        for i in candidates(domain, tok, vocab, model.model_id):
-            ids = encode(tok, docs[i], vocab)
-            if len(ids) >= DOC_TOKENS:
-                rows.append(ids[:DOC_TOKENS])
-            if len(rows) == DOCS:
-                break
-        if len(rows) < DOCS:
-            raise RapError(
-                f"the {domain} test text has {len(rows)} usable documents",
-                expected=f"{DOCS} of at least {DOC_TOKENS} tokens",
-            )
+        rows = [ids for _, ids in chosen_docs(domain, tok, vocab, model.model_id)]
         out[domain] = torch.tensor(rows, dtype=torch.long)
         digest.update(json.dumps(rows).encode())
     return out, digest.hexdigest()[:16]

@@ -20,6 +20,7 @@ import torch
 
 from rap.core.masks import KeepMask
 from rap.core.model import PrunableModel
+from rap.core.scores import TextInfo
 from rap.importance.calibration import encode, perplexity_chunks, usable_tokenizer
 from rap.importance.nll import NllEvaluator
 from rap.importance.zeroshot import NORMED, Item, interval95, load_task
@@ -135,13 +136,18 @@ def evaluate_masks(
     ppl_seq_len: int,
     progress: Progress | None = None,
     cache: Path | None = None,
+    text_ids: tuple[torch.Tensor, TextInfo] | None = None,
 ) -> list[MaskQuality]:
     """Perplexity and zero-shot scores of every mask (each distinct mask once).
 
     `cache`: a JSON file of earlier results for this model, keyed by mask, text and items, so a
-    rerun with more methods or budgets evaluates only the new masks.
+    rerun with more methods or budgets evaluates only the new masks. `text_ids`: the windows
+    and description of another text than the perplexity text (`rap eval --text`).
     """
-    ids, text = perplexity_chunks(model.tokenizer, ppl_seq_len, ppl_tokens, model.dims.vocab)
+    if text_ids is None:
+        vocab = model.dims.vocab
+        text_ids = perplexity_chunks(model.tokenizer, ppl_seq_len, ppl_tokens, vocab)
+    ids, text = text_ids
     items = {t: load_task(t, limit) for t in tasks}
     stored = json.loads(cache.read_text()) if cache and cache.is_file() else {}
     out = []

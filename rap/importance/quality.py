@@ -42,6 +42,7 @@ from rap.core.loading import DEFAULT_MODEL_ID, cache_dir, load_model
 from rap.core.masks import Block, KeepMask, keep_of, key_for
 from rap.core.scores import find_scores
 from rap.importance.calibration import PERPLEXITY_SOURCE, encode, text_of, usable_tokenizer
+from rap.importance.doc_text import PREFIX_CHARS
 
 SEQ_LEN = 256
 PARTS = {"eval": (2, 6), "fit": (6, 14), "served": (16, 32)}
@@ -167,7 +168,8 @@ def part_ids(model: Any, part: str) -> Any:
     lo, hi = PARTS[part]
     vocab = model.dims.vocab
     # A prefix of the text tokenizes like the whole text well before its cut (~20K tokens).
-    prefix = text_of(PERPLEXITY_SOURCE)[:80_000]
+    # The held-out protocol and the test split skip every document that begins in this prefix.
+    prefix = text_of(PERPLEXITY_SOURCE)[:PREFIX_CHARS]
     stream = encode(usable_tokenizer(model.tokenizer, vocab), prefix, vocab)[: hi * SEQ_LEN]
     if len(stream) < hi * SEQ_LEN:
         raise RapError(f"the perplexity text gave {len(stream)} tokens, fewer than {hi * SEQ_LEN}")

@@ -49,8 +49,7 @@ def header(result: dict[str, Any]) -> list[str]:
         "paper's definition), plus the activations of the engine step that feeds the prompts "
         f"({w.get('step_bytes', 0) / MIB:,.1f} MiB), which every method prices alike. Each "
         "planner drops blocks until its mask's weights + KV + that step fit (the MiB column).",
-        f"- **Perplexity**: {ppl['source']} ({ppl['file']}), {ppl['tokens']:,} tokens in chunks "
-        f"of {ppl['seq_len']:,}; disjoint from the C4 calibration text that scored the blocks.",
+        _perplexity_line(ppl),
     ]
     if result["tasks"]:
         limited = result["limit"] is not None
@@ -71,9 +70,26 @@ def header(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _perplexity_line(ppl: dict[str, Any]) -> str:
+    if ppl.get("bos"):  # a user's file (`rap eval --text`)
+        return (
+            f"- **Perplexity**: {ppl['file']}, {ppl['chunks']:,} windows of {ppl['seq_len']:,} "
+            f"tokens (BOS + {ppl['stride']:,} tokens of the file each, stride {ppl['stride']:,})."
+        )
+    return (
+        f"- **Perplexity**: {ppl['source']} ({ppl['file']}), {ppl['tokens']:,} tokens in chunks "
+        f"of {ppl['seq_len']:,}; disjoint from the C4 calibration text that scored the blocks."
+    )
+
+
+def ppl_label(result: dict[str, Any]) -> str:
+    """What the perplexity column measures: the Wikipedia text, or the user's file."""
+    return "Text PPL" if result["perplexity_text"].get("bos") else "Wiki PPL"
+
+
 def markdown(result: dict[str, Any]) -> str:
     tasks = list(result["tasks"])
-    cols = ["Budget", "Method", "Blocks kept", "MiB", "Wiki PPL ↓"]
+    cols = ["Budget", "Method", "Blocks kept", "MiB", f"{ppl_label(result)} ↓"]
     cols += [LABELS[t] for t in tasks] + (["Avg ↑"] if tasks else [])
     lines = [*header(result), "", "| " + " | ".join(cols) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|")
@@ -109,7 +125,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if has_tasks:
             axes[1].plot(xs, [average(r) * 100 for r in rows], marker="o", label=method)
     w = result["workload"]
-    axes[0].set(yscale="log", xlabel="budget (% of dense weights + KV)", ylabel="Wiki perplexity")
+    axes[0].set(
+        yscale="log",
+        xlabel="budget (% of dense weights + KV)",
+        ylabel=ppl_label(result).replace("PPL", "perplexity"),
+    )
     axes[0].set_title(f"{result['model']}, batch {w['batch']} × {w['seq']} {w['dtype']}")
     if has_tasks:
         axes[1].set(xlabel="budget (% of dense weights + KV)", ylabel="mean zero-shot accuracy %")
