@@ -145,7 +145,7 @@ class Run:
         from ray import serve  # lazy: heavy (Ray Serve)
 
         from deployments.app import build_app  # lazy: imports Ray Serve
-        from rap.ops.ray_env import patient_serve_env
+        from rap.ops.ray_env import patient_serve_env  # lazy: with the Ray imports above
 
         os.environ["RAP_ADMIN_TOKEN"] = ADMIN  # inherited by Ray's workers
         os.environ.pop("RAP_API_KEY", None)  # the clients send none

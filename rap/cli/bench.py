@@ -29,6 +29,7 @@ from rap.core.loading import load_config, resolve
 from rap.importance.calibration import PERPLEXITY_SOURCE, encode, text_of
 from rap.ops import bench, bench_report
 from rap.ops.bench import SYSTEMS, Scale
+from rap.ops.ray_env import patient_serve_env
 from rap.ops.traces import load_trace
 
 PORT = 8765
@@ -171,8 +172,6 @@ def _build(trace: Any, batch: int) -> tuple[Any, str, list[str], str]:
 def _start_ray(port: int) -> None:
     import ray  # lazy: heavy (ray)
     from ray import serve  # lazy: heavy (ray)
-
-    from rap.ops.ray_env import patient_serve_env
 
     patient_serve_env()
     ray.init(

@@ -21,6 +21,7 @@ from rap.core.constants import DTYPES
 from rap.core.errors import BudgetError, RapError
 from rap.core.loading import DEFAULT_MODEL, load_model
 from rap.importance.heldout import DOMAINS, SPLITS, Windows, bos_id, model_stream, windows
+from rap.importance.window_nll import lnppl
 from rap.planning.registry import METHODS, make_planner
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def measure(
     args: argparse.Namespace, model: PrunableModel, keys: list[str], wins: dict[str, Windows]
 ) -> dict[str, dict[str, list[float]]]:
     """NLL per window of every key on every domain, with one progress bar over all windows."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: heavy (tqdm)
 
     from rap.importance.window_nll import WindowMeter  # lazy: heavy (torch)
 
@@ -173,7 +174,6 @@ def _result(
     nll: dict[str, dict[str, list[float]]],
     wins: dict[str, Windows],
 ) -> dict[str, Any]:
-    from rap.importance.window_nll import lnppl
 
     domains = {}
     for d, w in wins.items():
