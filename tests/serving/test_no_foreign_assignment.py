@@ -15,27 +15,6 @@ SERVING = Path(__file__).resolve().parents[2] / "rap" / "serving"
 # What is left, each with why; shrinking this is the goal. An entry that no longer matches
 # fails the test too, so that a removed write leaves the list with it.
 ALLOWED = {
-    # The page pool's own page-table record (RowPages, defined beside it): the pool fills in
-    # the pages and lengths of what it allocates. Goes when pages split into an allocator
-    # and a KV store.
-    "kv_pages.py: row.pages",
-    "kv_pages.py: row.length",
-    "kv_pages.py: row.start",
-    # Decode graphs: a replayed step writes K/V into the pool's slabs (the pool has no batched
-    # write a captured graph can call), advances the rows' page lengths, and fills the
-    # records of its own buckets and counters. Goes with the model runner and the KV store.
-    "decode_graphs.py: pool.keys",
-    "decode_graphs.py: pool.values",
-    "decode_graphs.py: pages.length",
-    "decode_graphs.py: b.graphs",
-    "decode_graphs.py: b.rows_key",
-    "decode_graphs.py: b.copied",
-    "decode_graphs.py: b.rotary",
-    "decode_graphs.py: b.last_inputs",
-    "decode_graphs.py: bucket.kv",
-    "decode_graphs.py: self.stats.graphed_steps",
-    "decode_graphs.py: self.stats.captures",
-    "decode_graphs.py: self.stats.capture_s",
     # transformers selects the attention function by this config field and has no call that
     # sets it for one forward; `paged` sets it for the block and puts the old value back.
     "paged_attention.py: config._attn_implementation",
