@@ -1,4 +1,4 @@
-"""What one step runs: the rows of the step and their tokens, composed without torch.
+"""What one step runs: the rows of the step and their tokens, in plain Python (no tensors).
 
 Decoding rows give one token each, first; prefilling rows then share the rest of the step's
 token budget (`max_step_tokens`) in admission order, so a long prompt delays running rows by
