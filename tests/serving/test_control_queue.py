@@ -14,6 +14,7 @@ from rap.core.masks import MaskVersion
 from rap.serving.control import EngineBusyError, answer, answered
 from rap.serving.engine import Engine
 from rap.serving.messages import MaskPlan
+from rap.serving.rows import Request
 from tests.serving.engine_driver import CONFIG, SteppedEngine, turn
 from tests.serving.test_engine import keep_first, roomy
 from tests.tiny import FnPlanner
@@ -95,3 +96,32 @@ def test_an_error_applying_a_message_reaches_its_sender_and_the_loop_goes_on(
     with pytest.raises(RuntimeError, match="ceiling bug"):
         answer(failed, "the ceiling", timeout_s=0)
     assert answer(followed, "the budget", timeout_s=0) == engine.budget_bytes
+
+
+def test_every_step_comes_after_the_messages_and_the_switch(served_dir) -> None:
+    """The loop's order, seen from the real engine thread: drain the control queue, then the
+    switch, then a scheduler step; nothing steps without both before it."""
+    model = rap.load_model(str(served_dir), device="cpu")
+    engine = Engine(model, CONFIG, roomy(model), None)
+    calls: list[str] = []
+
+    def recorded(name: str, fn):  # type: ignore[no-untyped-def]
+        def call(*a, **kw):  # type: ignore[no-untyped-def]
+            calls.append(name)
+            return fn(*a, **kw)
+
+        return call
+
+    engine._apply_controls = recorded("controls", engine._apply_controls)  # type: ignore[method-assign]
+    engine.switcher.apply = recorded("switch", engine.switcher.apply)  # type: ignore[method-assign]
+    engine.scheduler.step = recorded("step", engine.scheduler.step)  # type: ignore[method-assign]
+
+    async def main() -> list[dict]:
+        engine.set_budget(engine.budget_bytes)
+        return [e async for e in engine.submit(Request([5, 6, 7], 6, ignore_eos=True))]
+
+    events = asyncio.run(main())
+    assert events[-1]["type"] == "done"
+    steps = [i for i, name in enumerate(calls) if name == "step"]
+    assert steps, calls
+    assert all(calls[i - 2 : i] == ["controls", "switch"] for i in steps), calls
