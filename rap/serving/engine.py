@@ -43,7 +43,7 @@ from rap.serving.outbox import Outbox
 from rap.serving.restores import Prefetch
 from rap.serving.scheduler import Request, Scheduler
 from rap.serving.sizing import Sizing
-from rap.serving.stats import EngineStats, PoolGauges
+from rap.serving.stats import EngineGauges, EngineStats
 from rap.serving.switching import Switcher
 
 log = logging.getLogger("rap.serving.engine")
@@ -286,9 +286,9 @@ class Engine:
         self._publish()
 
     def _publish(self) -> None:
-        """The pool's gauges for other threads (`rap.serving.stats.PoolGauges`)."""
+        """The pool's and the queue's gauges for other threads (`stats.EngineGauges`)."""
         pool = self.scheduler.pool
-        self.gauges = PoolGauges(
+        self.gauges = EngineGauges(
             capacity_pages=pool.capacity,
             held_bytes=pool.nbytes,
             used_bytes=pool.used_bytes(),
@@ -296,6 +296,8 @@ class Engine:
             free_pages=pool.free_total(),
             row_tokens=self.sizing.row_tokens(pool),
             preempted=self.scheduler.stats.preempted,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
         )
 
     def _pause_s(self, ran: bool) -> float | None:

@@ -1,5 +1,5 @@
 """The counters the engine and its scheduler keep, and the pool's gauges, as telemetry reads
-them: written on the engine's thread only; other threads read `PoolGauges`, a frozen copy the
+them: written on the engine's thread only; other threads read `EngineGauges`, a frozen copy the
 engine publishes at every step boundary and after every step (one reference swapped, so a
 reader never walks the pool's dicts while the engine changes them)."""
 
@@ -55,8 +55,8 @@ class StepStats:
 
 
 @dataclass(frozen=True)
-class PoolGauges:
-    """The KV pool as the engine's thread last saw it."""
+class EngineGauges:
+    """The KV pool and the queue as the engine's thread last saw them."""
 
     capacity_pages: int = 0
     """Pages per kept attention layer."""
@@ -69,6 +69,8 @@ class PoolGauges:
     """Most tokens one row can hold in it (`Sizing.row_tokens`)."""
     preempted: int = 0
     """Rows preempted so far (`StepStats.preempted`)."""
+    waiting: int = 0
+    running: int = 0
 
 
 @dataclass

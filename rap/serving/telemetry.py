@@ -122,7 +122,7 @@ def snapshot(
     name: str, engine: Any, device: DeviceMemory, tokens_per_s: float, errors: int = 0
 ) -> Telemetry:
     mask = engine.model.mask
-    stats, pool = engine.stats, engine.gauges  # the engine's thread's last copy
+    stats, pool = engine.stats, engine.gauges  # the engine thread's last copy
     shapes = list(stats.recent_shapes)
     return Telemetry(
         replica=name,
@@ -136,8 +136,8 @@ def snapshot(
         kv_pages_in_use=pool.used_pages,
         kv_pages_free=pool.free_pages,
         queue=QueueState(
-            waiting=engine.waiting,
-            running=engine.running,
+            waiting=pool.waiting,
+            running=pool.running,
             recent_batch_sizes=[b for b, _ in shapes],
             recent_longest_seqs=[s for _, s in shapes],
         ),
