@@ -196,7 +196,7 @@ def simulate(rule: str, plan: Planned, arrivals: list, shares: list[float], full
 
 def step(row: Row, current: KeepMask, tally: Tally) -> None:
     """The row narrows to the running mask, or is preempted and recomputed under it where
-    that would take it below the floor (rap.serving.row_masks.switch); then runs a step."""
+    that would take it below the floor (`Scheduler.narrow_rows`); then runs a step."""
     narrowed = row_masks.intersect(row.mask, current)
     if narrowed.kept_fraction < FLOOR:
         row.mask, row.preemptions = current, row.preemptions + 1

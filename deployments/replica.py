@@ -26,6 +26,7 @@ from rap.core.masks import KeepMask
 from rap.planning.registry import make_planner
 from rap.serving import faults
 from rap.serving.config import ServeAppConfig
+from rap.serving.control import EngineBusyError, answered
 from rap.serving.engine import Engine, EngineError
 from rap.serving.events import StepEvent, error_event
 from rap.serving.intake import Intake
@@ -94,9 +95,12 @@ class LLMReplica:
 
     # -- operator actions -----------------------------------------------------------------
     async def set_budget(self, budget_bytes: int) -> dict[str, Any]:
-        self.engine.set_budget(int(budget_bytes))
+        try:
+            followed = await answered(self.engine.set_budget(int(budget_bytes)), "the budget")
+        except EngineBusyError as exc:  # its step loop is stuck: the router answers 503
+            return {"error": str(exc), "status": 503}
         await self._report_once()  # the controller re-plans at once
-        return {"replica": self.name, "budget_bytes": self.engine.budget_bytes}
+        return {"replica": self.name, "budget_bytes": followed}
 
     async def push_mask(self, mask: dict[str, Any] | None) -> dict[str, Any]:
         """An operator's mask as a ceiling (`Engine.set_ceiling`); None releases it."""
@@ -106,7 +110,9 @@ class LLMReplica:
                 keep = KeepMask.from_json(json.dumps(mask), origin="pushed mask")
                 keep.check_for(self.model.model_id, self.model.num_layers)
                 keep = keep.model_copy(update={"source": "user"})
-            self.engine.set_ceiling(keep)
+            await answered(self.engine.set_ceiling(keep), "the pushed mask")
+        except EngineBusyError as exc:
+            return {"error": str(exc), "status": 503}
         except RapError as exc:
             return {"error": str(exc)}
         ceiling = keep.key if keep is not None else None
@@ -153,7 +159,7 @@ class LLMReplica:
         except Exception as exc:  # a malformed plan is the controller's bug: keep the last
             self._count_error("plan", exc)
             return
-        if self.engine.set_plan(plan):
+        if await answered(self.engine.set_plan(plan), "the plan"):
             log.info("%s: plan %s (%s)", self.name, plan.version, plan.reason)
 
     async def _report_forever(self) -> None:

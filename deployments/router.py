@@ -24,11 +24,11 @@ from rap.core.loading import load_config
 from rap.serving.config import ServeAppConfig
 from rap.serving.http_guard import Guard, install, request_timeout_s
 from rap.serving.messages import BudgetChange, MaskPush
-from rap.serving.openai_api import ChatRequest, CompletionRequest, HTTPError, Relay
+from rap.serving.openai_api import ChatRequest, CompletionRequest, HTTPError
+from rap.serving.openai_relay import Relay
 from rap.serving.routing import (
     ReplicaLoad,
     kept_fraction,
-    mark_failed,
     order,
     readiness,
     relayed,
@@ -131,7 +131,7 @@ class Router:
                     "message": f"{name} is busy: its queue is full",
                 }
             except Exception as exc:  # dead or restarting: a 503, and the next replica tries
-                mark_failed(self.loads[name])
+                self.loads[name].mark_failed()
                 first = replica_failed(name, exc)
             if worth_retrying(first) and attempt == 0 and len(ranked) > 1:
                 self.loads[name].inflight -= 1
@@ -157,20 +157,27 @@ class Router:
 
     @app.post("/admin/budget")
     async def set_budget(self, body: BudgetChange) -> dict[str, Any]:
-        return await self._replica(body.replica).set_budget.remote(int(body.gib * GIB))
+        out: dict[str, Any] = await self._replica(body.replica).set_budget.remote(
+            int(body.gib * GIB)
+        )
+        if "error" in out:  # the replica's engine did not apply it in time
+            raise HTTPError(out.get("status", 503), out["error"])
+        return out
 
     @app.post("/admin/mask")
     async def push_mask(self, body: MaskPush) -> dict[str, Any]:
         """The mask becomes the replica's ceiling until DELETE /admin/mask releases it."""
         out = await self._replica(body.replica).push_mask.remote(body.mask)
-        if "error" in out:
-            raise HTTPError(400, out["error"])
+        if "error" in out:  # 400: a mask refused; 503: the engine did not apply it in time
+            raise HTTPError(out.get("status", 400), out["error"])
         return out
 
     @app.delete("/admin/mask")
     async def release_mask(self, replica: str) -> dict[str, Any]:
         """DELETE /admin/mask?replica=NAME: plans and budgets alone decide again."""
         out: dict[str, Any] = await self._replica(replica).push_mask.remote(None)
+        if "error" in out:  # the engine did not apply it in time
+            raise HTTPError(out.get("status", 503), out["error"])
         return out
 
     @app.get("/admin/state")
@@ -185,7 +192,7 @@ class Router:
             if isinstance(tel, BaseException):  # dead, restarting or stopped: say so, go on
                 replicas[n] = {"error": f"unreachable: {type(tel).__name__}"}
                 continue
-            self.loads[n].kept_fraction, self.loads[n].answered = kept_fraction(tel), True
+            self.loads[n].heard(kept_fraction(tel))
             replicas[n] = tel
         try:
             controller = await asyncio.wait_for(self.controller.state.remote(), timeout=2.0)

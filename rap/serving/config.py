@@ -104,7 +104,8 @@ class ServeAppConfig(BaseModel):
     def _one_step(self) -> ServeAppConfig:
         """The controller prices the same step the replicas run (one byte accounting)."""
         if self.controller.step_tokens is None:
-            self.controller.step_tokens = self.engine.max_step_tokens
+            steps = {"step_tokens": self.engine.max_step_tokens}
+            self.controller = self.controller.model_copy(update=steps)
         return self
 
     def resolved(self) -> ServeAppConfig:

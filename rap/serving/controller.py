@@ -56,6 +56,13 @@ class ReplicaView:
     buckets: frozenset[tuple[int, int]] = frozenset()
     """Buckets the plan was made for, those that nothing fits included (not re-planned)."""
 
+    def assigned(self, telemetry: Telemetry) -> None:
+        """Its telemetry with the budget the controller assigns it (a device's share)."""
+        self.telemetry = telemetry
+
+    def planned(self, plan: MaskPlan, buckets: frozenset[tuple[int, int]]) -> None:
+        self.plan, self.buckets = plan, buckets
+
 
 @dataclass
 class Decision:
@@ -112,7 +119,7 @@ class Controller:
         assigned = self._device_budget(telemetry, now_s)
         if assigned is not None and assigned != telemetry.budget_bytes:
             telemetry = telemetry.model_copy(update={"budget_bytes": assigned})
-            view.telemetry = telemetry
+            view.assigned(telemetry)
         buckets = self.buckets(telemetry)
         entries = self._entries(telemetry.budget_bytes, buckets)
         reason = self._reason(prev, telemetry, buckets)
@@ -137,7 +144,7 @@ class Controller:
             ],
             reason=reason or "controller epoch started",
         )
-        view.plan, view.buckets = plan, frozenset(buckets)
+        view.planned(plan, frozenset(buckets))
         self.decisions.append(
             Decision(telemetry.replica, now_s, str(version), plan.reason, len(plan.entries))
         )

@@ -87,6 +87,13 @@ class GraphStats:
     capture_s: float = 0.0
     graphed_steps: int = 0
 
+    def note_capture(self, seconds: float) -> None:
+        self.captures += 1
+        self.capture_s += seconds
+
+    def note_graphed(self) -> None:
+        self.graphed_steps += 1
+
 
 @dataclass
 class Bucket:
@@ -110,6 +117,38 @@ class Bucket:
     @property
     def layout(self) -> tuple[int, int, int]:
         return len(self.layers), self.batch, self.span
+
+    # -- what DecodeGraphs changes, by name -------------------------------------------------------
+    def attach(self, kv: GraphKV) -> None:
+        """The cache object its graphs are captured with (it holds this bucket)."""
+        self.kv = kv
+
+    def keep_graph(self, index: int, entry: tuple[tuple[Any, ...], Replay]) -> None:
+        """Layer `index`'s graph, keyed by its blocks' data pointers."""
+        self.graphs[index] = entry
+
+    def filled_for(self, rows_key: tuple[int, ...]) -> None:
+        """Its tables were filled for these rows (their page dicts' ids)."""
+        self.rows_key = rows_key
+
+    def copy_started(self, event: Any) -> None:
+        """Its host → device copy was queued; `event` marks when it has read the host."""
+        event.record()
+        self.copied = event
+
+    def copy_inputs(self, inputs: tuple[Any, Any]) -> None:
+        """The step's rotary embeddings and positions into its buffers (the first layer of a
+        step; the others get the same objects)."""
+        rotary, positions = inputs
+        if rotary is not None:
+            if not self.rotary:
+                self.rotary = tuple(t.clone() for t in rotary)
+            else:
+                for mine, new in zip(self.rotary, rotary, strict=True):
+                    mine.copy_(new)
+        if isinstance(positions, torch.Tensor):
+            self.positions.copy_(positions)
+        self.last_inputs = inputs
 
     def views(self, t: Any) -> tuple[Any, ...]:
         """(table [Lk, B, M], write_page [Lk, B], write_slot [B], seen [B]) inside `t` (the
@@ -144,8 +183,7 @@ class GraphKV:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K_l[write_page_b, write_slot_b] = key_b for every row b ([1, n_kv, B, d] in)."""
         pool, at = self.pool, (self.write_page[self.index[layer_idx]], self.write_slot)
-        pool.keys[layer_idx][at] = key[0].transpose(0, 1)
-        pool.values[layer_idx][at] = value[0].transpose(0, 1)
+        pool.store(layer_idx, at, key[0].transpose(0, 1), value[0].transpose(0, 1))
         return key, value
 
     def attend(
@@ -228,7 +266,7 @@ class DecodeGraphs:
             for i, layer in enumerate(originals):
                 layers[i] = layer
             self._current = None
-        self.stats.graphed_steps += 1
+        self.stats.note_graphed()
 
     def run_layer(
         self, index: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
@@ -241,12 +279,12 @@ class DecodeGraphs:
             b.hidden.copy_(hidden)
         inputs = (kwargs.get("position_embeddings"), kwargs.get("position_ids"))
         if inputs[0] is not b.last_inputs[0] or inputs[1] is not b.last_inputs[1]:
-            _copy_inputs(b, inputs)
+            b.copy_inputs(inputs)
         key = tuple(p.data_ptr() for p in layer.parameters())
         entry = b.graphs.get(index)
         if entry is None or entry[0] != key:
             entry = (key, self._capture(b, layer, kwargs))
-            b.graphs[index] = entry
+            b.keep_graph(index, entry)
         entry[1]()
         return b.hidden
 
@@ -268,8 +306,7 @@ class DecodeGraphs:
             self._mempool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
         replay = self.capture(run, self._mempool)
-        self.stats.captures += 1
-        self.stats.capture_s += time.perf_counter() - start
+        self.stats.note_capture(time.perf_counter() - start)
         return replay
 
     def _bucket(self, pool: PagePool, rows: list[RowStep]) -> Bucket:
@@ -298,7 +335,7 @@ class DecodeGraphs:
         table, write_page, write_slot, seen = b.views(b.host.numpy())
         rows_key = tuple(id(r.pages) for r in rows)
         whole = rows_key != b.rows_key or b is not self._last
-        b.rows_key = rows_key
+        b.filled_for(rows_key)
         page_tokens = b.pool.page_tokens
         for i, r in enumerate(rows):
             held = -1
@@ -316,13 +353,12 @@ class DecodeGraphs:
                     table[li, i, :n] = pages.pages
                     table[li, i, n:] = pages.pages[0]
                 write_page[li, i] = pages.pages[-1]
-                pages.length += 1
+                pages.wrote(1)
             write_slot[i] = max(held, 0) % page_tokens
             seen[i] = max(held, 0) + 1
         b.device.copy_(b.host, non_blocking=True)
         if b.device.is_cuda:
-            b.copied = torch.cuda.Event()
-            b.copied.record()
+            b.copy_started(torch.cuda.Event())
 
 
 def _pages_after(pages: RowPages | None, pool: PagePool) -> int:
@@ -347,20 +383,5 @@ def _new_bucket(model: Any, pool: PagePool, layers: list[int], batch: int, span:
         host=torch.zeros(n, dtype=torch.long, pin_memory=pinned),
         device=torch.zeros(n, dtype=torch.long, device=device),
     )
-    bucket.kv = GraphKV(bucket)
+    bucket.attach(GraphKV(bucket))
     return bucket
-
-
-def _copy_inputs(b: Bucket, inputs: tuple[Any, Any]) -> None:
-    """The step's rotary embeddings and positions into the bucket's buffers (the first layer
-    of a step; the others get the same objects)."""
-    rotary, positions = inputs
-    if rotary is not None:
-        if not b.rotary:
-            b.rotary = tuple(t.clone() for t in rotary)
-        else:
-            for mine, new in zip(b.rotary, rotary, strict=True):
-                mine.copy_(new)
-    if isinstance(positions, torch.Tensor):
-        b.positions.copy_(positions)
-    b.last_inputs = inputs

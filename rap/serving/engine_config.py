@@ -6,7 +6,35 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from rap.core.constants import STEP_TOKENS
-from rap.serving.scheduler import SchedulerConfig
+
+
+class SchedulerConfig(BaseModel):
+    """How a replica schedules its steps."""
+
+    max_running: int = Field(8, ge=1, description="Rows decoding or prefilling at once.")
+    max_step_tokens: int = Field(
+        256, ge=1, description="New tokens in one step (decodes + prefill chunks)."
+    )
+    page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
+    max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
+    shed_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="A new request whose predicted start is further away is refused at once "
+        "(503 `overloaded`, `rap.serving.shedding`); None: every request queues.",
+    )
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
+    cuda_graphs: bool = Field(
+        False,
+        description="On a GPU, replay decode steps from CUDA graphs (`rap.serving.decode_graphs`) "
+        "where they apply; ignored on a CPU.",
+    )
+    client_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="A row whose client has left its outbox full this long is cancelled and "
+        "its pages freed (`rap.serving.outbox`).",
+    )
 
 
 class EngineConfig(BaseModel):

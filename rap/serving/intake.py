@@ -113,7 +113,7 @@ class Intake:
     def _default_max_tokens(self, prompt_tokens: int) -> int:
         """Up to the context (OpenAI's default for chat) as far as the pool holds one row, or
         the configured default if less: the row ends with finish_reason `length` there."""
-        room = max(self.engine.sizing.row_tokens(self.engine.scheduler.pool) - prompt_tokens, 1)
+        room = max(self.engine.gauges.row_tokens - prompt_tokens, 1)
         return min(room, self.engine.config.default_max_tokens or room)
 
     def close(self) -> None:

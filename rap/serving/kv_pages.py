@@ -42,6 +42,24 @@ class RowPages:
         """Whether the next token needs a new page: every page held is full (or none is)."""
         return self.length - self.start == len(self.pages) * page_tokens
 
+    # -- what the pool changes, by name ---------------------------------------------------------
+    def wrote(self, tokens: int) -> None:
+        self.length += tokens
+
+    def moved(self, index: int, page: int) -> None:
+        """Its `index`-th page now lives at `page` (compaction copied its keys and values)."""
+        self.pages[index] = page
+
+    def dropped_first(self, page_tokens: int) -> int:
+        """Its first page, handed back: the window has passed it."""
+        self.start += page_tokens
+        return self.pages.pop(0)
+
+    def cleared(self) -> list[int]:
+        """Every page it held, handed back."""
+        pages, self.pages = self.pages, []
+        return pages
+
 
 class PagePool:
     """K/V slabs for the attention layers that are kept, with a free list per layer."""
@@ -152,7 +170,7 @@ class PagePool:
                     new = spare.pop(0)
                     self.keys[layer][new] = self.keys[layer][page]
                     self.values[layer][new] = self.values[layer][page]
-                    row.pages[i] = new
+                    row.moved(i, new)
 
     # -- rows ------------------------------------------------------------------------------
     def write(self, layer: int, row: RowPages, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -166,7 +184,7 @@ class PagePool:
             take = min(self.page_tokens - slot, n - done)
             self.keys[layer][page, slot : slot + take] = key[done : done + take]
             self.values[layer][page, slot : slot + take] = value[done : done + take]
-            row.length += take
+            row.wrote(take)
             done += take
 
     def read(self, layer: int, row: RowPages) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +208,19 @@ class PagePool:
                 row.pages.append(self.alloc(layer))
             pages.append(row.pages[-1])
             slots.append((row.length - row.start) % self.page_tokens)
-            row.length += 1
+            row.wrote(1)
         where = device_longs(pages + slots, self.keys[layer].device)
-        at = (where[: len(rows)], where[len(rows) :])
+        self.store(layer, (where[: len(rows)], where[len(rows) :]), key, value)
+
+    def store(
+        self,
+        layer: int,
+        at: tuple[torch.Tensor, torch.Tensor],
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> None:
+        """K_l[page_b, slot_b] = key_b and the same for V: one indexed store per slab (`at`:
+        the pages and the slots, as index tensors; a decode graph captures this store)."""
         self.keys[layer][at] = key
         self.values[layer][at] = value
 
@@ -211,14 +239,12 @@ class PagePool:
     def trim_window(self, layer: int, row: RowPages, keep_from: int) -> None:
         """Hand back the pages that hold only positions below `keep_from` (a sliding window)."""
         while row.pages and row.start + self.page_tokens <= keep_from:
-            self.release(layer, [row.pages.pop(0)])
-            row.start += self.page_tokens
+            self.release(layer, [row.dropped_first(self.page_tokens)])
 
     def drop(self, rows: dict[int, RowPages]) -> None:
         """Free every page a request holds (it finished, stopped or was cancelled)."""
         for layer, row in rows.items():
-            self.release(layer, row.pages)
-            row.pages = []
+            self.release(layer, row.cleared())
 
 
 def slab(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

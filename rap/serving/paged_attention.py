@@ -203,7 +203,7 @@ def _key_range(first_pos: int, start: int, length: int, window: int | None) -> t
 
 def _take(t: torch.Tensor, offsets: list[int], dim: int) -> torch.Tensor:
     """`t` at `offsets` along `dim`: a view where they run consecutively (decoding rows come
-    first in a step, `Scheduler._compose`), one gather otherwise."""
+    first in a step, `rap.serving.batching.compose`), one gather otherwise."""
     first, n = offsets[0], len(offsets)
     if offsets == list(range(first, first + n)):
         return t.narrow(dim, first, n)

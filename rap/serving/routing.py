@@ -37,6 +37,17 @@ class ReplicaLoad:
     failures: int = 0
     """Calls to it that failed since the router started (requests and telemetry)."""
 
+    def mark_failed(self) -> None:
+        self.failed = True
+        self.failures += 1
+
+    def heard(self, kept_fraction: float) -> None:
+        """Its telemetry answered, with the share of blocks its mask keeps."""
+        self.kept_fraction, self.answered = kept_fraction, True
+
+    def recovered(self) -> None:
+        self.failed = False
+
 
 def kept_fraction(telemetry: dict[str, int]) -> float:
     """attn_kept + mlp_kept over all blocks, from a replica's telemetry (as JSON)."""
@@ -82,11 +93,6 @@ def replica_failed(name: str, exc: BaseException) -> dict[str, Any]:
     }
 
 
-def mark_failed(load: ReplicaLoad) -> None:
-    load.failed = True
-    load.failures += 1
-
-
 async def relayed(name: str, events: AsyncIterator[Any], load: ReplicaLoad) -> AsyncIterator[Any]:
     """A replica's events, ended by `replica_failed`'s event if the replica fails mid-request
     (the exception would otherwise abort the client's response without a word)."""
@@ -96,7 +102,7 @@ async def relayed(name: str, events: AsyncIterator[Any], load: ReplicaLoad) -> A
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the actor died or its call failed: the client hears of it
-        mark_failed(load)
+        load.mark_failed()
         yield replica_failed(name, exc)
 
 
@@ -111,8 +117,8 @@ async def watch(
         for name in loads:
             try:
                 tel = await asyncio.wait_for(fetch(name), timeout=4 * period_s)
-                loads[name].kept_fraction = kept_fraction(tel)
-                loads[name].answered, loads[name].failed = True, False
+                loads[name].heard(kept_fraction(tel))
+                loads[name].recovered()
             except Exception:  # any failure of one replica must not end the loop
-                mark_failed(loads[name])
+                loads[name].mark_failed()
         await asyncio.sleep(period_s)

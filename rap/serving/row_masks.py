@@ -48,31 +48,6 @@ def _kept(mask: KeepMask) -> list[tuple[Block, bool]]:
     return [(block, mask.keeps(block)) for block in layer_blocks(mask.num_layers)]
 
 
-def admit(row: Any, model_mask: KeepMask) -> None:
-    """A row starts computing under the model's mask (again, after a preemption: its KV is
-    recomputed under this mask from the first token); what it is served under narrows."""
-    row.mask = model_mask
-    row.history.append((0, model_mask.key))
-    if row.served is None:
-        row.served = model_mask
-    elif not is_within(row.served, model_mask):
-        row.served, row.mask_changes = intersect(row.served, model_mask), row.mask_changes + 1
-
-
-def follow(row: Any, model_mask: KeepMask) -> list[int]:
-    """Narrow a running row to the model's mask; returns the attention layers it lost, whose
-    pages the caller frees. Counts the change and notes where it happened."""
-    narrowed = intersect(row.mask, model_mask)
-    if narrowed.key == row.mask.key:
-        return []
-    pairs = zip(row.mask.attn, narrowed.attn, strict=True)
-    lost = [layer for layer, (was, now) in enumerate(pairs) if was and not now]
-    row.mask, row.history = narrowed, [*row.history, (row.held, narrowed.key)]
-    if not is_within(row.served, narrowed):
-        row.served, row.mask_changes = intersect(row.served, narrowed), row.mask_changes + 1
-    return lost
-
-
 def next_mask(
     current: KeepMask,
     target: KeepMask,
@@ -98,35 +73,6 @@ def next_mask(
         return current
     both = intersect(target, current)
     return both if both.kept_fraction >= floor else target
-
-
-def switch(scheduler: Any, mask: KeepMask, floor: float = 0.0, fetched: dict | None = None) -> None:
-    """Make `mask` the model's under running rows: each row loses what `mask` drops from the
-    next step (pages and reservations in those attention layers go back, then the layers'
-    slabs are freed whole); blocks `mask` restores get slabs of the pool's capacity, used by
-    rows admitted from now on. Weights: every drop before any restore (`PrunableModel.apply`).
-    A row that would fall below the quality floor (`floor`, or its request's own minimum) is
-    preempted instead, to be recomputed under a mask that meets it. `fetched`: the restored
-    blocks already read (`rap.serving.restores`)."""
-    old, pool = scheduler.model.mask, scheduler.pool
-    narrowed = intersect(old, mask)
-    for row in list(scheduler.running):
-        least = max(floor, row.request.min_kept_fraction)
-        if intersect(row.mask, narrowed).kept_fraction < least:
-            scheduler.preempt(row)
-    for row in scheduler.running:
-        for layer in follow(row, narrowed):
-            pages = row.pages.pop(layer, None)
-            if pages is not None:
-                pool.release(layer, pages.pages)
-            row.reserved.pop(layer, None)
-    for layer, (was, now) in enumerate(zip(old.attn, mask.attn, strict=True)):
-        if was and not now:
-            pool.drop_layer(layer)
-    scheduler.model.apply(mask, fetched=fetched)  # restores read beforehand only bind
-    for layer, (was, now) in enumerate(zip(old.attn, mask.attn, strict=True)):
-        if now and not was:
-            pool.add_layer(layer)
 
 
 def gate_positions(

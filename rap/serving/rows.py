@@ -78,21 +78,58 @@ class Row:
         preemption the prompt and the tokens generated so far (recomputed)."""
         return self.held < len(self.tokens) - 1
 
+    # -- what the scheduler changes, by name (one owner: the engine's thread) -------------------
+    def start_under(self, model_mask: KeepMask, reserved: dict[int, int]) -> None:
+        """Admitted with `reserved` pages per layer: it computes under the model's mask (again,
+        after a preemption: its KV is recomputed under this mask from the first token); what it
+        is served under narrows (`rap.serving.row_masks`)."""
+        self.reserved = reserved
+        self.mask = model_mask
+        self.history.append((0, model_mask.key))
+        if self.served is None:
+            self.served = model_mask
+        elif not row_masks.is_within(self.served, model_mask):
+            self.served = row_masks.intersect(self.served, model_mask)
+            self.mask_changes += 1
 
-@dataclass
-class StepStats:
-    steps: int = 0
-    forwards: int = 0
-    tokens: int = 0
-    """Tokens through the model (prompt chunks and decodes)."""
-    generated: int = 0
-    prefill_tokens: int = 0
-    admitted: int = 0
-    preempted: int = 0
-    shed: int = 0
-    """Requests refused on arrival: the queue predicted too late a start (`shedding`)."""
-    longest: int = 0
-    """Longest row (prompt + max_tokens) admitted since the engine last read it."""
+    def narrow_to(self, model_mask: KeepMask) -> list[int]:
+        """Narrow to the model's mask while running; returns the attention layers it lost
+        (whose pages and reservations the scheduler takes back: `lose_layer`). Counts the
+        change and notes where it happened."""
+        assert self.mask is not None and self.served is not None, "a running row has masks"
+        narrowed = row_masks.intersect(self.mask, model_mask)
+        if narrowed.key == self.mask.key:
+            return []
+        pairs = zip(self.mask.attn, narrowed.attn, strict=True)
+        lost = [layer for layer, (was, now) in enumerate(pairs) if was and not now]
+        self.mask, self.history = narrowed, [*self.history, (self.held, narrowed.key)]
+        if not row_masks.is_within(self.served, narrowed):
+            self.served = row_masks.intersect(self.served, narrowed)
+            self.mask_changes += 1
+        return lost
+
+    def lose_layer(self, layer: int) -> RowPages | None:
+        """Forget its pages and reservation in `layer` (dropped under it); returns the pages,
+        for the pool to take back."""
+        self.reserved.pop(layer, None)
+        return self.pages.pop(layer, None)
+
+    def put_back(self, now_s: float) -> None:
+        """Preempted by recompute: no pages, no mask, nothing cached; its wait starts again."""
+        self.pages, self.reserved, self.held, self.mask = {}, {}, 0, None
+        self.preemptions += 1
+        self.arrived_s = now_s
+
+    def cached(self, tokens: int) -> None:
+        """`tokens` more of its tokens are in the KV cache (a step ran them)."""
+        self.held += tokens
+
+    def note_outbox(self, full: bool, now_s: float) -> None:
+        """Since when its client has left the outbox full (None once it reads)."""
+        if not full:
+            self.stalled_s = None
+        elif self.stalled_s is None:
+            self.stalled_s = now_s
 
 
 def done_event(row: Row, reason: FinishReason, counted: int = 0) -> DoneEvent:

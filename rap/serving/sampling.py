@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rap.serving.rows import Row
+
 
 def sample(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
@@ -29,3 +31,17 @@ def greedy_many(logits: list[torch.Tensor]) -> list[int]:
     if not logits:
         return []
     return [int(t) for t in torch.stack(logits).argmax(dim=-1).tolist()]
+
+
+def pick_tokens(wanted: list[tuple[Row, torch.Tensor]]) -> list[tuple[Row, int]]:
+    """Each row's next token from its logits: greedy rows together (`greedy_many`), sampled
+    rows with their own generator; in the rows' order."""
+    greedy = [(row, lg) for row, lg in wanted if row.request.temperature <= 0]
+    tokens = greedy_many([lg for _, lg in greedy])
+    picked = {row.id: t for (row, _), t in zip(greedy, tokens, strict=True)}
+    return [
+        (row, picked[row.id])
+        if row.id in picked
+        else (row, sample(lg, row.request.temperature, row.request.top_p, row.generator))
+        for row, lg in wanted
+    ]

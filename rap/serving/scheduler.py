@@ -32,12 +32,14 @@ from collections import deque
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
 
 from rap.core import memory
 from rap.core.gates import gating
+from rap.core.masks import KeepMask
 from rap.serving import row_masks
+from rap.serving.batching import compose
 from rap.serving.decode_graphs import DecodeGraphs
+from rap.serving.engine_config import SchedulerConfig
 from rap.serving.events import DoneEvent, ErrorEvent, Sink, start_event, token_event
 from rap.serving.kv_pages import PagePool
 from rap.serving.outbox import Outbox
@@ -45,7 +47,6 @@ from rap.serving.paged_attention import PagedKV, RowStep, paged
 from rap.serving.rows import (
     Request,
     Row,
-    StepStats,
     done_event,
     expired_event,
     failed_event,
@@ -53,38 +54,10 @@ from rap.serving.rows import (
     too_big_event,
     waited_out_event,
 )
-from rap.serving.sampling import greedy_many, sample
+from rap.serving.sampling import pick_tokens
 from rap.serving.shedding import Shedder
+from rap.serving.stats import StepStats
 from rap.serving.text_stream import TextStream
-
-
-class SchedulerConfig(BaseModel):
-    """How a replica schedules its steps."""
-
-    max_running: int = Field(8, ge=1, description="Rows decoding or prefilling at once.")
-    max_step_tokens: int = Field(
-        256, ge=1, description="New tokens in one step (decodes + prefill chunks)."
-    )
-    page_tokens: int = Field(16, ge=1, description="Tokens per KV page.")
-    max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
-    shed_wait_s: float | None = Field(
-        None,
-        gt=0,
-        description="A new request whose predicted start is further away is refused at once "
-        "(503 `overloaded`, `rap.serving.shedding`); None: every request queues.",
-    )
-    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with a 503.")
-    cuda_graphs: bool = Field(
-        False,
-        description="On a GPU, replay decode steps from CUDA graphs (`rap.serving.decode_graphs`) "
-        "where they apply; ignored on a CPU.",
-    )
-    client_stall_s: float = Field(
-        30.0,
-        gt=0,
-        description="A row whose client has left its outbox full this long is cancelled and "
-        "its pages freed (`rap.serving.outbox`).",
-    )
 
 
 class Scheduler:
@@ -115,11 +88,12 @@ class Scheduler:
         with self._lock:
             self._next_id += 1
             text = TextStream(self.model.decode, request.stop)
-            row = Row(self._next_id, request, sink, text, time.monotonic())
+            generator = None
             if request.temperature > 0:
-                row.generator = torch.Generator().manual_seed(
+                generator = torch.Generator().manual_seed(
                     request.seed if request.seed is not None else int(time.time_ns() % 2**63)
                 )
+            row = Row(self._next_id, request, sink, text, time.monotonic(), generator=generator)
             self.waiting.append(row)
             return row.id
 
@@ -134,12 +108,10 @@ class Scheduler:
         recomputed and it goes on where it stopped; its client sees a pause, nothing else."""
         self.pool.drop(row.pages)
         self.running.remove(row)
-        row.pages, row.reserved, row.held, row.mask = {}, {}, 0, None
-        row.preemptions += 1
-        row.arrived_s = time.monotonic()  # its wait for pages starts again
+        row.put_back(time.monotonic())  # its wait for pages starts again
         with self._lock:
             self.waiting.appendleft(row)
-        self.stats.preempted += 1
+        self.stats.note_preempted()
 
     def drop_graphs(self) -> None:
         """Forget the decode graphs before the pool or the mask changes (their buffers hold
@@ -156,13 +128,57 @@ class Scheduler:
             preempted += 1
         return preempted
 
+    # -- what the switcher changes, by name (rap.serving.switching) ----------------------------
+    def pause_admission(self) -> None:
+        """Running rows go on, nobody new starts (a switch waits for them)."""
+        self.admitting = False
+
+    def resume_admission(self) -> None:
+        self.admitting = True
+
+    def replace_pool(self, pool: PagePool) -> None:
+        """A new pool while no row runs (nothing holds a page of the old one)."""
+        assert not self.running, "a pool is replaced only while no row runs"
+        self.pool = pool
+
+    def resize_pool(self, capacity: int) -> None:
+        """Pages per layer become `capacity`, the running rows' pages moved below it
+        (`PagePool.resize`; their reservations fit it: `fit` first)."""
+        self.pool.resize(capacity, [r.pages for r in self.running])
+
+    def narrow_rows(self, narrowed: KeepMask, floor: float) -> None:
+        """Every running row loses what `narrowed` drops from its next step, its pages and
+        reservations in those attention layers back to the pool; a row that would fall below
+        `floor` (or its request's own minimum) is preempted instead, to be recomputed under a
+        mask that meets it."""
+        for row in list(self.running):
+            least = max(floor, row.request.min_kept_fraction)
+            assert row.mask is not None, "a running row has a mask"
+            if row_masks.intersect(row.mask, narrowed).kept_fraction < least:
+                self.preempt(row)
+        for row in self.running:
+            for layer in row.narrow_to(narrowed):
+                pages = row.lose_layer(layer)
+                if pages is not None:
+                    self.pool.release(layer, pages.pages)
+
+    def drop_layers(self, layers: list[int]) -> None:
+        """Free these attention layers' slabs whole (no row holds pages there any more)."""
+        for layer in layers:
+            self.pool.drop_layer(layer)
+
+    def add_layers(self, layers: list[int]) -> None:
+        """Slabs of the pool's capacity for restored attention layers (for new rows)."""
+        for layer in layers:
+            self.pool.add_layer(layer)
+
+    def take_longest(self) -> int:
+        """The longest row admitted since the last call (0: none), for the engine's shapes."""
+        return self.stats.take_longest()
+
     def reserved_pages(self) -> int:
-        """The most pages the running rows reserve in any one layer (read from any thread: a
-        row changing meanwhile gives 0, the answer for an idle replica)."""
-        try:
-            return max(self._reserved().values(), default=0)
-        except RuntimeError:  # a reservation dict changed while it was read
-            return 0
+        """The most pages the running rows reserve in any one layer."""
+        return max(self._reserved().values(), default=0)
 
     @property
     def idle(self) -> bool:
@@ -179,7 +195,9 @@ class Scheduler:
         self._admit()
         if not self.running:
             return False
-        rows, ids, positions = self._compose()
+        batch = compose(self.running, self.config.max_step_tokens, self._waits_for_client)
+        self.stats.note_prefill(batch.prefill_tokens)
+        rows, ids, positions = batch.rows, batch.ids, batch.positions
         if not rows:
             return False
         kv = PagedKV(self.pool, [step for _, step in rows], self.windows)
@@ -190,9 +208,9 @@ class Scheduler:
                 self._end(row, failed_event("generation failed", exc))
             return True
         kv.finish_step()
-        self.stats.steps += 1
+        self.stats.note_step()
         for row, step in rows:
-            row.held += step.count
+            row.cached(step.count)
         wanted = [(row, lg) for (row, _), lg in zip(rows, logits, strict=True) if lg is not None]
         for row, token in self._pick(wanted):
             try:
@@ -201,18 +219,7 @@ class Scheduler:
                 self._end(row, failed_event("handing out the next token failed", exc))
         return True
 
-    def _pick(self, wanted: list[tuple[Row, torch.Tensor]]) -> list[tuple[Row, int]]:
-        """Each row's next token: greedy rows together (`greedy_many`), sampled rows with
-        their own generator; in the rows' order."""
-        greedy = [(row, lg) for row, lg in wanted if row.request.temperature <= 0]
-        tokens = greedy_many([lg for _, lg in greedy])
-        picked = {row.id: t for (row, _), t in zip(greedy, tokens, strict=True)}
-        return [
-            (row, picked[row.id])
-            if row.id in picked
-            else (row, sample(lg, row.request.temperature, row.request.top_p, row.generator))
-            for row, lg in wanted
-        ]
+    _pick = staticmethod(pick_tokens)  # a seam: tests see each row's logits through it
 
     def _forward(
         self,
@@ -252,41 +259,15 @@ class Scheduler:
                 rap_kv=step_kv,
                 logits_to_keep=keep,
             )
-        self.stats.forwards += 1
-        self.stats.tokens += len(ids)
+        self.stats.note_forward(len(ids))
         result: list[torch.Tensor | None] = [None] * len(rows)
         for k, (i, _) in enumerate(want):
             result[i] = out.logits[0, k].float()
         return result
 
-    def _compose(self) -> tuple[list[tuple[Row, RowStep]], list[int], list[int]]:
-        """Decoding rows one token each, then prompt chunks within the step's token budget."""
-        budget = self.config.max_step_tokens
-        order = sorted(self.running, key=lambda r: r.prefilling)  # decodes first, stable
-        rows: list[tuple[Row, RowStep]] = []
-        ids: list[int] = []
-        positions: list[int] = []
-        for row in order:
-            if self._waits_for_client(row):
-                continue
-            if row.prefilling:
-                n = min(len(row.tokens) - row.held, budget)
-                if n <= 0:
-                    continue
-            else:
-                n = 1
-            tokens = row.tokens[row.held : row.held + n]
-            rows.append((row, RowStep(row.pages, len(ids), n, row.held)))
-            ids += tokens
-            positions += range(row.held, row.held + n)
-            budget -= n
-            if row.prefilling:
-                self.stats.prefill_tokens += n
-        return rows, ids, positions
-
     def _next_token(self, row: Row, token: int) -> None:
         req = row.request
-        self.stats.generated += 1
+        self.stats.note_generated()
         if token in self.eos and not req.ignore_eos:
             self._end(row, done_event(row, "stop", counted=1))
             return
@@ -316,10 +297,7 @@ class Scheduler:
     def _waits_for_client(self, row: Row) -> bool:
         """Whether the row sits this step out: its outbox is full (it keeps its pages)."""
         full = isinstance(row.sink, Outbox) and row.sink.full
-        if not full:
-            row.stalled_s = None
-        elif row.stalled_s is None:
-            row.stalled_s = time.monotonic()
+        row.note_outbox(full, time.monotonic())
         return full
 
     def _drop_stalled(self) -> None:
@@ -409,20 +387,18 @@ class Scheduler:
         runs under the lock, after admission."""
         for row, event in self._shedder.judge(now, started, list(self.waiting), self._next_id):
             self.waiting.remove(row)
-            self.stats.shed += 1
+            self.stats.note_shed()
             row.sink(event)
 
     def _start(self, row: Row, need: dict[int, int], used: dict[int, int]) -> None:
         """Admit a waiting row with its reservation (`used`: pages reserved per layer so far)."""
         self.waiting.remove(row)
-        row.reserved = need
-        row_masks.admit(row, self.model.mask)
+        row.start_under(self.model.mask, need)
         for layer, n in need.items():
             used[layer] += n
         self.running.append(row)
-        self.stats.admitted += 1
-        if row.preemptions:
-            return  # resumed: its client has had its start event
-        total = len(row.request.prompt_ids) + row.request.max_tokens
-        self.stats.longest = max(self.stats.longest, total)
+        if row.preemptions:  # resumed: its client has had its start event
+            self.stats.note_admitted(None)
+            return
+        self.stats.note_admitted(len(row.request.prompt_ids) + row.request.max_tokens)
         row.sink(start_event(len(row.request.prompt_ids), self.model.mask.fingerprint()))

@@ -65,7 +65,7 @@ def device_memory(model: Any, engine: Any) -> DeviceMemory:
     faults.check("device_memory")
     if model.device.type == "cuda":
         return nvml_memory(model.device.index or 0)
-    own = model.weight_bytes() + engine.kv_bytes_held()
+    own = model.weight_bytes() + engine.gauges.held_bytes
     cap = engine.budget_bytes
     return DeviceMemory(kind="cpu", total_bytes=cap, used_bytes=own, free_bytes=max(cap - own, 0))
 
@@ -114,15 +114,15 @@ def process_memory(model: Any) -> ProcessMemory:
 
 def predicted_bytes(engine: Any) -> int:
     """The memory model's bytes for the current mask and pool (`Sizing.bytes_with`)."""
-    pool = engine.scheduler.pool
-    return int(engine.sizing.bytes_with(engine.model.mask, pool.capacity))
+    pages = engine.gauges.capacity_pages
+    return int(engine.sizing.bytes_with(engine.model.mask, pages))
 
 
 def snapshot(
     name: str, engine: Any, device: DeviceMemory, tokens_per_s: float, errors: int = 0
 ) -> Telemetry:
     mask = engine.model.mask
-    stats = engine.stats
+    stats, pool = engine.stats, engine.gauges  # the engine thread's last copy
     shapes = list(stats.recent_shapes)
     return Telemetry(
         replica=name,
@@ -131,13 +131,13 @@ def snapshot(
         budget_bytes=engine.budget_bytes,
         budget_from_device=engine.budget_from_device,
         weight_bytes=engine.model.weight_bytes(),
-        kv_bytes_reserved=engine.kv_bytes_held(),
-        kv_bytes_in_use=engine.scheduler.pool.used_bytes(),
-        kv_pages_in_use=engine.scheduler.pool.used_pages(),
-        kv_pages_free=engine.scheduler.pool.free_total(),
+        kv_bytes_reserved=pool.held_bytes,
+        kv_bytes_in_use=pool.used_bytes,
+        kv_pages_in_use=pool.used_pages,
+        kv_pages_free=pool.free_pages,
         queue=QueueState(
-            waiting=engine.waiting,
-            running=engine.running,
+            waiting=pool.waiting,
+            running=pool.running,
             recent_batch_sizes=[b for b, _ in shapes],
             recent_longest_seqs=[s for _, s in shapes],
         ),
@@ -150,8 +150,8 @@ def snapshot(
         local_fallbacks=stats.local_fallbacks,
         steps=stats.steps,
         steps_on_controller_mask=stats.steps_on_controller_mask,
-        preemptions=engine.scheduler.stats.preempted,
-        shed=engine.scheduler.stats.shed,
+        preemptions=pool.preempted,
+        shed=pool.shed,
         tokens_per_s=max(tokens_per_s, 0.0),
         over_budget_bytes=max(stats.over_budget_bytes, 0),
         errors=errors,

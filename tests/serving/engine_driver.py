@@ -3,12 +3,13 @@ anything: what the pinning tests and the golden trace run on.
 
 `SteppedEngine` is the real `Engine` (sizing, plans, ceilings, the no-thrash rule, switches under
 running rows, pool cuts, preemption, admission) except that its own worker thread exits at once;
-`turn` then runs what one pass of `Engine._work` runs — the switch at the step boundary, then one
-scheduler step — when the test says so. The one part of a turn that runs in a thread of its own
-in the engine, a grow's restore read (`rap.serving.restores`), is awaited inside the turn that
-started it, so a grow binds at that same boundary (in the engine it binds at the first boundary
-after the read ends). Configurations for these tests set `grow_after_s` and `restore_patience`
-to 0 and `max_wait_s` far beyond a test's length, so no decision depends on how fast the
+`turn` then runs what one pass of `Engine._work` runs — the step boundary (the controls sent
+since the last turn, then the switch), then one scheduler step — when the test says so. The one
+part of a turn that runs in a thread of its own in the engine, a grow's restore read
+(`rap.serving.restores`), is awaited inside the turn that started it, so a grow binds at that
+same boundary (in the engine it binds at the first boundary after the read ends).
+Configurations for these tests set `grow_after_s` and `restore_patience` to 0 and `max_wait_s`
+far beyond a test's length, so no decision depends on how fast the
 machine runs.
 """
 
@@ -37,9 +38,9 @@ class SteppedEngine(Engine):
 
 
 def turn(engine: Engine) -> bool:
-    """One pass of `Engine._work`: the switch at the step boundary, then a scheduler step if a
-    row waits or runs. Returns whether a forward ran."""
-    engine._maybe_switch()
+    """One pass of `Engine._work`: the step boundary (the queued controls, then the switch they
+    call for), then a scheduler step if a row waits or runs. Returns whether a forward ran."""
+    engine._boundary()
     for _ in range(3):  # a restore read began: it binds at this boundary once read
         pending = engine.prefetch._future
         if pending is None:

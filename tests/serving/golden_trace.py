@@ -117,8 +117,9 @@ class Trace:
             return f"submit {row.id}{slow}: {_describe(request)}"
         if kind == "budget":
             key, pages = args
-            eng.set_budget(self.budget(key, pages))
-            return f"set_budget {eng.budget_bytes} (mask '{key}' with {pages} pages)"
+            budget = self.budget(key, pages)
+            eng.set_budget(budget)  # applied at the next turn's boundary (follow_budget is on)
+            return f"set_budget {budget} (mask '{key}' with {pages} pages)"
         if kind == "ceiling":
             (key,) = args
             ceiling = None

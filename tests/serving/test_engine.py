@@ -11,6 +11,7 @@ import pytest
 import rap
 from rap.core import memory
 from rap.core.masks import KeepMask, MaskVersion
+from rap.serving.control import answer
 from rap.serving.engine import Engine, EngineConfig, EngineError
 from rap.serving.messages import MaskPlan, PlanEntry
 from rap.serving.rows import Request
@@ -97,8 +98,9 @@ def test_a_budget_drop_pauses_admissions_then_switches_without_overshooting(serv
         budget_bytes=budget,
         entries=[PlanEntry(max_batch=64, max_seq=4096, mask=small)],
     )
-    assert engine.set_plan(plan)
-    assert not engine.set_plan(MaskPlan(replica="r", version=MaskVersion(epoch=0, seq=9)))
+    assert answer(engine.set_plan(plan), "the plan")
+    older = MaskPlan(replica="r", version=MaskVersion(epoch=0, seq=9))
+    assert not answer(engine.set_plan(older), "the older plan")
     (events,) = run(engine, [[5, 6, 7]])
     assert model.mask == small and "controller:rap" in events[0]["fingerprint"]
     own = model.weight_bytes() + engine.kv_bytes_held()
@@ -125,7 +127,7 @@ def test_a_planner_error_keeps_the_loop_and_the_mask(served_dir) -> None:
 
     engine = Engine(model, CONFIG, roomy(model), None)
     engine.planner = FnPlanner(broken)
-    engine.set_budget(roomy(model) // 2)  # re-plans: the planner raises
+    answer(engine.set_budget(roomy(model) // 2), "the budget")  # re-plans: the planner raises
     assert engine.stats.planner_errors == 1
     (events,) = run(engine, [[5, 6, 7]])
     assert events[-1]["type"] == "done" and engine.error is None
@@ -199,7 +201,8 @@ def test_a_static_mask_is_the_ceiling_from_the_start_and_after_a_release(served_
     (events,) = run(engine, [[5, 6, 7]])
     assert events[-1]["type"] == "done" and model.mask.key == "a1,m3"
     engine.set_ceiling(keep_first(model, 1, 4))  # an operator's mask replaces it...
-    engine.set_ceiling(None)  # ...and releasing it goes back to the static one
+    released = answer(engine.set_ceiling(None), "the release")  # ...back to the static one
+    assert released is not None and released.key == "a1,m3"
     assert engine.ceiling is not None and engine.ceiling.key == "a1,m3"
     with pytest.raises(ValueError, match="static_mask"):
         EngineConfig(static_mask="attn1")

@@ -12,6 +12,7 @@ import pytest
 import rap
 from rap.core.errors import BudgetError
 from rap.core.masks import KeepMask, MaskVersion
+from rap.serving.control import answer
 from rap.serving.controller import Controller
 from rap.serving.engine import Engine
 from rap.serving.messages import DeviceMemory, MaskPlan, PlanEntry
@@ -40,7 +41,7 @@ def test_a_pushed_mask_is_a_ceiling_that_plans_do_not_override(served_dir) -> No
     run(engine, [[5, 6, 7]])
     assert model.mask.key == pushed.key
     dense = model.dense_mask().model_copy(update={"source": "controller:rap"})
-    assert engine.set_plan(plan_of(dense, MaskVersion(epoch=1, seq=1)))  # the next plan
+    assert answer(engine.set_plan(plan_of(dense, MaskVersion(epoch=1, seq=1))), "the next plan")
     run(engine, [[5, 6, 7]])
     assert model.mask.key == pushed.key  # still the operator's
     tel = snapshot("r", engine, device(engine), 0.0)
@@ -86,7 +87,7 @@ def test_telemetry_reports_the_plan_version_and_a_restarted_controller_gets_thro
     fresh = Controller(planner=FnPlanner(lambda b, B, S: dense))
     plan = fresh.report(tel.model_copy(update={"timestamp_s": time.time()}))
     assert plan is not None and held < plan.version
-    assert engine.set_plan(plan)
+    assert answer(engine.set_plan(plan), "the plan")
 
 
 def test_a_new_plan_with_the_same_blocks_needs_no_drain(served_dir) -> None:

@@ -13,7 +13,7 @@ import rap
 from rap.core import memory
 from rap.serving import scheduler as scheduler_module
 from rap.serving.engine import Engine, EngineConfig
-from rap.serving.openai_api import Relay
+from rap.serving.openai_relay import Relay
 from rap.serving.rows import Request
 from tests.serving.test_engine import keep_first, roomy
 from tests.serving.test_scheduler import scheduler

@@ -108,7 +108,7 @@ def test_stream_chunks_follow_openai_final_delta_and_usage() -> None:
     """The final chat chunk's delta carried content; usage chunks lacked `usage: null` before."""
     import asyncio
 
-    from rap.serving.openai_api import Relay
+    from rap.serving.openai_relay import Relay
 
     async def events():
         yield {"type": "token", "text": "Hi"}
@@ -130,7 +130,7 @@ def test_stream_chunks_follow_openai_final_delta_and_usage() -> None:
 
 
 def test_error_codes_are_in_code_and_4xx_events_are_request_errors() -> None:
-    from rap.serving.openai_api import event_error_body
+    from rap.serving.openai_relay import event_error_body
 
     body = event_error_body({"status": 404, "message": "no", "code": "model_not_found"})
     assert body["error"]["type"] == "invalid_request_error"

@@ -15,7 +15,7 @@ import torch
 
 import rap
 from rap.core.masks import KeepMask
-from rap.serving import row_masks
+from rap.serving import row_masks, switching
 from rap.serving.engine import Engine
 from rap.serving.scheduler import Request, Scheduler
 from tests.serving.test_engine import CONFIG, roomy
@@ -97,7 +97,7 @@ def test_rows_that_join_shrink_skip_restored_blocks_or_are_preempted_match_the_r
     for _ in range(4):
         sched.step()
     small = KeepMask.from_drops(model.model_id, model.num_layers, drop_attn="1", drop_mlp="0,2")
-    row_masks.switch(sched, small)
+    switching.switch(sched, small)
     assert 1 not in sched.pool.keys
     assert all(1 not in r.pages and 1 not in r.reserved for r in sched.running)
     sched.step()
@@ -107,7 +107,7 @@ def test_rows_that_join_shrink_skip_restored_blocks_or_are_preempted_match_the_r
     for _ in range(3):
         sched.step()
     assert victim in sched.running and victim.preemptions == 1
-    row_masks.switch(sched, model.dense_mask())
+    switching.switch(sched, model.dense_mask())
     sched.add(Request([30, 31, 32], 10, ignore_eos=True), got.sink(3))
     sched.step()
     mixed = {r.mask.key for r in sched.running}
@@ -139,9 +139,9 @@ def test_a_row_under_two_masks_keeps_their_intersection(served: dict[str, Path])
     n = model.num_layers
     attn_heavy = KeepMask.from_drops(model.model_id, n, drop_mlp="0,1")
     mlp_heavy = KeepMask.from_drops(model.model_id, n, drop_attn="2,3")
-    row_masks.switch(sched, attn_heavy)
+    switching.switch(sched, attn_heavy)
     sched.step()
-    row_masks.switch(sched, mlp_heavy)
+    switching.switch(sched, mlp_heavy)
     run(sched)
     done = got.done(0)
     effective = KeepMask.from_key(model.model_id, n, done["mask_history"][-1][1])
