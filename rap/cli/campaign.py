@@ -37,6 +37,7 @@ from rap.cli.drills import (
     sigstop_replica,
 )
 from rap.core.constants import GIB
+from rap.core.errors import RapError
 from rap.ops import campaign, campaign_report
 from rap.ops.campaign import Plan
 
@@ -54,16 +55,35 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_campaign)
 
 
+CAPACITY_TRIES = 4
+"""Capacity runs at most (each twice as long as the one before) before the campaign gives up."""
+
+
 def capacity(h: Harness, seconds: float, clients: int, out: Path) -> float:
     """Requests per second the app completes in a closed loop of `clients` locust users sending
     the campaign's own mix (streamed and whole, every prompt and length) with no pause between
     requests: the same requests, and the same load generator on the same cores, as the run."""
     folder = out / "capacity"
     folder.mkdir(parents=True, exist_ok=True)
-    campaign.clear_records(folder)
-    run_locust(h, [[seconds, clients]], 0.0, folder, timeout_s=seconds + 300)
-    records = campaign.read_records(folder)
-    return campaign.closed_loop_rate(records, seconds)
+    for _ in range(CAPACITY_TRIES):
+        campaign.clear_records(folder)
+        run_locust(h, [[seconds, clients]], 0.0, folder, timeout_s=seconds + 300)
+        records = campaign.read_records(folder)
+        answers = campaign.closed_loop_answers(records, seconds)
+        if answers >= campaign.MIN_CAPACITY_ANSWERS:
+            return campaign.closed_loop_rate(records, seconds)
+        print(
+            f"capacity: {answers} answers counted over {seconds:g} s, fewer than "
+            f"{campaign.MIN_CAPACITY_ANSWERS}; measuring again over {2 * seconds:g} s",
+            flush=True,
+        )
+        seconds *= 2
+    raise RapError(
+        f"the app answered too few requests to measure its capacity ({answers} counted over "
+        f"the last {seconds / 2:g} s)",
+        f"at least {campaign.MIN_CAPACITY_ANSWERS}",
+        "run the campaign on a less loaded machine, or with a longer --capacity-s",
+    )
 
 
 def run_events(h: Harness, plan: Plan, starts: dict[str, int], shock_bytes: int) -> None:

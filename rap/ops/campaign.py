@@ -353,20 +353,32 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
-def closed_loop_rate(records: list[dict[str, Any]], seconds: float) -> float:
-    """Requests per second answered `ok` by a closed loop that ran `seconds`: those that ended
-    after its first third (the replicas warm, every user's loop under way) and before its end,
-    over that span. Refusals, errors and invalid requests do not count as capacity."""
+MIN_CAPACITY_ANSWERS = 16
+"""Answers a capacity run must count before its rate is believed (`rap.cli.campaign.capacity`
+measures again, over twice the time, until it has them: a loaded machine is slow, not idle)."""
+
+
+def closed_loop_answers(records: list[dict[str, Any]], seconds: float) -> int:
+    """Requests answered `ok` by a closed loop that ran `seconds` that ended after its first
+    third (the replicas warm, every user's loop under way) and before its end. Refusals, errors
+    and invalid requests do not count as capacity."""
     sent = [r["t"] for r in records if r.get("phase") == "sent"]
     if not sent or seconds <= 0:
-        return 0.0
+        return 0
     lo, hi = min(sent) + seconds / 3, min(sent) + seconds
     ended = [
         r["t"] + r["e2e_s"]
         for r in records
         if r.get("phase") == "done" and r.get("outcome") == "ok" and not r.get("invalid")
     ]
-    return sum(lo <= t <= hi for t in ended) / (hi - lo)
+    return sum(lo <= t <= hi for t in ended)
+
+
+def closed_loop_rate(records: list[dict[str, Any]], seconds: float) -> float:
+    """`closed_loop_answers` per second of the span they are counted over."""
+    if seconds <= 0:
+        return 0.0
+    return closed_loop_answers(records, seconds) / (seconds * 2 / 3)
 
 
 def offered(records: list[dict[str, Any]], t0: float, window_s: float = 10.0) -> dict[str, float]:

@@ -101,6 +101,20 @@ def test_capacity_is_the_campaigns_own_mix_in_a_closed_loop(stub_url: str, tmp_p
     assert list((tmp_path / "capacity").glob("requests-*.jsonl"))
 
 
+def test_a_capacity_run_with_too_few_answers_is_measured_again_for_longer(
+    stub_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a machine loaded 5 x, a 10-s capacity run counted no answer, and the campaign ran a
+    plan for 0 requests/s. A run that counts fewer than MIN_CAPACITY_ANSWERS measures again over
+    twice the time: 4 users answered in ~0.3 s each count about 9 over the last 2/3 of 1.2 s,
+    then about 18 over 2.4 s."""
+    h = Harness(stub_url, "admin", "key", tmp_path / "faults")
+    rate = capacity(h, 1.2, clients=4, out=tmp_path)
+    said = capsys.readouterr().out
+    assert "fewer than 16; measuring again over 2.4 s" in said, said
+    assert 4.0 < rate <= 4 / (6 * CHUNK_S) * 1.1, rate
+
+
 def test_users_spawned_together_do_not_send_in_step(stub_url: str, tmp_path: Path) -> None:
     """The base load's users were spawned within a second and paced alike, so they sent in
     waves: every user's request at once, each pacing period (52 requests within a second, then
