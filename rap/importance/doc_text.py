@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rap.core.constants import DATA_DIR
@@ -99,7 +100,12 @@ def candidates(domain: str, tokenizer: Any, vocab: int, model_id: str) -> list[i
     else:
         spans = token_chars(tokenizer, SEPARATOR.join(docs), vocab)
         read = touched_docs(spans, starts, calibration_specs(model_id))
-    # c4.utf8 repeats some documents: a copy of a read document is read too; none twice.
+    return unread(docs, read)
+
+
+def unread(docs: Sequence[str], read: Iterable[int]) -> list[int]:
+    """Indices of the documents not in `read`, without copies: c4.utf8 repeats some documents,
+    so a copy of a read document is read too, and a document kept once is not kept again."""
     seen = {docs[i] for i in read}
     out = []
     for i, doc in enumerate(docs):

@@ -54,6 +54,7 @@ from rap.importance.doc_text import (
     doc_starts,
     token_chars,
     touched_docs,
+    unread,
 )
 
 Role = Literal["in-domain", "held-out", "separate"]
@@ -134,13 +135,7 @@ def read_docs(domain: str, tok: Any, vocab: int, model_id: str) -> set[int]:
 def unread_docs(domain: str, tok: Any, vocab: int, model_id: str) -> list[int]:
     """Indices of the documents the protocol may use: unread, and no copy of a read one."""
     docs = documents(domain)
-    seen = {docs[i] for i in read_docs(domain, tok, vocab, model_id)}
-    out = []
-    for i, doc in enumerate(docs):
-        if doc not in seen:
-            out.append(i)
-            seen.add(doc)
-    return out
+    return unread(docs, read_docs(domain, tok, vocab, model_id))
 
 
 @dataclass(frozen=True)
